@@ -1,0 +1,1 @@
+"""ONNX export and the ONNX Runtime runner, installed as ``vesper_sdk.export``."""

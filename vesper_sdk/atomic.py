@@ -1,0 +1,71 @@
+"""Atomic writes: a model folder, checkpoint or export appears whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write_folder(directory: str | Path, files: dict[str, bytes | Path] | None = None,
+                        writer: Callable[[Path], None] | None = None,
+                        extra_files: dict[str, Path] | None = None,
+                        keep_existing: bool = True) -> Path:
+    """Assemble a folder aside and rename it into place.
+
+    The new folder starts as a copy of the existing one (so files we do not rewrite
+    survive), gets ``files`` (name -> bytes or a path to copy) and whatever ``writer(tmp)``
+    writes, is fsynced, and then replaces ``directory`` with two renames. A crash at any
+    point leaves either the old folder or the new one, plus at most a ``.tmp-*`` folder.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        if keep_existing and directory.is_dir():
+            for item in directory.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+                elif item.is_dir():
+                    shutil.copytree(item, tmp / item.name)
+        for name, content in {**(files or {}), **(extra_files or {})}.items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                shutil.copy2(content, tmp / name)
+        if writer is not None:
+            writer(tmp)
+        for item in tmp.iterdir():
+            if item.is_file():
+                with open(item, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def atomic_write_file(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
