@@ -1,0 +1,1 @@
+"""The Gradio chat demo, installed as ``vesper_sdk.demo``."""
