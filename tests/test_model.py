@@ -1,0 +1,223 @@
+"""VesperLM: shapes, KV cache, causality, padding, FlyLoRA, MoE, init, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vesper_sdk as vs
+from vesper_sdk.model import FlyLoRALinear
+
+
+def small_config(**kw) -> vs.VesperConfig:
+    base = dict(hidden_size=64, num_layers=3, num_heads=4, ffn_hidden_size=128,
+                vocab_size=97, max_seq_len=128, flylora_rank=8, flylora_topk=3)
+    base.update(kw)
+    return vs.VesperConfig.from_preset("tiny", **base)
+
+
+def randomize_lora(model: vs.VesperLM) -> None:
+    # B starts at zero; give it values so the FlyLoRA branch actually matters in tests.
+    with torch.no_grad():
+        for m in model.flylora_layers():
+            m.lora_B.normal_(0, 0.05)
+
+
+@pytest.fixture
+def model() -> vs.VesperLM:
+    torch.manual_seed(0)
+    m = vs.VesperLM(small_config()).eval()
+    randomize_lora(m)
+    return m
+
+
+def test_forward_returns_every_output_with_documented_shapes(model):
+    ids = torch.randint(0, 97, (2, 11))
+    out = model(ids)
+    assert out.logits.shape == (2, 11, 97)
+    assert out.confidence.shape == out.stop.shape == (2, 11)
+    assert out.error_logits.shape == (2, 11, 3)
+    assert out.aux_loss.shape == ()
+    assert out.past_key_values is None
+    assert ((out.confidence > 0) & (out.confidence < 1)).all()
+    assert ((out.stop > 0) & (out.stop < 1)).all()
+
+
+def test_cached_decoding_matches_full_forward_over_many_steps(model):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (3, 40))
+    full = model(ids)
+    out = model(ids[:, :8], use_cache=True)
+    steps = [out]
+    past = out.past_key_values
+    for t in range(8, 40):
+        out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        steps.append(out)
+    logits = torch.cat([s.logits for s in steps], dim=1)
+    conf = torch.cat([s.confidence for s in steps], dim=1)
+    assert (logits - full.logits).abs().max().item() <= 1e-5
+    assert (conf - full.confidence).abs().max().item() <= 1e-5
+
+
+def test_left_padded_batch_with_cache_matches_each_sequence_alone(model):
+    torch.manual_seed(2)
+    a = torch.randint(3, 97, (1, 12))
+    b = torch.randint(3, 97, (1, 7))
+    pad = 0
+    batch = torch.cat([a, torch.cat([torch.full((1, 5), pad), b], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    out = model(batch[:, :-4], attention_mask=mask[:, :-4], use_cache=True)
+    past, steps = out.past_key_values, [out.logits]
+    for t in range(batch.shape[1] - 4, batch.shape[1]):
+        out = model(batch[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=past,
+                    use_cache=True)
+        past = out.past_key_values
+        steps.append(out.logits)
+    logits = torch.cat(steps, dim=1)
+    alone_a = model(a).logits
+    alone_b = model(b).logits
+    assert (logits[0] - alone_a[0]).abs().max().item() <= 1e-5
+    assert (logits[1, 5:] - alone_b[0]).abs().max().item() <= 1e-5
+    assert torch.isfinite(logits).all()  # padded rows never produce NaN
+
+
+def test_changing_a_future_token_never_changes_an_earlier_output(model):
+    torch.manual_seed(3)
+    ids = torch.randint(0, 97, (1, 24))
+    base = model(ids)
+    for pos in (5, 13, 23):
+        changed = ids.clone()
+        changed[0, pos] = (changed[0, pos] + 1) % 97
+        out = model(changed)
+        assert torch.equal(out.logits[0, :pos], base.logits[0, :pos])
+        assert torch.equal(out.confidence[0, :pos], base.confidence[0, :pos])
+        assert not torch.equal(out.logits[0, pos], base.logits[0, pos])
+
+
+def test_sequence_longer_than_context_is_rejected_with_the_limit_named(model):
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        model(torch.zeros(5, dtype=torch.long))
+
+
+def test_flylora_activates_exactly_k_of_r_ranks_per_token():
+    torch.manual_seed(4)
+    layer = FlyLoRALinear(32, 48, rank=12, topk=5)
+    x = torch.randn(3, 7, 32)
+    _, mask = layer.rank_mask(x)
+    assert mask.shape == (3, 7, 12)
+    assert torch.equal(mask.sum(-1), torch.full((3, 7), 5.0))
+    # Only the active ranks reach the output: zeroing an inactive rank's column of B
+    # changes nothing, zeroing an active one does.
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x1 = x[0, 0]
+    active = mask[0, 0].nonzero().flatten()
+    inactive = (mask[0, 0] == 0).nonzero().flatten()
+    y = layer(x1)
+    with torch.no_grad():
+        layer.lora_B[:, inactive[0]] = 0
+    assert torch.allclose(layer(x1), y)
+    with torch.no_grad():
+        layer.lora_B[:, active[0]] = 0
+    assert not torch.allclose(layer(x1), y)
+
+
+def test_flylora_A_is_frozen_sparse_and_only_B_trains():
+    torch.manual_seed(5)
+    layer = FlyLoRALinear(40, 24, rank=8, topk=2, a_nnz=4)
+    assert (layer.lora_A != 0).sum(1).tolist() == [4] * 8  # sparse rows
+    names = {n for n, _ in layer.named_parameters()}
+    assert names == {"weight", "lora_B"}  # A is a buffer, not a parameter
+    a0, b0 = layer.lora_A.clone(), layer.lora_B.clone()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(16, 40)).pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(layer.lora_A, a0)
+    assert not torch.equal(layer.lora_B, b0)
+
+
+def test_flylora_balance_bias_moves_towards_underused_ranks():
+    torch.manual_seed(6)
+    layer = FlyLoRALinear(16, 16, rank=6, topk=2, bias_update_rate=0.1).train()
+    with torch.no_grad():
+        layer.lora_A.zero_()
+        layer.lora_A[0, 0] = 10.0  # rank 0 dominates |Ax|
+    x = torch.randn(64, 16)
+    x[:, 0] = x[:, 0].abs() + 1
+    layer(x).sum().backward()
+    load = layer.rank_load.clone()
+    assert load[0] == 64  # rank 0 chosen for every token
+    layer.update_balance_bias()
+    assert layer.balance_bias[0] < 0 < layer.balance_bias[1:].max()
+    assert layer.rank_load.sum() == 0  # the statistic is reset after each update
+    assert "balance_bias" in layer.state_dict()
+
+
+def test_freeze_base_leaves_only_lora_B_and_metahead_trainable(model):
+    model.freeze_base()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all(n.endswith("lora_B") or n.startswith("metahead.") for n in trainable)
+    assert model.num_parameters(trainable_only=True) < model.num_parameters() / 5
+
+
+def test_moe_routes_top_k_and_returns_a_balancing_loss():
+    torch.manual_seed(7)
+    m = vs.VesperLM(small_config(num_experts=4, moe_top_k=2)).train()
+    out = m(torch.randint(0, 97, (2, 16)))
+    assert out.aux_loss.item() > 0
+    (out.logits.mean() + out.aux_loss).backward()
+    router_grad = m.blocks[0].ffn.router.weight.grad
+    assert router_grad is not None and router_grad.abs().sum() > 0
+    assert m.num_parameters() == m.config.num_parameters()
+
+
+def test_metahead_does_not_push_gradients_into_the_trunk_by_default():
+    torch.manual_seed(8)
+    m = vs.VesperLM(small_config())
+    m(torch.randint(0, 97, (1, 9))).confidence.sum().backward()
+    assert m.metahead.fc.weight.grad is not None
+    assert m.embed.weight.grad is None or m.embed.weight.grad.abs().sum() == 0
+    m2 = vs.VesperLM(small_config(metahead_grad_to_trunk=True))
+    m2(torch.randint(0, 97, (1, 9))).confidence.sum().backward()
+    assert m2.embed.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(9)
+    ids = torch.randint(0, 97, (2, 16))
+    m = vs.VesperLM(small_config()).train()
+    randomize_lora(m)
+    m(ids).logits.logsumexp(-1).mean().backward()
+    g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    m.set_gradient_checkpointing(True)
+    m(ids).logits.logsumexp(-1).mean().backward()
+    for n, p in m.named_parameters():
+        if n in g:
+            assert torch.allclose(p.grad, g[n], atol=1e-6), n
+
+
+def test_init_is_sound_loss_starts_near_log_vocab():
+    torch.manual_seed(10)
+    m = vs.VesperLM(small_config(vocab_size=500)).eval()
+    ids = torch.randint(0, 500, (4, 32))
+    logits = m(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 500),
+                                             ids[:, 1:].reshape(-1))
+    assert abs(loss.item() - torch.log(torch.tensor(500.0)).item()) < 0.5
+    assert all(m.flylora_layers()[i].lora_B.abs().sum() == 0 for i in range(2))
+
+
+def test_tied_embeddings_share_one_tensor_untied_have_a_head():
+    m = vs.VesperLM(small_config())
+    assert "lm_head.weight" not in m.state_dict()
+    m2 = vs.VesperLM(small_config(tie_embeddings=False))
+    assert "lm_head.weight" in m2.state_dict()
+    assert m2.num_parameters() == m2.config.num_parameters()
