@@ -1,1 +1,1 @@
-"""Benchmarks: each module prints a table and writes JSON; installed as ``vesper_sdk.benchmarks``."""
+"""Benchmarks that print a table and write JSON; installed as ``vesper_sdk.benchmarks``."""
