@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	@echo "==> set-up done"
 
 test: setup
+	@bash tests/browser_setup.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
