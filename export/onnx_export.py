@@ -1,0 +1,582 @@
+"""Export a VesperLM model folder to ONNX, optionally INT8/INT4, verified with ONNX Runtime.
+
+>>> import vesper_sdk as vs
+>>> vs.export_onnx("runs/a", "runs/a-onnx")                    # fp32
+>>> vs.export_onnx("runs/a", "runs/a-int4", quantize="int4")    # MatMulNBits, 4-bit blocks
+
+One graph serves prefill and decode: inputs ``input_ids`` [B,S], ``attention_mask``
+[B,P+S], ``position_ids`` [B,S] and ``past_key_values.{i}.key/value`` [B,H,P,D] with P >= 0
+(P = 0 at prefill); outputs ``logits`` [B,S,V], ``confidence`` and ``stop`` [B,S] (the
+MetaHead) and ``present.{i}.key/value`` [B,H,P+S,D]. Batch and sequence axes are dynamic;
+FlyLoRA's top-k rank selection (TopK + ScatterElements) is inside the graph.
+
+The graph comes from ``torch.onnx.export(dynamo=True)``: the TorchScript exporter has no
+``aten::rms_norm`` below opset 23, while the dynamo exporter handles RMSNorm, SDPA with a
+boolean mask and a zero-length past at every opset we allow.
+
+Quantization happens on the exported graph with ONNX Runtime's own tools:
+``int8`` = ``quantize_dynamic`` (int8 weights, per-row scales, activations quantized at run
+time) on the block MatMuls, the LM head and the embedding; ``int4`` = ``MatMulNBits``
+(4-bit weight blocks of ``block_size`` along K, fp32 scales) on the same MatMuls and
+``GatherBlockQuantized`` for the embedding. The tied LM head is a runtime ``Transpose`` of
+the embedding in the fp32 graph (stored once); quantized graphs store it as its own
+initializer so the quantizers see a constant MatMul weight. FlyLoRA's A/B, the MetaHead
+and the MoE router stay fp32 (see vesper_sdk.quantize for why).
+
+Every export is checked before it is declared done: ONNX Runtime against PyTorch on
+random prompts (batch 2, left padding) over a prefill and several decode steps. fp32:
+max |logits difference| <= 1e-4. Quantized graphs: stated looser bounds on the relative
+logits error and on how far the ONNX top-1 is from PyTorch's top-1 logit
+(``QUANT_BOUNDS``). The folder is assembled aside and renamed into place only when the
+check passes, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic import atomic_write_folder
+from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
+from ..tokenizer import TOKENIZER_NAME
+from .runner import ONNX_NAME, make_session
+
+DEFAULT_OPSET = 18
+# int4 stores the embedding as an INT4 tensor (GatherBlockQuantized), a type of opset 21.
+INT4_MIN_OPSET = 21
+# Tested with parity: the dynamo exporter emits 18 natively, newer ones come through the
+# ONNX version converter; 17 and below fail there (no down-adapter for Split-18).
+SUPPORTED_OPSETS = range(18, 25)
+QUANTIZE_CHOICES = ("int8", "int4")
+FP32_TOLERANCE = 1e-4
+# Bounds for quantized graphs, against fp32 PyTorch on the same tokens:
+#  rel_err  = max over steps of ||logits_onnx - logits_torch|| / ||logits_torch||
+#  top1_gap = max over positions of (torch max logit - torch logit of ONNX's top-1),
+#             in units of the torch logits' std: 0 when the top-1 agrees, small when ONNX
+#             picked a near-tie. Robust on random-weight models whose logits are flat.
+QUANT_BOUNDS = {"int8": {"rel_err": 0.10, "top1_gap": 1.0},
+                "int4": {"rel_err": 0.35, "top1_gap": 2.0}}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin
+
+
+class ExportError(ValueError):
+    """An export request cannot be carried out, or the exported graph failed its check."""
+
+
+# ----------------------------------------------------------------------------- wrapper
+class _ExportWrapper(nn.Module):
+    """Flat tensors in and out, HF-style names, so the ONNX signature is plain."""
+
+    def __init__(self, model: VesperLM, use_cache: bool) -> None:
+        super().__init__()
+        self.model, self.use_cache = model, use_cache
+        self.num_layers = model.config.num_layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pkv = (tuple((past[2 * i], past[2 * i + 1]) for i in range(self.num_layers))
+               if self.use_cache else None)
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=pkv, use_cache=self.use_cache)
+        flat = [t for kv in out.past_key_values for t in kv] if self.use_cache else []
+        return (out.logits, out.confidence, out.stop, *flat)
+
+
+def io_names(num_layers: int, use_cache: bool) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the exported graph."""
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits", "confidence", "stop"]
+    if use_cache:
+        for i in range(num_layers):
+            inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+            outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    # torch.onnx prints progress lines and warns about torchvision ops we never use.
+    # The root logger too: onnxruntime.quantization warns through it ("consider running
+    # pre-processing", meant for CNN calibration, not for weight-only quantization).
+    names = ["", "torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript",
+             "onnxruntime.quantization.matmul_nbits_quantizer"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, lvl in levels.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
+def _torch_to_onnx(model: VesperLM, opset: int, use_cache: bool) -> Any:
+    """The dynamo-exported ModelProto of ``model`` (dynamic batch / sequence / past)."""
+    import onnx
+    from torch.export import Dim
+
+    cfg = model.config
+    wrapper = _ExportWrapper(model, use_cache).eval()
+    # Example sizes above 1 so torch.export does not specialise them; past 3, seq 5.
+    b, s, p = 2, min(5, cfg.max_seq_len - 3), 3
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, p + s if use_cache else s, dtype=torch.long)
+    pos = torch.arange(p, p + s).expand(b, s).contiguous() if use_cache else \
+        torch.arange(s).expand(b, s).contiguous()
+    past = ([torch.zeros(b, cfg.num_heads, p, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+            if use_cache else [])
+    dyn = Dim.DYNAMIC
+    shapes: dict[str, Any] = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn},
+                              "position_ids": {0: dyn, 1: dyn}}
+    if use_cache:
+        shapes["past"] = tuple({0: dyn, 2: dyn} for _ in past)
+    in_names, out_names = io_names(cfg.num_layers, use_cache)
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                wrapper, (ids, mask, pos, *past), input_names=in_names,
+                output_names=out_names, dynamic_shapes=shapes, opset_version=opset,
+                dynamo=True, external_data=False, verbose=False, optimize=True)
+        except Exception as exc:  # torch.export raises many types; all mean the same here
+            root = exc
+            while root.__cause__ is not None:  # the exporter wraps the useful message
+                root = root.__cause__
+            moe = (" (MoE models are not exportable yet: their expert dispatch depends on "
+                   "the data; serve this model with PyTorch, vesper_sdk.load)"
+                   if cfg.num_experts else "")
+            first = str(root).strip().splitlines()[0] if str(root).strip() else ""
+            raise ExportError(f"torch.onnx.export failed{moe}: {type(root).__name__}: "
+                              f"{first[:500]}") from exc
+    proto = program.model_proto
+    if proto.opset_import and not any(o.domain == "" and o.version == opset
+                                      for o in proto.opset_import):
+        proto = onnx.version_converter.convert_version(proto, opset)
+    return proto
+
+
+# ----------------------------------------------------------------------------- graph tidy
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()
+                        + str(array.shape).encode()).hexdigest()
+
+
+def _weight_table(model: VesperLM) -> dict[str, tuple[str, str]]:
+    """digest of W.T (how a linear weight appears as a MatMul initializer) -> (name, role).
+
+    Roles: ``quant`` (block linears, FlyLoRA base weights), ``keep`` (FlyLoRA A/B, the
+    MetaHead, the MoE router). Matching by value is robust to the exporter's renaming.
+    """
+    table: dict[str, tuple[str, str]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, FlyLoRALinear):
+            table[_digest(mod.weight.detach().T.numpy())] = (f"{name}.weight", "quant")
+            table[_digest(mod.lora_A.detach().T.numpy())] = (f"{name}.lora_A", "keep")
+            table[_digest(mod.lora_B.detach().T.numpy())] = (f"{name}.lora_B", "keep")
+        elif type(mod) is nn.Linear and not isinstance(
+                model.get_submodule(name.rpartition(".")[0]) if "." in name else model,
+                FlyLoRALinear):
+            in_blocks = name.startswith("blocks.") and not name.endswith(".router")
+            role = "quant" if in_blocks or name == "lm_head" else "keep"
+            table[_digest(mod.weight.detach().T.numpy())] = (f"{name}.weight", role)
+    return table
+
+
+def tidy_graph(proto: Any, model: VesperLM, use_cache: bool, separate_lm_head: bool,
+               ) -> dict[str, list[str]]:
+    """Name dims and weights, optionally give the tied LM head its own initializer.
+
+    Returns {"matmul": MatMul node names to quantize, "gather": the embedding Gather}.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    cfg = model.config
+    # The exporter stores each node's Python stack trace and FX text: a third of the file
+    # on small models, and paths of the machine that exported it.
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.metadata_props[:]
+    # Readable symbolic dims (the exporter's are s10, s53...).
+    dims = {"input_ids": ["batch_size", "sequence_length"],
+            "position_ids": ["batch_size", "sequence_length"],
+            "attention_mask": ["batch_size", "total_sequence_length"],
+            "logits": ["batch_size", "sequence_length", None],
+            "confidence": ["batch_size", "sequence_length"],
+            "stop": ["batch_size", "sequence_length"]}
+    for vi in list(graph.input) + list(graph.output):
+        names = dims.get(vi.name)
+        if vi.name.startswith("past_key_values."):
+            names = ["batch_size", None, "past_sequence_length", None]
+        elif vi.name.startswith("present."):
+            names = ["batch_size", None, "total_sequence_length", None]
+        if names:
+            for d, n in zip(vi.type.tensor_type.shape.dim, names, strict=False):
+                if n is not None:
+                    d.dim_param = n
+
+    inits = {i.name: i for i in graph.initializer}
+    table = _weight_table(model)
+    renames: dict[str, str] = {}
+    roles: dict[str, str] = {}
+    taken = set(inits)
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            key = _digest(numpy_helper.to_array(inits[node.input[1]]))
+            if key in table:
+                name, role = table[key]
+                roles[node.name] = role
+                # Equal tensors (e.g. FlyLoRA B still all zero) share a digest: the first
+                # gets the readable name, the rest keep the exporter's (names are unique).
+                if node.input[1] not in renames and f"{name}.T" not in taken:
+                    renames[node.input[1]] = f"{name}.T"
+                    taken.add(f"{name}.T")
+    embed = next((n for n in graph.node if n.op_type == "Gather"
+                  and n.input[0] in inits and inits[n.input[0]].dims == [cfg.vocab_size,
+                                                                          cfg.hidden_size]),
+                 None)
+    if embed is not None and "embed.weight" not in taken:
+        renames.setdefault(embed.input[0], "embed.weight")
+    # The tied LM head: MatMul(h, Transpose(embed)). Quantizers only touch constant
+    # weights, so quantized graphs get the transposed table as an initializer of its own.
+    if embed is not None and cfg.tie_embeddings:
+        for tnode in [n for n in graph.node if n.op_type == "Transpose"
+                      and n.input[0] == embed.input[0]]:
+            users = [n for n in graph.node if tnode.output[0] in n.input]
+            if len(users) == 1 and users[0].op_type == "MatMul":
+                roles[users[0].name] = "quant"
+                if separate_lm_head:
+                    table_t = numpy_helper.to_array(inits[embed.input[0]]).T.copy()
+                    graph.initializer.append(numpy_helper.from_array(table_t, "lm_head.weight.T"))
+                    users[0].input[1] = "lm_head.weight.T"
+                    graph.node.remove(tnode)
+    for init in graph.initializer:
+        if init.name in renames:
+            init.name = renames[init.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    return {"matmul": [n for n, r in roles.items() if r == "quant"],
+            "gather": [embed.name] if embed is not None else []}
+
+
+# ----------------------------------------------------------------------------- quantizers
+def _quantize_int8(src: Path, dst: Path, nodes: dict[str, list[str]], large: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # QInt8 weights with one scale per output column (per_channel) rather than one per
+    # matrix, where the largest entry sets everyone's step. On a trained 7M 'tiny' model:
+    # relative logits error 0.0047 vs 0.0050 per-tensor, at the same size; the embedding
+    # (Gather) is int8 too: -1.5 MB for +0.0001 error.
+    with _quiet_exporter():
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gather"],
+                         nodes_to_quantize=nodes["matmul"] + nodes["gather"],
+                         per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
+                         use_external_data_format=large,
+                         extra_options={"MatMulConstBOnly": True})
+
+
+def _quantize_int4(src: Path, dst: Path, nodes: dict[str, list[str]], block_size: int,
+                   large: bool) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    wanted = set(nodes["matmul"] + nodes["gather"])
+    # nodes_to_include only *adds* to the op types, so the fp32 MatMuls (FlyLoRA A/B,
+    # MetaHead) are kept out by excluding them.
+    exclude = [n.name for n in model.graph.node
+               if n.op_type in ("MatMul", "Gather") and n.name not in wanted]
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=block_size, is_symmetric=True,
+        # accuracy_level 4 = int8 activations in the MatMulNBits kernel: the fast CPU path.
+        accuracy_level=4, nodes_to_exclude=exclude,
+        op_types_to_quantize=("MatMul", "Gather"),
+        quant_axes=(("MatMul", 0), ("Gather", 1)))
+    with _quiet_exporter():
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
+
+
+# ----------------------------------------------------------------------------- verification
+def _run(session: Any, names_in: list[str], ids: torch.Tensor, mask: torch.Tensor,
+         pos: torch.Tensor, past: list[np.ndarray]) -> list[np.ndarray]:
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+            "position_ids": pos.numpy()}
+    feed.update(zip(names_in[3:], past, strict=True))
+    return session.run(None, feed)
+
+
+@torch.no_grad()
+def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: int = 6,
+                 seed: int = 0) -> dict[str, float]:
+    """Compare ONNX Runtime with PyTorch on random prompts: prefill, then ``steps`` decodes.
+
+    Batch 2 with left padding (prompts of 9 and 5 tokens); the decode tokens are PyTorch's
+    greedy choices, fed to both, so errors do not compound. Returns
+    ``max_abs`` (logits, every position), ``max_abs_meta`` (confidence/stop), ``rel_err``
+    and ``top1_gap`` (see QUANT_BOUNDS) and ``top1_agree`` over real positions.
+    """
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    lens = [min(9, cfg.max_seq_len - steps), min(5, cfg.max_seq_len - steps)]
+    s = max(lens)
+    ids = torch.randint(0, cfg.vocab_size, (2, s), generator=gen)
+    mask = torch.ones(2, s, dtype=torch.long)
+    mask[1, : s - lens[1]] = 0
+    ids[1, : s - lens[1]] = cfg.pad_token_id
+    pos = model.position_ids_from_mask(mask, s)
+    names_in = [i.name for i in session.get_inputs()]
+    empty = [np.zeros((2, cfg.num_heads, 0, cfg.head_dim), np.float32)
+             for _ in names_in[3:]]
+    stats = {"max_abs": 0.0, "max_abs_meta": 0.0, "rel_err": 0.0, "top1_gap": 0.0}
+    agree, total = 0, 0
+    ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    got = _run(session, names_in, ids, mask, pos, empty)
+    all_ids, all_pos = ids, pos
+    real = mask.bool()
+    for step in range(steps + 1):
+        r_logits = ref.logits.float()
+        g_logits = torch.from_numpy(got[0])
+        if not use_cache:
+            g_logits = g_logits[:, -r_logits.shape[1]:]
+            got_conf = [torch.from_numpy(got[1])[:, -r_logits.shape[1]:],
+                        torch.from_numpy(got[2])[:, -r_logits.shape[1]:]]
+        else:
+            got_conf = [torch.from_numpy(got[1]), torch.from_numpy(got[2])]
+        if not torch.isfinite(g_logits).all() or not all(torch.isfinite(c).all()
+                                                          for c in got_conf):
+            raise ExportError("the ONNX graph produced NaN/inf outputs")
+        stats["max_abs"] = max(stats["max_abs"], (g_logits - r_logits).abs().max().item())
+        stats["max_abs_meta"] = max(stats["max_abs_meta"],
+                                    (got_conf[0] - ref.confidence).abs().max().item(),
+                                    (got_conf[1] - ref.stop).abs().max().item())
+        r, g = r_logits[real], g_logits[real]  # real (non-padding) positions only
+        stats["rel_err"] = max(stats["rel_err"], ((g - r).norm() / r.norm()).item())
+        pick = g.argmax(-1)
+        gap = (r.max(-1).values - r.gather(-1, pick[:, None])[:, 0]) / r.std(-1)
+        stats["top1_gap"] = max(stats["top1_gap"], gap.max().item())
+        agree += int((pick == r.argmax(-1)).sum())
+        total += pick.numel()
+        if step == steps:
+            break
+        nxt = r_logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        pos = pos[:, -1:] + 1
+        real = torch.ones(2, 1, dtype=torch.bool)
+        pkv = ref.past_key_values
+        ref = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=pkv,
+                    use_cache=True)
+        if use_cache:
+            got = _run(session, names_in, nxt, mask, pos, got[3:])
+        else:
+            all_ids = torch.cat([all_ids, nxt], 1)
+            all_pos = torch.cat([all_pos, pos], 1)
+            got = _run(session, names_in, all_ids, mask, all_pos, [])
+    stats["top1_agree"] = agree / max(total, 1)
+    return stats
+
+
+def _judge(stats: dict[str, float], quantize: str | None) -> str | None:
+    """None when the figures are within bounds, else what failed."""
+    if quantize is None:
+        if not stats["max_abs"] <= FP32_TOLERANCE:
+            return (f"max |logits difference| {stats['max_abs']:.3g} > {FP32_TOLERANCE:g}")
+        return None
+    bounds = QUANT_BOUNDS[quantize]
+    bad = [f"{k} {stats[k]:.3g} > {v:g}" for k, v in bounds.items() if not stats[k] <= v]
+    return "; ".join(bad) or None
+
+
+# ----------------------------------------------------------------------------- export
+def _validate_request(model_dir: Path, out_dir: Path, opset: int, quantize: str | None,
+                      block_size: int) -> None:
+    # Everything that can be checked before touching the disk, so bad input writes nothing.
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ExportError(
+            f"unknown ONNX quantization {quantize!r}: choose int8 or int4 (or none); "
+            "bitsandbytes nf4/fp4 is `vesper quantize`")
+    if not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise ExportError(
+            f"opset {opset} is not supported: choose {SUPPORTED_OPSETS.start}..."
+            f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET}); older opsets lack ops "
+            "the graph needs")
+    if quantize == "int4" and opset < INT4_MIN_OPSET:
+        raise ExportError(
+            f"--quantize int4 needs opset >= {INT4_MIN_OPSET} (its 4-bit embedding is an INT4 "
+            f"tensor): pass --opset {INT4_MIN_OPSET} or leave --opset out")
+    if quantize == "int4" and (block_size < 16 or block_size & (block_size - 1)):
+        raise ExportError(f"block_size {block_size} must be a power of two >= 16 "
+                          "(e.g. 32, 64, 128)")
+    if not model_dir.is_dir():
+        raise ModelFolderError(
+            f"{model_dir} is not a folder: pass a model folder holding {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} (written by `vesper train`)")
+    config_path = model_dir / CONFIG_NAME
+    if (model_dir / ONNX_NAME).exists():
+        raise ModelFolderError(
+            f"{model_dir} holds {ONNX_NAME}: it is an ONNX export already; export the model "
+            "folder it came from (the one with model.safetensors)")
+    if not config_path.is_file():
+        raise ModelFolderError(
+            f"{model_dir} is not a VesperLM model folder: {CONFIG_NAME} is missing. "
+            "Pass the folder written by `vesper train` or model.save_pretrained")
+    try:
+        quant = json.loads(config_path.read_text()).get("quantization")
+    except (json.JSONDecodeError, AttributeError):
+        quant = None  # from_pretrained reports a damaged config with its name
+    if quant:
+        raise ExportError(
+            f"{model_dir} is a bitsandbytes {quant.get('method')} model: export the "
+            "full-precision folder it came from, with --quantize int8|int4 for ONNX "
+            "quantization")
+    if out_dir.resolve() == model_dir.resolve():
+        raise ExportError(f"out_dir {out_dir} is the model folder: export to a new folder")
+    if out_dir.exists() and (not out_dir.is_dir() or (
+            any(out_dir.iterdir()) and not (out_dir / ONNX_NAME).is_file())):
+        raise ExportError(
+            f"out_dir {out_dir} exists and is not an ONNX export: choose a new folder or "
+            "remove it first (it would be replaced as a whole)")
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = None,
+                quantize: str | None = None, block_size: int = 32, use_cache: bool = True,
+                verbose: bool = True) -> Path:
+    """Export ``model_dir`` to ``out_dir`` (model.onnx + config.json + tokenizer.json).
+
+    ``quantize``: None (fp32), ``"int8"`` (dynamic int8 MatMuls) or ``"int4"`` (4-bit
+    MatMulNBits, ``block_size`` weights per scale). ``opset`` defaults to 18 (21 for int4).
+    ``use_cache=False`` exports a graph
+    without past/present (it re-reads the whole sequence each step). The export is
+    verified with ONNX Runtime against PyTorch before it is renamed into place (figures
+    printed when ``verbose``, stored under ``onnx.verification`` in config.json);
+    a failed check raises ExportError and leaves no folder. Returns ``out_dir``.
+    """
+    import onnx
+    import onnxruntime
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if opset is None:
+        opset = INT4_MIN_OPSET if quantize == "int4" else DEFAULT_OPSET
+    _validate_request(model_dir, out_dir, opset, quantize, block_size)
+    model = VesperLM.from_pretrained(model_dir).eval().float()
+    # Rounding may pick different FlyLoRA ranks in ONNX and torch when two scores tie
+    # exactly; it does not happen with real weights, and the check would catch it.
+    info: dict[str, Any] = {
+        "opset": opset, "quantize": quantize, "use_cache": use_cache,
+        "block_size": block_size if quantize == "int4" else None,
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+    }
+    in_names, out_names = io_names(model.config.num_layers, use_cache)
+    info.update(inputs=in_names, outputs=out_names)
+    start = time.perf_counter()
+    proto = _torch_to_onnx(model, opset, use_cache)
+    nodes = tidy_graph(proto, model, use_cache, separate_lm_head=quantize is not None)
+    large = sum(p.numel() * 4 for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    files: dict[str, bytes | Path] = {}
+    if (model_dir / TOKENIZER_NAME).is_file():
+        files[TOKENIZER_NAME] = model_dir / TOKENIZER_NAME
+    result: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        target = tmp / ONNX_NAME
+        plain = target if quantize is None else tmp / "fp32.onnx"
+        onnx.save_model(proto, str(plain), save_as_external_data=large,
+                        location=f"{plain.name}.data" if large else None)
+        # A quantized graph is ~4-8x smaller: past 2 GB of fp32 it may still need external
+        # data, so the same flag is passed on (ONNX Runtime writes <name>.data beside it).
+        if quantize == "int8":
+            _quantize_int8(plain, target, nodes, large)
+        elif quantize == "int4":
+            _quantize_int4(plain, target, nodes, block_size, large)
+        if plain != target:
+            plain.unlink()
+            Path(f"{plain}.data").unlink(missing_ok=True)
+        session = make_session(target, providers=["CPUExecutionProvider"])
+        stats = check_parity(session, model, use_cache=use_cache)
+        problem = _judge(stats, quantize)
+        if problem:
+            raise ExportError(
+                f"ONNX Runtime check failed for the {quantize or 'fp32'} export: {problem}; "
+                f"nothing was written to {out_dir}. Try the fp32 export, a smaller "
+                "--block-size for int4, or report the figures")
+        info["verification"] = {k: round(v, 8) for k, v in stats.items()}
+        info["bounds"] = ({"max_abs": FP32_TOLERANCE} if quantize is None
+                          else QUANT_BOUNDS[quantize])
+        config = json.loads(model.config.to_json())
+        config["onnx"] = info
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        result.update(stats)
+
+    atomic_write_folder(out_dir, files, writer=write, keep_existing=False)
+    if verbose:
+        size = sum(p.stat().st_size for p in out_dir.iterdir()
+                   if p.name not in (CONFIG_NAME, TOKENIZER_NAME)) / 1e6
+        fp = (model_dir / WEIGHTS_NAME).stat().st_size / 1e6
+        what = "fp32" if quantize is None else quantize
+        if quantize is None:
+            verdict = f"max |logits diff| {result['max_abs']:.2e} <= {FP32_TOLERANCE:g}"
+        else:
+            b = QUANT_BOUNDS[quantize]
+            verdict = (f"relative logits error {result['rel_err']:.4f} <= {b['rel_err']}, "
+                       f"top-1 agreement {result['top1_agree']:.1%} (worst top-1 gap "
+                       f"{result['top1_gap']:.2f} std <= {b['top1_gap']})")
+        print(f"exported {model_dir} -> {out_dir / ONNX_NAME} ({what}, opset {opset}, "
+              f"{size:.2f} MB = {size / fp:.2f}x the safetensors) in "
+              f"{time.perf_counter() - start:.1f}s; ONNX Runtime vs PyTorch over prefill + "
+              f"6 decode steps, batch 2, left padding: {verdict}")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- CLI
+@dataclass
+class ExportOptions:
+    """Export a model folder to ONNX, optionally INT8 or INT4, checked before it is written.
+
+    One graph serves prefill and decode (the KV cache is an input and an output); ONNX
+    Runtime is compared with PyTorch on random prompts before the folder appears.
+
+    Examples:
+      vesper-export --onnx runs/a -o runs/a-onnx
+      vesper export runs/a -o runs/a-int4 --quantize int4 --block-size 32
+    """
+
+    model_dir: str = field(metadata={"positional": True, "help": "model folder to export"})
+    out_dir: str = field(metadata={"aliases": ["-o"], "help": "folder to write (model.onnx, "
+                                                              "config.json, tokenizer.json)"})
+    opset: int | None = field(default=None, metadata={
+        "help": f"ONNX opset ({SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}; default "
+                f"{DEFAULT_OPSET}, {INT4_MIN_OPSET} with --quantize int4)"})
+    quantize: str | None = field(default=None, metadata={
+        "choices": list(QUANTIZE_CHOICES), "help": "weight quantization of the graph"})
+    block_size: int = field(default=32, metadata={
+        "help": "int4: weights per quantization block (power of two >= 16)"})
+    cache: bool = field(default=True, metadata={
+        "help": "export the KV cache inputs/outputs (--no-cache: re-read the sequence)"})
+
+
+def cli(opts: ExportOptions) -> int:
+    """``vesper export`` / ``vesper-export --onnx``."""
+    export_onnx(opts.model_dir, opts.out_dir, opset=opts.opset, quantize=opts.quantize,
+                block_size=opts.block_size, use_cache=opts.cache)
+    return 0
+
+
+__all__ = ["DEFAULT_OPSET", "ExportError", "ExportOptions", "QUANT_BOUNDS",
+           "SUPPORTED_OPSETS", "check_parity", "cli", "export_onnx", "io_names"]

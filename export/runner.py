@@ -1,0 +1,260 @@
+"""Run an exported VesperLM with ONNX Runtime behind the same LLM API as PyTorch.
+
+>>> from vesper_sdk.export import OnnxModel
+>>> lm = OnnxModel("runs/a-onnx")          # generate / stream / chat, same regulator
+>>> lm.generate("2+3=", max_new_tokens=8, temperature=0.0)
+
+``OnnxBackend`` is a ``DecodeBackend`` (``vesper_sdk.generate``): one ``forward`` per step,
+the KV cache kept as ONNX Runtime values that go straight back into the next step
+through IO binding, so decoding copies nothing but the logits out of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, VesperConfig
+from ..generate import StepOutput
+from ..model import ModelFolderError
+
+ONNX_NAME = "model.onnx"
+CONFIG_NAME = "config.json"
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may use (hyper-threads do not help GEMM-bound work)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - not Linux
+        allowed = set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    try:
+        cpu, phys = None, "0"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                phys = value
+            elif key == "core id" and cpu in allowed:
+                cores.add((phys, value))
+    except (OSError, ValueError):
+        cores = set()
+    return max(1, min(len(cores) or len(allowed), len(allowed)))
+
+
+def default_providers() -> list[str]:
+    """CUDA when ONNX Runtime has it, else CPU.
+
+    TensorRT is used only when asked for (``providers=[...]`` or VESPER_ORT_TENSORRT=1):
+    it builds an engine per input-shape profile, which with a cache that grows by one
+    token per step costs far more than it saves unless profiles are tuned to the app.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    chosen = []
+    if os.environ.get("VESPER_ORT_TENSORRT") == "1" and (
+            "TensorrtExecutionProvider" in available):
+        chosen.append("TensorrtExecutionProvider")
+    if "CUDAExecutionProvider" in available:
+        chosen.append("CUDAExecutionProvider")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def make_session(path: str | Path, providers: list[str] | None = None,
+                 threads: int | None = None) -> Any:
+    """An InferenceSession with all graph optimisations and one intra-op thread per core."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    return ort.InferenceSession(str(path), sess_options=opts,
+                                providers=providers or default_providers())
+
+
+def read_export_config(model_dir: str | Path) -> tuple[VesperConfig, dict[str, Any]]:
+    """(VesperConfig, the ``onnx`` block) of an exported folder, with errors naming the fix."""
+    model_dir = Path(model_dir)
+    path = model_dir / CONFIG_NAME
+    if not (model_dir / ONNX_NAME).is_file():
+        hint = (" (it holds model.safetensors: export it first with "
+                "`vesper export MODEL_DIR -o OUT_DIR`)"
+                if (model_dir / "model.safetensors").is_file() else "")
+        raise ModelFolderError(f"{model_dir} is not an ONNX export: {ONNX_NAME} is missing"
+                               f"{hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path} is missing: re-run the export") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{path} is not valid JSON ({exc}): re-run the export") from None
+    known = {f for f in VesperConfig.__dataclass_fields__}
+    try:
+        config = VesperConfig.from_dict({k: v for k, v in data.items() if k in known})
+    except (ConfigError, TypeError) as exc:
+        raise ModelFolderError(f"{path}: {exc}") from None
+    return config, dict(data.get("onnx") or {})
+
+
+class OnnxBackend:
+    """DecodeBackend over an exported ``model.onnx`` (fp32, int8 or int4)."""
+
+    def __init__(self, model_dir: str | Path, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.config, self.onnx_info = read_export_config(self.model_dir)
+        self.vocab_size = self.config.vocab_size
+        self.max_seq_len = self.config.max_seq_len
+        self.session = make_session(self.model_dir / ONNX_NAME, providers, threads)
+        names = [i.name for i in self.session.get_inputs()]
+        self._past_names = [n for n in names if n.startswith("past_key_values.")]
+        self._present_names = [o.name for o in self.session.get_outputs()
+                               if o.name.startswith("present.")]
+        self.use_cache = bool(self._past_names)
+        self.providers = self.session.get_providers()
+        # Where the cache lives between steps: on the GPU with CUDA/TensorRT, so decode
+        # never round-trips it through host memory; logits always come back to the host.
+        self._cache_device = ("cuda" if self.providers[0] in (
+            "CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu")
+        self._empty: dict[int, list[Any]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        # Inputs and outputs of forward() are host tensors whatever ONNX Runtime runs on.
+        return torch.device("cpu")
+
+    def _empty_past(self, batch: int) -> list[Any]:
+        """Zero-length past (prefill): the one graph serves prefill and decode."""
+        if batch not in self._empty:
+            import onnxruntime as ort
+
+            shape = (batch, self.config.num_heads, 0, self.config.head_dim)
+            self._empty[batch] = [ort.OrtValue.ortvalue_from_numpy(
+                np.zeros(shape, np.float32), self._cache_device, 0)
+                for _ in self._past_names]
+        return self._empty[batch]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, past_key_values: Any) -> StepOutput:
+        """One step: input_ids/position_ids [B,S], attention_mask [B,past+S]."""
+        if not self.use_cache:
+            return self._forward_no_cache(input_ids, attention_mask, position_ids,
+                                          past_key_values)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", _int64(input_ids))
+        binding.bind_cpu_input("attention_mask", _int64(attention_mask))
+        binding.bind_cpu_input("position_ids", _int64(position_ids))
+        past = past_key_values if past_key_values is not None else self._empty_past(
+            input_ids.shape[0])
+        for name, value in zip(self._past_names, past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name in ("logits", "confidence", "stop"):
+            binding.bind_output(name, "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self._cache_device)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        logits, conf, stop = (torch.from_numpy(o.numpy()) for o in outs[:3])
+        return StepOutput(logits, conf, stop, list(outs[3:]))
+
+    def reorder_cache(self, past: Any, index: torch.Tensor) -> Any:
+        """Keep only the batch rows in ``index`` (rows that finished stop costing compute)."""
+        if not self.use_cache:
+            return tuple(t.index_select(0, index.cpu()) for t in past)
+        import onnxruntime as ort
+
+        rows = index.cpu().numpy()
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]),
+                                                 self._cache_device, 0) for v in past]
+
+    def _forward_no_cache(self, input_ids, attention_mask, position_ids, past) -> StepOutput:
+        # A graph exported with --no-cache re-reads the whole sequence each step; the
+        # "cache" is the token and position history, returned for the next call.
+        new = input_ids.shape[1]
+        if past is not None:
+            input_ids = torch.cat([past[0], input_ids.cpu()], dim=1)
+            position_ids = torch.cat([past[1], position_ids.cpu()], dim=1)
+        feed = {"input_ids": _int64(input_ids), "attention_mask": _int64(attention_mask),
+                "position_ids": _int64(position_ids)}
+        logits, conf, stop = self.session.run(["logits", "confidence", "stop"], feed)
+        return StepOutput(torch.from_numpy(logits[:, -new:]), torch.from_numpy(conf[:, -new:]),
+                          torch.from_numpy(stop[:, -new:]),
+                          (input_ids.cpu(), position_ids.cpu()))
+
+    def __repr__(self) -> str:
+        return (f"OnnxBackend({self.model_dir}, {self.onnx_info.get('quantize') or 'fp32'}, "
+                f"{self.providers[0]})")
+
+
+def _int64(t: torch.Tensor) -> np.ndarray:
+    # Zero-copy for the usual CPU int64 tensors; a cast only when the caller used int32/bool.
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    return t.detach().cpu().contiguous().numpy()
+
+
+def OnnxModel(model_dir: str | Path, providers: list[str] | None = None,  # noqa: N802
+              threads: int | None = None) -> Any:
+    """An exported folder as an ``LLM``: generate / stream / chat / score, same regulator.
+
+    A function named like a class on purpose: it returns ``vesper_sdk.generate.LLM`` over
+    an ``OnnxBackend``, so the PyTorch and ONNX paths share one decoding loop.
+    """
+    from ..generate import LLM
+    from ..tokenizer import VesperTokenizer
+
+    backend = OnnxBackend(model_dir, providers=providers, threads=threads)
+    tokenizer = VesperTokenizer.from_file(model_dir)
+    return LLM(backend, tokenizer, model_dir)
+
+
+def register_optimum() -> type:
+    """Teach transformers' ``AutoConfig`` the ``vesper`` model type; returns the class.
+
+    After this, Hugging Face Optimum loads an export folder as it is::
+
+        from vesper_sdk.export import register_optimum
+        register_optimum()
+        from optimum.onnxruntime import ORTModelForCausalLM
+        model = ORTModelForCausalLM.from_pretrained("runs/a-onnx")   # model.generate(...)
+
+    The graph already has the names Optimum looks for (``input_ids``, ``attention_mask``,
+    ``position_ids``, ``past_key_values.{i}.key/value``, ``logits``, ``present.*``);
+    what it lacks is a config class, which maps HF's attribute names onto ours. The
+    MetaHead outputs (``confidence``, ``stop``) are computed but ignored by Optimum.
+    """
+    global _OPTIMUM_CONFIG
+    if _OPTIMUM_CONFIG is not None:
+        return _OPTIMUM_CONFIG
+    from transformers import AutoConfig, PretrainedConfig
+
+    class VesperOnnxConfig(PretrainedConfig):
+        """transformers view of a VesperLM config.json (for Optimum's ONNX Runtime models)."""
+
+        model_type = "vesper"
+        attribute_map = {"num_attention_heads": "num_heads",
+                         "num_hidden_layers": "num_layers",
+                         "max_position_embeddings": "max_seq_len",
+                         "intermediate_size": "ffn_hidden_size"}
+
+    try:
+        AutoConfig.register("vesper", VesperOnnxConfig)
+        _OPTIMUM_CONFIG = VesperOnnxConfig
+    except ValueError:  # someone registered "vesper" first: use theirs
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        _OPTIMUM_CONFIG = CONFIG_MAPPING["vesper"]
+    return _OPTIMUM_CONFIG
+
+
+_OPTIMUM_CONFIG: type | None = None

@@ -1,0 +1,122 @@
+"""``vesper eval``: perplexity, MetaHead calibration vs the max-softmax baseline, files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vesper_sdk as vs
+from vesper_sdk import cli, skills
+from vesper_sdk.evaluate import encode_examples, evaluate, score_tokens
+from vesper_sdk.generate import LLM
+from vesper_sdk.metacog import auroc, expected_calibration_error
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread (and a busy machine makes it cost)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model folder whose tokenizer knows the skills corpus."""
+    texts = [m["content"] for ex in skills.generate(300, seed=1) for m in ex["messages"]]
+    tok = vs.VesperTokenizer.train(texts, vocab_size=400, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = vs.VesperConfig.from_preset(
+        "tiny", hidden_size=64, num_layers=2, num_heads=2, ffn_hidden_size=128,
+        vocab_size=tok.vocab_size, max_seq_len=128, metahead_hidden_size=32,
+        pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = vs.VesperLM(cfg)
+    with torch.no_grad():
+        model.metahead.out.weight.normal_(0.0, 1.0)
+    d = tmp_path_factory.mktemp("evalmodel") / "m"
+    model.save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli.main(["eval", str(model_dir), "--data", "builtin:skills", "--out-dir", str(out),
+                     "--max-examples", "40", "--skills-questions", "6",
+                     "--max-answer-tokens", "4", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("perplexity", "ECE (15 bins)", "AUROC", "MetaHead confidence",
+                   "max softmax prob (baseline)", "skills accuracy"):
+        assert needle in text
+    png = (out / "reliability.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["tokens"] > 100 and report["documents"] == 40
+    assert report["perplexity"] > 1.0
+    assert f"{report['perplexity']:.3f}" in text
+    for key in ("metahead", "max_softmax"):
+        s = report[key]
+        assert s["n"] == report["tokens"]  # both signals on the same tokens
+        assert 0.0 <= s["ece"] <= 1.0 and len(s["reliability"]["counts"]) == 15
+        assert f"{s['ece']:.3f}" in text
+    assert report["skills"]["n"] == 6 and 0.0 <= report["skills"]["accuracy"] <= 1.0
+
+
+def test_scores_match_a_direct_computation(model_dir, tmp_path):
+    """Perplexity, ECE and AUROC equal a hand-rolled pass over the same tokens."""
+    lm = vs.load(model_dir, device="cpu")
+    texts = ["What is 3+4?", "How many letters are in the word banana?", "7"]
+    data = tmp_path / "held.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    report = evaluate(lm, str(data), out_dir=tmp_path / "o", bins=15)
+    nll, correct, conf, msp = [], [], [], []
+    ref = vs.VesperLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for t in texts:
+            ids = lm.tokenizer.encode(t, add_bos=True, add_eos=True)
+            out = ref(torch.tensor([ids]))
+            logp = out.logits[0, :-1].log_softmax(-1)
+            tgt = torch.tensor(ids[1:])
+            nll += (-logp.gather(-1, tgt[:, None])[:, 0]).tolist()
+            correct += (logp.argmax(-1) == tgt).float().tolist()
+            conf += out.confidence[0, :-1].tolist()
+            msp += logp.exp().max(-1).values.tolist()
+    assert report["tokens"] == len(nll)
+    assert report["perplexity"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+    assert report["metahead"]["ece"] == pytest.approx(
+        expected_calibration_error(conf, correct), abs=1e-5)
+    assert report["max_softmax"]["ece"] == pytest.approx(
+        expected_calibration_error(msp, correct), abs=1e-5)
+    if 0 < sum(correct) < len(correct):
+        assert report["metahead"]["auroc"] == pytest.approx(auroc(conf, correct), abs=1e-6)
+    assert "skills" not in report
+    assert (tmp_path / "o" / "reliability.png").is_file()
+
+
+def test_windows_score_every_token_once(model_dir):
+    lm = vs.load(model_dir, device="cpu")
+    long_text = " ".join(f"{i}+{i}={2 * i}" for i in range(30))
+    examples = encode_examples(lm, [long_text, [{"role": "user", "content": "What is 2+2?"},
+                                                {"role": "assistant", "content": "4"}]])
+    want = sum(sum(mask[1:]) for _, mask in examples)
+    for seq_len in (8, 33, 128):
+        stats = score_tokens(lm, examples, seq_len=seq_len, batch_size=3)
+        assert stats.n == want
+    # Chats are scored on the assistant turn (its content and EOS) only.
+    chat_ids, chat_mask = examples[1]
+    assert sum(chat_mask) == len(lm.tokenizer.encode("4")) + 1
+
+
+def test_txt_data_and_in_memory_llm(model_dir, tmp_path):
+    lm = LLM(vs.VesperLM.from_pretrained(model_dir), vs.VesperTokenizer.from_file(model_dir))
+    data = tmp_path / "held.txt"
+    data.write_text("What is 3+4?\n\nHow many days are in a week?\n")
+    report = evaluate(lm, str(data), out_dir=tmp_path / "t")
+    assert report["documents"] == 2 and report["tokens"] > 5
+    with pytest.raises(ValueError, match="out_dir"):
+        evaluate(lm, str(data))

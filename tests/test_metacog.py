@@ -1,0 +1,156 @@
+"""Calibration measures (hand-computed cases, brute-force cross-checks) and the regulator."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vesper_sdk.metacog import (
+    MetacognitiveRegulator,
+    as_regulator,
+    auroc,
+    brier_score,
+    calibration_summary,
+    expected_calibration_error,
+    join_flags,
+    rankdata,
+    reliability_bins,
+)
+
+
+# ----------------------------------------------------------------------------- ECE
+def test_ece_one_prediction_per_bin():
+    # 15 bins of width 1/15: 0.1 -> bin 1, 0.25 -> bin 3, 0.9 -> bin 13, 0.95 -> bin 14.
+    conf = [0.1, 0.25, 0.9, 0.95]
+    correct = [0, 1, 1, 1]
+    want = (0.1 + 0.75 + 0.1 + 0.05) / 4
+    assert expected_calibration_error(conf, correct) == pytest.approx(want)
+    bins = reliability_bins(conf, correct)
+    assert np.flatnonzero(bins.counts).tolist() == [1, 3, 13, 14]
+
+
+def test_ece_shared_bin_uses_bin_means():
+    conf = [0.9, 0.92, 0.91, 0.3]  # three in bin 13, one in bin 4
+    correct = [1, 0, 1, 0]
+    want = 3 / 4 * abs(0.91 - 2 / 3) + 1 / 4 * 0.3
+    assert expected_calibration_error(conf, correct) == pytest.approx(want)
+    assert expected_calibration_error(torch.tensor(conf), torch.tensor(correct)) == \
+        pytest.approx(want)
+    # One bin: |mean confidence - accuracy|.
+    assert expected_calibration_error(conf, correct, n_bins=1) == pytest.approx(
+        abs(np.mean(conf) - 0.5))
+
+
+def test_bins_are_right_closed_and_cover_zero_and_one():
+    bins = reliability_bins([0.0, 1 / 3, 0.5, 1.0], [1, 1, 0, 1], n_bins=3)
+    assert bins.counts.tolist() == [2, 1, 1]
+    assert bins.accuracy.tolist() == [1.0, 0.0, 1.0]
+    assert bins.confidence[0] == pytest.approx(1 / 6)
+    empty = reliability_bins([0.95], [1], n_bins=4)
+    assert np.isnan(empty.accuracy[0]) and empty.to_dict()["accuracy"][0] is None
+
+
+def test_perfect_calibration_has_zero_ece():
+    # In each bin the accuracy equals the confidence exactly.
+    conf = [0.25] * 4 + [0.75] * 4
+    correct = [1, 0, 0, 0] + [1, 1, 1, 0]
+    assert expected_calibration_error(conf, correct) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(expected_calibration_error([], []))
+    with pytest.raises(ValueError, match="probabilities"):
+        expected_calibration_error([1.5], [1])
+    with pytest.raises(ValueError, match="length"):
+        expected_calibration_error([0.5, 0.5], [1])
+
+
+# ----------------------------------------------------------------------------- AUROC
+def test_auroc_known_values():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([0.2, 0.5, 0.5, 0.9], [0, 1, 0, 1]) == pytest.approx(3.5 / 4)  # a tie
+    assert auroc([0.5] * 4, [0, 1, 0, 1]) == pytest.approx(0.5)
+    assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert auroc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+    assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True])
+                 ) == pytest.approx(0.75)
+
+
+def test_rankdata_averages_ties():
+    assert rankdata([10, 20, 10, 30]).tolist() == [1.5, 3.0, 1.5, 4.0]
+    assert rankdata([3, 3, 3]).tolist() == [2.0, 2.0, 2.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=2, max_size=40))
+def test_auroc_equals_pairwise_probability(pairs):
+    """AUROC = P(score of a positive > score of a negative) + P(tie) / 2, by brute force."""
+    scores = [s / 6 for s, _ in pairs]
+    labels = [int(y) for _, y in pairs]
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    got = auroc(scores, labels)
+    if not pos or not neg:
+        assert math.isnan(got)
+        return
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0
+               for p, n in itertools.product(pos, neg))
+    assert got == pytest.approx(wins / (len(pos) * len(neg)))
+
+
+def test_brier_and_summary():
+    assert brier_score([1.0, 0.0, 0.5], [1, 1, 0]) == pytest.approx((0 + 1 + 0.25) / 3)
+    s = calibration_summary([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    assert s["n"] == 4 and s["accuracy"] == 0.5
+    assert s["auroc"] == pytest.approx(0.75)
+    assert sum(s["reliability"]["counts"]) == 4
+
+
+# ----------------------------------------------------------------------------- regulator
+def test_regulator_defaults_follow_the_seed():
+    reg = MetacognitiveRegulator()
+    assert reg.threshold == 0.85 and reg.max_iterations == 3 and reg.retries == 0
+    assert as_regulator(True) == reg
+    assert as_regulator(None) is None and as_regulator(False) is None
+    assert as_regulator(reg) is reg
+    with pytest.raises(TypeError):
+        as_regulator("on")
+    with pytest.raises(ValueError, match="threshold"):
+        MetacognitiveRegulator(threshold=1.5)
+
+
+def test_online_regulation_and_satisficing():
+    reg = MetacognitiveRegulator(threshold=0.85, stop_threshold=0.5, min_tokens=2)
+    assert reg.regulate_step(0.5, 0.1, 3, 0.9).flag == "conservative"
+    assert reg.regulate_step(0.9, 0.1, 3, 0.9).flag is None
+    # Complete (stop head) and confident so far: satisfice.
+    assert reg.regulate_step(0.9, 0.8, 3, 0.9).flag == "stopped"
+    assert reg.regulate_step(0.2, 0.8, 3, 0.9).stop  # the answer's confidence decides
+    # Never before min_tokens, never an unsure answer, never when turned off.
+    assert not reg.regulate_step(0.9, 0.8, 1, 0.9).stop
+    assert not reg.regulate_step(0.9, 0.8, 3, 0.6).stop
+    assert not MetacognitiveRegulator(satisfice=False).regulate_step(0.9, 0.99, 5, 0.99).stop
+    # A separate aspiration level for satisficing.
+    lenient = MetacognitiveRegulator(satisfice_confidence=0.5)
+    assert lenient.regulate_step(0.9, 0.8, 3, 0.6).stop
+
+
+def test_plan_caps_retries_and_varies_sampling():
+    reg = MetacognitiveRegulator(retries=5, retry_temperature=0.7)
+    plan = reg.plan(0.0, 10)
+    assert len(plan) == 4  # the first answer + min(5, max_iterations=3) retries
+    assert [a.seed for a in plan] == [10, 11, 12, 13]
+    assert [a.temperature for a in plan] == [0.0, 0.7, 0.7, 0.7]
+    assert [a.temperature for a in reg.plan(1.2, None)] == [1.2] * 4
+    assert [(a.temperature, a.seed) for a in MetacognitiveRegulator().plan(0.3, 1)] == [
+        (0.3, 1)]  # retries off: one attempt
+    assert reg.retry_flag(2, 4) == "retry 2"
+    assert reg.retry_flag(0, 3) == "kept first of 3"
+    assert reg.retry_flag(0, 1) is None
+    assert reg.accepts(0.85) and not reg.accepts(0.84)
+    assert join_flags("conservative", None, "retry 1") == "conservative, retry 1"
+    assert join_flags(None, None) is None

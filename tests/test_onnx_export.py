@@ -1,0 +1,282 @@
+"""ONNX export: parity with PyTorch (prefill + decode, left padding), past length 0,
+int8/int4 graphs, the ONNX Runtime runner behind the LLM API, errors, the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_quantize import make_model_dir, make_tokenizer
+
+import vesper_sdk as vs
+from vesper_sdk.export import OnnxModel
+from vesper_sdk.export.onnx_export import ExportError, check_parity, export_onnx
+from vesper_sdk.export.runner import OnnxBackend, make_session
+from vesper_sdk.generate import TorchBackend
+from vesper_sdk.model import ModelFolderError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("fp32") / "m", make_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def exports(model_dir, tmp_path_factory) -> dict[str, Any]:
+    """fp32 and int4 through the Python API, int8 through `vesper-export --onnx` (CLI)."""
+    from vesper_sdk.cli import export_main
+
+    root = tmp_path_factory.mktemp("onnx")
+    out = {q or "fp32": export_onnx(model_dir, root / (q or "fp32"), quantize=q, verbose=False)
+           for q in (None, "int4")}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = export_main(["--onnx", str(model_dir), "-o", str(root / "int8"),
+                            "--quantize", "int8"])
+    out.update(int8=root / "int8", cli_code=code, cli_out=printed.getvalue())
+    return out
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.name not in ("config.json", "tokenizer.json"))
+
+
+def test_fp32_export_matches_pytorch_over_prefill_and_decode(model_dir, exports):
+    out = exports["fp32"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.onnx",
+                                                     "tokenizer.json"]
+    info = json.loads((out / "config.json").read_text())["onnx"]
+    assert info["verification"]["max_abs"] <= 1e-4  # recorded by the export's own check
+    model = vs.VesperLM.from_pretrained(model_dir).eval()
+    session = make_session(out / "model.onnx", providers=["CPUExecutionProvider"])
+    # Other prompts than the export's check (seed), batch 2 with left padding, 6 decodes.
+    for seed in (3, 4):
+        stats = check_parity(session, model, steps=6, seed=seed)
+        assert stats["max_abs"] <= 1e-4
+        assert stats["max_abs_meta"] <= 1e-5
+        assert stats["top1_agree"] == 1.0
+
+
+def test_graph_signature_dynamic_axes_and_flylora_topk(exports, model_dir):
+    graph = onnx.load(str(exports["fp32"] / "model.onnx")).graph
+    names = [i.name for i in graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    outs = [o.name for o in graph.output]
+    assert outs == ["logits", "confidence", "stop"] + [
+        f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    by_name = {vi.name: vi for vi in [*graph.input, *graph.output]}
+    assert dims(by_name["input_ids"]) == ["batch_size", "sequence_length"]
+    assert dims(by_name["past_key_values.0.key"]) == ["batch_size", 2, "past_sequence_length",
+                                                      32]
+    assert dims(by_name["logits"])[:2] == ["batch_size", "sequence_length"]
+    ops = {n.op_type for n in graph.node}
+    assert {"TopK", "ScatterElements"} <= ops  # FlyLoRA's top-k is in the graph
+    # No stack traces or local paths baked into the file.
+    assert all(len(n.metadata_props) == 0 for n in graph.node)
+
+
+def test_past_length_zero_and_batch_size_change(exports, model_dir):
+    model = vs.VesperLM.from_pretrained(model_dir).eval()
+    cfg = model.config
+    session = make_session(exports["fp32"] / "model.onnx", providers=["CPUExecutionProvider"])
+    for b, s in ((1, 1), (3, 11)):
+        ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(b))
+        feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((b, s), np.int64),
+                "position_ids": np.tile(np.arange(s, dtype=np.int64), (b, 1))}
+        for i in range(cfg.num_layers):
+            for kv in ("key", "value"):
+                feed[f"past_key_values.{i}.{kv}"] = np.zeros(
+                    (b, cfg.num_heads, 0, cfg.head_dim), np.float32)
+        got = session.run(None, feed)
+        with torch.no_grad():
+            ref = model(ids, use_cache=True)
+        assert got[0].shape == (b, s, cfg.vocab_size)
+        assert got[3].shape == (b, cfg.num_heads, s, cfg.head_dim)  # present = past(0) + s
+        assert np.abs(got[0] - ref.logits.numpy()).max() <= 1e-4
+        assert np.abs(got[3] - ref.past_key_values[0][0].numpy()).max() <= 1e-5
+
+
+def test_quantized_exports_are_smaller_and_close(exports, model_dir):
+    fp = _weights_size(exports["fp32"])
+    int8, int4 = _weights_size(exports["int8"]), _weights_size(exports["int4"])
+    assert int4 < int8 < 0.75 * fp
+    ops8 = {n.op_type for n in onnx.load(str(exports["int8"] / "model.onnx")).graph.node}
+    g4 = onnx.load(str(exports["int4"] / "model.onnx")).graph
+    ops4 = {n.op_type for n in g4.node}
+    assert "MatMulInteger" in ops8 or "DynamicQuantizeMatMul" in ops8
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops4
+    # FlyLoRA's A/B and the MetaHead stay fp32 MatMuls.
+    fp_matmul_weights = {n.input[1] for n in g4.node if n.op_type == "MatMul"}
+    assert "blocks.0.ffn.gate.lora_A.T" in fp_matmul_weights
+    assert "metahead.fc.weight.T" in fp_matmul_weights
+    model = vs.VesperLM.from_pretrained(model_dir).eval()
+    for q, max_rel in (("int8", 0.1), ("int4", 0.35)):
+        session = make_session(exports[q] / "model.onnx", providers=["CPUExecutionProvider"])
+        stats = check_parity(session, model, seed=7)
+        assert 1e-4 < stats["rel_err"] < max_rel, q  # really quantized, and still close
+        info = json.loads((exports[q] / "config.json").read_text())["onnx"]
+        assert info["quantize"] == q and info["verification"]["rel_err"] < max_rel
+
+
+def test_onnx_model_greedy_tokens_equal_pytorch_for_64_tokens(model_dir, exports):
+    torch_lm = vs.load(model_dir, device="cpu")
+    onnx_lm = OnnxModel(exports["fp32"])
+    assert isinstance(onnx_lm.backend, OnnxBackend)
+    for prompt in ("the cat sat", "seven dogs"):
+        a = torch_lm.generate_tokens([prompt], max_new_tokens=64, temperature=0.0,
+                                     ignore_eos=True)[0]
+        b = onnx_lm.generate_tokens([prompt], max_new_tokens=64, temperature=0.0,
+                                    ignore_eos=True)[0]
+        assert len(a) == 64 and [t.id for t in a] == [t.id for t in b]
+        assert max(abs(x.confidence - y.confidence) for x, y in zip(a, b, strict=True)) < 1e-4
+    # A batch with left padding (prompts of different lengths) gives the same tokens too.
+    prompts = ["the cat sat on a mat while", "two"]
+    assert (onnx_lm.generate(prompts, max_new_tokens=20, temperature=0.0)
+            == torch_lm.generate(prompts, max_new_tokens=20, temperature=0.0))
+    streamed = list(onnx_lm.stream("red car", max_new_tokens=8, temperature=0.0))
+    assert "".join(t.text for t in streamed) == torch_lm.generate(
+        "red car", max_new_tokens=8, temperature=0.0)
+    assert isinstance(onnx_lm.chat([{"role": "user", "content": "blue"}], max_new_tokens=5,
+                                   temperature=0.0), str)
+
+
+def test_int4_runner_generates(exports):
+    lm = OnnxModel(exports["int4"])
+    toks = list(lm.stream("the cat", max_new_tokens=10, temperature=0.0))
+    assert 1 <= len(toks) <= 10 and all(0 <= t.confidence <= 1 for t in toks)
+
+
+def test_no_cache_export_runs_the_same_greedy_loop(model_dir, tmp_path):
+    out = export_onnx(model_dir, tmp_path / "nc", use_cache=False, verbose=False)
+    names = [i.name for i in onnx.load(str(out / "model.onnx")).graph.input]
+    assert names == ["input_ids", "attention_mask", "position_ids"]
+    backend = OnnxBackend(out)
+    assert not backend.use_cache
+    ref = TorchBackend(vs.VesperLM.from_pretrained(model_dir))
+    ids = torch.tensor([[5, 9, 11, 4]])
+    mask, pos = torch.ones_like(ids), torch.arange(4)[None]
+    a, b = ref.forward(ids, mask, pos, None), backend.forward(ids, mask, pos, None)
+    for _ in range(5):
+        nxt = a.logits[:, -1:].argmax(-1)
+        assert torch.equal(nxt, b.logits[:, -1:].argmax(-1))
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = pos[:, -1:] + 1
+        a = ref.forward(nxt, mask, pos, a.past_key_values)
+        b = backend.forward(nxt, mask, pos, b.past_key_values)
+        assert b.logits.shape == (1, 1, ref.vocab_size)
+        assert (a.logits - b.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"opset": 11}, "opset 11 is not supported"),
+    ({"quantize": "int2"}, "unknown ONNX quantization"),
+    ({"quantize": "int4", "block_size": 24}, "power of two"),
+    ({"quantize": "int4", "opset": 18}, "opset >= 21"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(model_dir, tmp_path, kwargs,
+                                                              match):
+    with pytest.raises(ExportError, match=match):
+        export_onnx(model_dir, tmp_path / "out", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_model_folder_is_refused(tmp_path, exports):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelFolderError, match="config.json is missing"):
+        export_onnx(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(ModelFolderError, match="ONNX export already"):
+        export_onnx(exports["fp32"], tmp_path / "out")
+    with pytest.raises(ModelFolderError, match="not an ONNX export"):
+        OnnxModel(tmp_path / "empty")
+    from vesper_sdk.quantize import quantize
+
+    with pytest.raises(ModelFolderError, match="is an ONNX export"):
+        quantize(exports["fp32"], "int8", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_failed_verification_leaves_no_folder(model_dir, exports, tmp_path, monkeypatch):
+    import vesper_sdk.export.onnx_export as ox
+
+    # Reuse the exported graph (this test is about the check and the clean-up, not about
+    # torch.export), and pretend ONNX Runtime disagrees with PyTorch.
+    graph = onnx.load(str(exports["fp32"] / "model.onnx"))
+    monkeypatch.setattr(ox, "_torch_to_onnx", lambda *a, **k: graph)
+    real = ox.check_parity
+    monkeypatch.setattr(ox, "check_parity",
+                        lambda *a, **k: {**real(*a, **k), "max_abs": 0.5})
+    with pytest.raises(ExportError, match="check failed"):
+        export_onnx(model_dir, tmp_path / "out", verbose=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bnb_quantized_folder_is_refused(model_dir, tmp_path):
+    from vesper_sdk.quantize import quantize
+
+    q = quantize(model_dir, "nf4", tmp_path / "q", verbose=False)
+    with pytest.raises(ExportError, match="full-precision folder"):
+        export_onnx(q, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_vesper_export_cli(model_dir, exports, tmp_path, capsys):
+    from vesper_sdk.cli import export_main
+
+    assert exports["cli_code"] == 0
+    assert "relative logits error" in exports["cli_out"] and "int8" in exports["cli_out"]
+    assert json.loads((exports["int8"] / "config.json").read_text())["onnx"]["quantize"] == "int8"
+    assert export_main(["--onnx", str(model_dir), "-o", str(tmp_path / "x"),
+                        "--opset", "9"]) == 2
+    assert "opset 9 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_lazy_top_level_names():
+    import vesper_sdk.export as ex
+
+    assert vs.export_onnx is export_onnx
+    assert ex.OnnxModel is OnnxModel
+
+
+def test_export_config_is_readable_by_transformers_for_optimum(exports):
+    # Optimum's ORTModelForCausalLM reads config.json through AutoConfig; after
+    # register_optimum() the export folder's config resolves with HF attribute names.
+    from transformers import AutoConfig
+
+    from vesper_sdk.export import register_optimum
+
+    cls = register_optimum()
+    assert register_optimum() is cls  # idempotent
+    cfg = AutoConfig.from_pretrained(str(exports["int4"]))
+    assert isinstance(cfg, cls) and cfg.model_type == "vesper"
+    assert (cfg.num_attention_heads, cfg.num_hidden_layers, cfg.hidden_size) == (2, 2, 64)
+    assert cfg.hidden_size // cfg.num_attention_heads == 32  # the KV head_dim Optimum uses
+
+
+def test_reorder_cache_keeps_the_chosen_rows(exports):
+    # The decoding loop drops finished rows through reorder_cache: the kept row must
+    # continue exactly as if it had been decoded alone.
+    backend = OnnxBackend(exports["fp32"])
+    ids = torch.tensor([[7, 8, 9, 10], [11, 12, 13, 14]])
+    mask, pos = torch.ones_like(ids), torch.arange(4).expand(2, 4)
+    both = backend.forward(ids, mask, pos, None)
+    kept = backend.reorder_cache(both.past_key_values, torch.tensor([1]))
+    nxt = torch.tensor([[5]])
+    a = backend.forward(nxt, torch.ones(1, 5, dtype=torch.long), torch.tensor([[4]]), kept)
+    alone = backend.forward(ids[1:], mask[1:], pos[1:], None)
+    b = backend.forward(nxt, torch.ones(1, 5, dtype=torch.long), torch.tensor([[4]]),
+                        alone.past_key_values)
+    assert (a.logits - b.logits).abs().max() <= 1e-5

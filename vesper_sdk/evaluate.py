@@ -1,0 +1,361 @@
+"""``vesper eval``: perplexity and the MetaHead's calibration on held-out data.
+
+For every scored token (teacher forcing) it records the negative log-likelihood, whether
+the model's top-1 prediction is the label, the MetaHead's ``confidence`` at that position
+and, as the baseline any LM has for free, the maximum softmax probability (MSP). It
+reports perplexity, and for both confidence signals the expected calibration error
+(15 equal-width bins), the AUROC of confidence against correctness and the Brier score;
+then writes ``calibration.json`` and a reliability diagram ``reliability.png``.
+
+Data: ``builtin:skills`` (the held-out split of :mod:`vesper_sdk.skills`: questions
+never trained on, with their answers; the greedy answers are also graded by exact match
+for an accuracy figure), or a ``.jsonl`` / ``.txt`` file or folder read by
+:mod:`vesper_sdk.data` (``{"text"}`` documents are scored on every token, ``{"messages"}``
+chats on the assistant turns, as in training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .generate import LLM, GenerationRequest, load
+from .metacog import calibration_summary, mean
+
+Example = tuple[list[int], list[int]]  # token ids, 0/1 mask of the tokens to score
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class EvalOptions:
+    """Perplexity and MetaHead calibration (ECE, AUROC vs. the max-softmax baseline).
+
+    Examples:
+      vesper eval runs/a --data builtin:skills
+      vesper eval runs/a --data heldout.jsonl --out-dir runs/a/eval
+    """
+
+    model_dir: str = field(metadata={"help": "model folder to evaluate", "positional": True})
+    data: str = field(default="builtin:skills", metadata={
+        "help": "builtin:skills (held-out split), or a .jsonl/.txt file or folder"})
+    out_dir: str | None = field(default=None, metadata={
+        "help": "where calibration.json and reliability.png go (default: MODEL_DIR/eval)"})
+    max_examples: int = field(default=400, metadata={
+        "help": "most documents/chats to read"})
+    max_tokens: int = field(default=50_000, metadata={"help": "most tokens to score"})
+    seq_len: int = field(default=512, metadata={
+        "help": "window length for long documents (capped by the model's context)"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
+    bins: int = field(default=15, metadata={"help": "equal-width bins for ECE and the diagram"})
+    skills_questions: int = field(default=200, metadata={
+        "help": "held-out questions answered greedily for accuracy (builtin:skills only)"})
+    max_answer_tokens: int = field(default=24, metadata={
+        "help": "longest answer generated per skills question"})
+    seed: int = field(default=0, metadata={"help": "seed of the built-in held-out split"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+# ----------------------------------------------------------------------------- data
+def _records(data: str, max_examples: int, seed: int) -> Iterator[str | list[dict]]:
+    if data == "builtin:skills":
+        from . import skills
+
+        for _task, messages, answer in skills.held_out_tasks(max_examples, seed):
+            yield [*messages, {"role": "assistant", "content": answer}]
+        return
+    from .data import DataSource
+
+    for i, record in enumerate(DataSource(data).records()):
+        if i >= max_examples:
+            return
+        yield record
+
+
+def encode_examples(lm: LLM, records: Sequence[str | list[dict]]) -> list[Example]:
+    """Token ids and score masks: text = BOS + text + EOS (all scored); chats = template,
+    assistant turns scored (``encode_chat``'s loss mask)."""
+    tok = lm.tokenizer
+    out: list[Example] = []
+    for rec in records:
+        if isinstance(rec, str):
+            ids = tok.encode(rec, add_bos=True, add_eos=True)
+            mask = [0] + [1] * (len(ids) - 1)
+        else:
+            enc = tok.encode_chat(rec)
+            ids, mask = enc.ids, enc.loss_mask
+        if len(ids) >= 2 and any(mask[1:]):
+            out.append((ids, mask))
+    return out
+
+
+def _windows(examples: Sequence[Example], seq_len: int) -> list[Example]:
+    # Windows overlap by one token so that each token is predicted exactly once.
+    out = []
+    for ids, mask in examples:
+        start = 0
+        while True:
+            w_ids, w_mask = ids[start:start + seq_len], mask[start:start + seq_len]
+            if len(w_ids) >= 2:
+                out.append((w_ids, [0] + w_mask[1:]))
+            if start + seq_len >= len(ids):
+                break
+            start += seq_len - 1
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+@dataclass
+class TokenStats:
+    """Per scored token: NLL, top-1 correctness, MetaHead confidence, max softmax prob."""
+
+    nll: np.ndarray
+    correct: np.ndarray
+    confidence: np.ndarray
+    msp: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.nll.size)
+
+
+def score_tokens(lm: LLM, examples: Sequence[Example], seq_len: int = 512,
+                 batch_size: int = 8, max_tokens: int | None = None) -> TokenStats:
+    """Teacher-forced statistics of every scored token, through ``lm.backend.forward``."""
+    seq_len = max(2, min(seq_len, lm.max_seq_len))
+    windows = sorted(_windows(examples, seq_len), key=lambda w: len(w[0]))
+    nll, correct, conf, msp = [], [], [], []
+    total = 0
+    pad = lm.tokenizer.pad_id
+    for i in range(0, len(windows), batch_size):
+        if max_tokens is not None and total >= max_tokens:
+            break
+        batch = windows[i:i + batch_size]
+        length = max(len(w[0]) for w in batch)
+        ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        attn = torch.zeros((len(batch), length), dtype=torch.long)
+        score = torch.zeros((len(batch), length), dtype=torch.bool)
+        for r, (w_ids, w_mask) in enumerate(batch):
+            n = len(w_ids)  # left padding, as in generation
+            ids[r, length - n:] = torch.tensor(w_ids)
+            attn[r, length - n:] = 1
+            score[r, length - n:] = torch.tensor(w_mask, dtype=torch.bool)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out = lm.backend.forward(ids.to(lm.device), attn.to(lm.device), pos.to(lm.device),
+                                     None)
+            logp = out.logits[:, :-1].float().log_softmax(-1).cpu()
+            target = ids[:, 1:]
+            sel = score[:, 1:]
+            lp = logp.gather(-1, target[..., None])[..., 0]
+            top_lp, top = logp.max(-1)
+            nll.append((-lp[sel]).numpy())
+            correct.append((top == target)[sel].numpy())
+            conf.append(out.confidence[:, :-1].float().cpu()[sel].numpy())
+            msp.append(top_lp.exp()[sel].numpy())
+        total += int(sel.sum())
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+    stats = TokenStats(cat(nll), cat(correct), cat(conf), cat(msp))
+    if max_tokens is not None and stats.n > max_tokens:
+        stats = TokenStats(stats.nll[:max_tokens], stats.correct[:max_tokens],
+                           stats.confidence[:max_tokens], stats.msp[:max_tokens])
+    return stats
+
+
+def skills_accuracy(lm: LLM, n: int, seed: int = 0, max_answer_tokens: int = 24,
+                    batch_size: int = 8) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers to ``n`` held-out skills questions.
+
+    Also the answer-level calibration of the mean token confidence (is a confident answer
+    more often right?), which is what the regulator's retries rely on.
+    """
+    from . import skills
+
+    items = skills.held_out_tasks(n, seed)
+    per_task: dict[str, list[int]] = {}
+    rows: list[dict[str, Any]] = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        reqs = [GenerationRequest(prompt=lm.tokenizer.chat_prompt_ids(msgs),
+                                  max_new_tokens=max_answer_tokens, temperature=0.0)
+                for _, msgs, _ in chunk]
+        answers: list[list[Any]] = [[] for _ in chunk]
+        for j, tok in lm.stream_batch(reqs):
+            answers[j].append(tok)
+        for (task, msgs, expected), toks in zip(chunk, answers, strict=True):
+            reply = "".join(t.text for t in toks)
+            ok = skills.is_correct(msgs[-1]["content"], reply)
+            per_task.setdefault(task, []).append(int(ok))
+            rows.append({"task": task, "question": msgs[-1]["content"], "expected": expected,
+                         "reply": reply, "correct": ok,
+                         "mean_confidence": mean([t.confidence for t in toks])})
+    correct = [r["correct"] for r in rows]
+    confs = [r["mean_confidence"] for r in rows]
+    usable = [i for i, c in enumerate(confs) if not math.isnan(c)]
+    answer_cal = calibration_summary([confs[i] for i in usable], [correct[i] for i in usable])
+    answer_cal.pop("reliability")
+    return {
+        "n": len(rows),
+        "accuracy": float(np.mean(correct)) if rows else float("nan"),
+        "per_task": {k: {"n": len(v), "accuracy": float(np.mean(v))}
+                     for k, v in sorted(per_task.items())},
+        "answer_confidence": answer_cal,
+        "examples": rows[:20],
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
+             out_dir: str | Path | None = None, max_examples: int = 400,
+             max_tokens: int = 50_000, seq_len: int = 512, batch_size: int = 8,
+             bins: int = 15, skills_questions: int = 200, max_answer_tokens: int = 24,
+             seed: int = 0, device: str = "auto") -> dict[str, Any]:
+    """Evaluate a model folder (or an ``LLM``) on ``data``; write JSON + PNG; return the report.
+
+    The report has ``perplexity``, ``tokens``, ``token_accuracy``, ``metahead`` and
+    ``max_softmax`` (each: ``ece``, ``auroc``, ``brier``, ``mean_confidence``,
+    ``reliability`` bins), ``skills`` (builtin:skills only) and the written ``files``.
+    """
+    lm = model if isinstance(model, LLM) else load(model, device=device)
+    if out_dir is None:
+        if lm.model_dir is None:
+            raise ValueError("out_dir is required when evaluating an in-memory LLM")
+        out_dir = lm.model_dir / "eval"
+    out_dir = Path(out_dir)
+    records = list(_records(data, max_examples, seed))
+    examples = encode_examples(lm, records)
+    if not examples:
+        raise ValueError(f"{data} holds no scorable text (no document with 2+ tokens, or no "
+                         "assistant turn in the chats)")
+    stats = score_tokens(lm, examples, seq_len=seq_len, batch_size=batch_size,
+                         max_tokens=max_tokens)
+    report: dict[str, Any] = {
+        "model": str(lm.model_dir) if lm.model_dir else repr(lm),
+        "data": data,
+        "documents": len(examples),
+        "tokens": stats.n,
+        "perplexity": float(math.exp(stats.nll.mean())) if stats.n else float("nan"),
+        "mean_nll": float(stats.nll.mean()) if stats.n else float("nan"),
+        "token_accuracy": float(stats.correct.mean()) if stats.n else float("nan"),
+        "bins": bins,
+        "metahead": calibration_summary(stats.confidence, stats.correct, bins),
+        "max_softmax": calibration_summary(stats.msp, stats.correct, bins),
+    }
+    if data == "builtin:skills" and skills_questions > 0:
+        report["skills"] = skills_accuracy(lm, skills_questions, seed, max_answer_tokens,
+                                           batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / "reliability.png"
+    plot_reliability(report, png)
+    js = out_dir / "calibration.json"
+    report["files"] = {"json": str(js), "png": str(png)}
+    js.write_text(json.dumps(_finite(report), indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _finite(x: Any) -> Any:
+    # JSON has no NaN: write null instead (strict parsers reject NaN).
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else x
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def plot_reliability(report: dict[str, Any], path: str | Path) -> Path:
+    """Reliability diagrams (MetaHead vs max-softmax baseline) with confidence histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1]})
+    for col, (key, title) in enumerate((("metahead", "MetaHead confidence"),
+                                        ("max_softmax", "max softmax probability"))):
+        summary = report[key]
+        rel = summary["reliability"]
+        edges = np.asarray(rel["edges"])
+        centers = (edges[:-1] + edges[1:]) / 2
+        width = edges[1] - edges[0]
+        acc = np.array([np.nan if a is None else a for a in rel["accuracy"]], dtype=float)
+        conf = np.array([np.nan if c is None else c for c in rel["confidence"]], dtype=float)
+        ax = axes[0, col]
+        ax.bar(centers, np.nan_to_num(acc), width=width * 0.95, color="#4c72b0",
+               edgecolor="white", label="accuracy")
+        gap_lo = np.minimum(np.nan_to_num(acc), np.nan_to_num(conf))
+        ax.bar(centers, np.abs(np.nan_to_num(conf) - np.nan_to_num(acc)), bottom=gap_lo,
+               width=width * 0.95, color="#dd8452", alpha=0.5, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (top-1 == label)")
+        ax.set_title(f"{title}\nECE {_fmt(summary['ece'])}  AUROC {_fmt(summary['auroc'])}  "
+                     f"Brier {_fmt(summary['brier'])}")
+        ax.legend(loc="upper left", fontsize=8)
+        axes[1, col].bar(centers, rel["counts"], width=width * 0.95, color="#55a868")
+        axes[1, col].set_xlabel("confidence")
+        axes[1, col].set_ylabel("tokens")
+    fig.suptitle(f"{report['model']} on {report['data']}: perplexity "
+                 f"{_fmt(report['perplexity'], 2)}, {report['tokens']} tokens", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else \
+        f"{x:.{digits}f}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as the plain-text table ``vesper eval`` prints."""
+    lines = [
+        f"model {report['model']}",
+        f"data {report['data']}: {report['documents']} documents, {report['tokens']} tokens "
+        "scored",
+        f"perplexity {_fmt(report['perplexity'], 3)}   token accuracy (top-1 == label) "
+        f"{_fmt(report['token_accuracy'])}",
+        "",
+        f"{'confidence signal':<28}{'ECE (' + str(report['bins']) + ' bins)':>14}"
+        f"{'AUROC':>8}{'Brier':>8}{'mean conf':>11}",
+    ]
+    for key, name in (("metahead", "MetaHead confidence"),
+                      ("max_softmax", "max softmax prob (baseline)")):
+        s = report[key]
+        lines.append(f"{name:<28}{_fmt(s['ece']):>14}{_fmt(s['auroc']):>8}"
+                     f"{_fmt(s['brier']):>8}{_fmt(s['mean_confidence']):>11}")
+    if "skills" in report:
+        sk = report["skills"]
+        lines += ["", f"skills accuracy (greedy answer, exact match): {_fmt(sk['accuracy'])} "
+                      f"on {sk['n']} held-out questions; answer-confidence AUROC "
+                      f"{_fmt(sk['answer_confidence']['auroc'])}"]
+        for task, v in sk["per_task"].items():
+            lines.append(f"  {task:<24}{_fmt(v['accuracy'])}  (n={v['n']})")
+    if "files" in report:
+        lines += ["", f"wrote {report['files']['json']} and {report['files']['png']}"]
+    return "\n".join(lines)
+
+
+def cli(opts: EvalOptions) -> int:
+    """``vesper eval``: print the report and write calibration.json + reliability.png."""
+    report = evaluate(opts.model_dir, opts.data, out_dir=opts.out_dir,
+                      max_examples=opts.max_examples, max_tokens=opts.max_tokens,
+                      seq_len=opts.seq_len, batch_size=opts.batch_size, bins=opts.bins,
+                      skills_questions=opts.skills_questions,
+                      max_answer_tokens=opts.max_answer_tokens, seed=opts.seed,
+                      device=opts.device)
+    print(format_report(report))
+    return 0

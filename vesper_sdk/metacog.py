@@ -1,0 +1,321 @@
+"""Metacognition: the regulator that acts on the MetaHead, and calibration measures.
+
+Two halves, both small:
+
+``MetacognitiveRegulator``
+    Decoding-time control from the MetaHead's per-token ``confidence`` (probability that
+    the model's own top-1 prediction is right) and ``stop`` (probability that the answer
+    ends here). It has the seed's three phases:
+
+    1. *Planning* (:meth:`MetacognitiveRegulator.plan`): before the first token, fix the
+       budget, i.e. the list of attempts (the user's sampling for the first; a warmer,
+       re-seeded one for each retry, since a greedy retry would repeat the first answer).
+    2. *Online regulation* (:meth:`~MetacognitiveRegulator.regulate_step`): at a position
+       whose confidence is under ``threshold`` the next token is decoded conservatively
+       (``conservative_temperature``, greedy by default) and flagged ``"conservative"``.
+    3. *Satisficing termination*: the answer ends (EOS, flagged ``"stopped"``) as soon as it
+       is good enough rather than when the LM happens to sample EOS: the stop head says the
+       answer is complete (``stop >= stop_threshold``) *and* the answer so far was written
+       with high confidence (mean token confidence ``>= satisfice_confidence``, the
+       aspiration level; by default ``threshold``). An unsure answer is never cut short.
+
+    With ``retries=N`` an answer whose mean confidence is under ``threshold`` is written
+    again, up to N more times (at most ``max_iterations``), stopping at the first attempt
+    that reaches the threshold (satisficing again) and keeping the attempt with the highest
+    mean confidence. Its tokens are flagged ``"retry k"`` (k = the attempt kept, 1 = first
+    retry) or ``"kept first of n"`` when the original answer won.
+
+Calibration (pure numpy, no scikit-learn)
+    :func:`expected_calibration_error` (equal-width bins), :func:`auroc` (rank formula with
+    ties averaged, equal to ``sklearn.metrics.roc_auc_score``), :func:`reliability_bins`,
+    :func:`brier_score` and :func:`calibration_summary`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Flags written into ``Token.regulated``; see the module docstring.
+CONSERVATIVE = "conservative"
+STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one attempt of an answer is sampled (from :meth:`MetacognitiveRegulator.plan`)."""
+
+    index: int  # 0 = the first answer, k = the k-th retry
+    temperature: float
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """What the regulator does at one position: decode conservatively, or end the answer."""
+
+    conservative: bool = False
+    stop: bool = False
+
+    @property
+    def flag(self) -> str | None:
+        if self.stop:
+            return STOPPED
+        return CONSERVATIVE if self.conservative else None
+
+
+@dataclass
+class MetacognitiveRegulator:
+    """Acts on the MetaHead while decoding: conservative tokens, satisficing stop, retries.
+
+    Pass it as ``llm.generate(..., regulator=MetacognitiveRegulator())`` (or
+    ``regulator=True`` for these defaults). Every action shows in the token stream as
+    ``Token.regulated``: ``"conservative"``, ``"stopped"``, ``"retry k"`` or
+    ``"kept first of n"`` (joined by ``", "`` when several apply to one token).
+
+    Args:
+        threshold: confidence under which a position is decoded conservatively, and the
+            mean answer confidence a retry tries to reach (seed: 0.85).
+        max_iterations: cap on the retries whatever ``retries`` asks (seed: 3).
+        retries: regenerate an answer whose mean confidence is under ``threshold`` up to
+            this many times (0 = off); the most confident attempt is kept. With retries
+            on, a streamed answer arrives once its attempts are done.
+        conservative_temperature: temperature at a low-confidence position (0 = greedy).
+        stop_threshold: stop-head probability at which an answer may end (satisficing).
+        satisfice_confidence: mean confidence the answer needs before it may be ended
+            early; ``None`` = ``threshold``.
+        min_tokens: never end an answer early before this many tokens.
+        retry_temperature: the lowest temperature a retry samples at, so that retries of a
+            greedy answer differ from it.
+        satisfice: turn satisficing termination on or off.
+    """
+
+    threshold: float = 0.85
+    max_iterations: int = 3
+    retries: int = 0
+    conservative_temperature: float = 0.0
+    stop_threshold: float = 0.5
+    satisfice_confidence: float | None = None
+    min_tokens: int = 1
+    retry_temperature: float = 0.7
+    satisfice: bool = True
+    name: str = field(default="metacognitive", repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.stop_threshold <= 1.0:
+            raise ValueError(f"stop_threshold must be in [0, 1], got {self.stop_threshold}")
+        if self.retries < 0 or self.max_iterations < 0:
+            raise ValueError("retries and max_iterations must be >= 0, got "
+                             f"{self.retries} and {self.max_iterations}")
+        if self.conservative_temperature < 0 or self.retry_temperature < 0:
+            raise ValueError("temperatures must be >= 0")
+
+    # --- planning ---------------------------------------------------------------------
+    @property
+    def max_retries(self) -> int:
+        """Retries actually allowed: ``retries`` capped by ``max_iterations``."""
+        return min(self.retries, self.max_iterations)
+
+    @property
+    def aspiration(self) -> float:
+        """Mean confidence at which an answer is good enough (satisficing)."""
+        return self.threshold if self.satisfice_confidence is None else self.satisfice_confidence
+
+    def plan(self, temperature: float, seed: int | None) -> list[Attempt]:
+        """The attempts an answer may take: the user's sampling, then the retries.
+
+        Retries sample at ``max(temperature, retry_temperature)`` with seeds ``seed + k``
+        (or fresh ones without a seed): reproducible, and different from the first answer.
+        """
+        attempts = [Attempt(0, temperature, seed)]
+        for k in range(1, self.max_retries + 1):
+            attempts.append(Attempt(k, max(temperature, self.retry_temperature),
+                                    None if seed is None else seed + k))
+        return attempts
+
+    # --- online regulation ------------------------------------------------------------
+    def regulate_step(self, confidence: float, stop_prob: float, n_generated: int,
+                      answer_confidence: float | None) -> StepDecision:
+        """Decide at one position, before its token is chosen.
+
+        Args:
+            confidence: MetaHead confidence at this position (about the token to come).
+            stop_prob: stop-head probability at this position (the answer ends here).
+            n_generated: tokens already in the answer.
+            answer_confidence: mean confidence of those tokens (None when there are none).
+        """
+        if (self.satisfice and n_generated >= max(self.min_tokens, 1)
+                and stop_prob >= self.stop_threshold
+                and answer_confidence is not None and answer_confidence >= self.aspiration):
+            return StepDecision(stop=True)
+        return StepDecision(conservative=confidence < self.threshold)
+
+    # --- retries ----------------------------------------------------------------------
+    def accepts(self, mean_confidence: float) -> bool:
+        """Whether an answer is confident enough to need no (further) retry."""
+        return mean_confidence >= self.threshold
+
+    @staticmethod
+    def retry_flag(kept: int, attempts: int) -> str | None:
+        """The flag for the tokens of the kept attempt (None when no retry was made)."""
+        if attempts <= 1:
+            return None
+        return f"retry {kept}" if kept > 0 else f"kept first of {attempts}"
+
+
+def as_regulator(regulator: Any) -> MetacognitiveRegulator | None:
+    """``None``/``False`` -> off, ``True`` -> defaults, a regulator -> itself."""
+    if regulator is None or regulator is False:
+        return None
+    if regulator is True:
+        return MetacognitiveRegulator()
+    if isinstance(regulator, MetacognitiveRegulator):
+        return regulator
+    raise TypeError(f"regulator must be None, True or a MetacognitiveRegulator, "
+                    f"got {type(regulator).__name__}")
+
+
+def join_flags(*flags: str | None) -> str | None:
+    """Join regulator flags into one ``Token.regulated`` string (None when there is none)."""
+    parts = [f for f in flags if f]
+    return ", ".join(parts) if parts else None
+
+
+# ----------------------------------------------------------------------------- calibration
+def _as_arrays(confidence: Any, correct: Any) -> tuple[np.ndarray, np.ndarray]:
+    conf = np.asarray(_to_numpy(confidence), dtype=np.float64).reshape(-1)
+    corr = np.asarray(_to_numpy(correct)).reshape(-1).astype(np.float64)
+    if conf.shape != corr.shape:
+        raise ValueError(f"confidence and correct differ in length: {conf.size} vs {corr.size}")
+    if conf.size and (np.nanmin(conf) < 0 or np.nanmax(conf) > 1):
+        raise ValueError("confidence values must be probabilities in [0, 1]")
+    return conf, corr
+
+
+def _to_numpy(x: Any) -> Any:
+    # torch tensors without importing torch here: anything with .detach().cpu().numpy().
+    if hasattr(x, "detach"):
+        return x.detach().float().cpu().numpy() if x.is_floating_point() else \
+            x.detach().cpu().numpy()
+    return x
+
+
+@dataclass
+class ReliabilityBins:
+    """Per-bin statistics of a reliability diagram (equal-width bins over [0, 1]).
+
+    Bin i holds confidences in ``(edges[i], edges[i+1]]`` (the first bin also holds 0).
+    ``accuracy`` and ``confidence`` are NaN in empty bins.
+    """
+
+    edges: np.ndarray  # [n_bins + 1]
+    counts: np.ndarray  # [n_bins] int
+    confidence: np.ndarray  # [n_bins] mean confidence in the bin
+    accuracy: np.ndarray  # [n_bins] fraction correct in the bin
+
+    def to_dict(self) -> dict[str, list]:
+        def clean(a: np.ndarray) -> list:
+            return [None if np.isnan(v) else float(v) for v in a]
+        return {"edges": [float(e) for e in self.edges], "counts": [int(c) for c in self.counts],
+                "confidence": clean(self.confidence), "accuracy": clean(self.accuracy)}
+
+
+def reliability_bins(confidence: Any, correct: Any, n_bins: int = 15) -> ReliabilityBins:
+    """Bin predictions by confidence into ``n_bins`` equal-width bins."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf, corr = _as_arrays(confidence, correct)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # side="left" on the inner edges: a confidence equal to an edge goes to the bin below
+    # (right-closed bins, as in Guo et al. 2017), and 0 joins the first bin.
+    idx = np.searchsorted(edges[1:-1], conf, side="left")
+    counts = np.bincount(idx, minlength=n_bins)
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
+    corr_sum = np.bincount(idx, weights=corr, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(counts > 0, conf_sum / np.maximum(counts, 1), np.nan)
+        acc = np.where(counts > 0, corr_sum / np.maximum(counts, 1), np.nan)
+    return ReliabilityBins(edges, counts, mean_conf, acc)
+
+
+def expected_calibration_error(confidence: Any, correct: Any, n_bins: int = 15) -> float:
+    """ECE: sum over bins of (bin share) * |accuracy - mean confidence|, equal-width bins.
+
+    ``confidence`` in [0, 1]; ``correct`` 0/1 (or bool). NaN for no predictions.
+    """
+    bins = reliability_bins(confidence, correct, n_bins)
+    n = bins.counts.sum()
+    if n == 0:
+        return float("nan")
+    full = bins.counts > 0
+    gaps = np.abs(bins.accuracy[full] - bins.confidence[full])
+    return float((bins.counts[full] / n * gaps).sum())
+
+
+def rankdata(values: Any) -> np.ndarray:
+    """1-based ranks with ties given their average rank (scipy's ``rankdata``, 'average')."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # Start of each run of equal values in sorted order.
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], xs.size]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive).
+
+    The Mann-Whitney form, ``(sum of positive ranks - P(P+1)/2) / (P * N)``, with tied
+    scores given their average rank: the probability that a random positive scores above
+    a random negative, ties counting one half. Equals scikit-learn's ``roc_auc_score``.
+    NaN when only one class is present (sklearn raises there).
+    """
+    s, y = _as_scores(scores, labels)
+    pos = y > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(s)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _as_scores(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(_to_numpy(scores), dtype=np.float64).reshape(-1)
+    y = np.asarray(_to_numpy(labels)).reshape(-1).astype(np.float64)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.size} vs {y.size}")
+    return s, y
+
+
+def brier_score(confidence: Any, correct: Any) -> float:
+    """Mean squared error between confidence and the 0/1 outcome (NaN when empty)."""
+    conf, corr = _as_arrays(confidence, correct)
+    return float(np.mean((conf - corr) ** 2)) if conf.size else float("nan")
+
+
+def calibration_summary(confidence: Any, correct: Any, n_bins: int = 15) -> dict[str, Any]:
+    """ECE, AUROC, Brier score, accuracy and mean confidence of one confidence signal."""
+    conf, corr = _as_arrays(confidence, correct)
+    return {
+        "n": int(conf.size),
+        "accuracy": float(corr.mean()) if conf.size else float("nan"),
+        "mean_confidence": float(conf.mean()) if conf.size else float("nan"),
+        "ece": expected_calibration_error(conf, corr, n_bins),
+        "auroc": auroc(conf, corr),
+        "brier": brier_score(conf, corr),
+        "reliability": reliability_bins(conf, corr, n_bins).to_dict(),
+    }
+
+
+def mean(values: Sequence[float]) -> float:
+    """Mean of a sequence (NaN when empty), for answer-level confidences."""
+    return float(sum(values) / len(values)) if values else float("nan")
