@@ -117,19 +117,34 @@ def read_curve(metrics_path: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["val_loss"])) for r in rows if "val_loss" in r]
 
 
+def _finished_run(out_dir: Path, options: dict[str, Any], steps: int) -> bool:
+    """A run folder from an earlier study with exactly these options, trained to the end."""
+    try:
+        done = json.loads((out_dir / "train_options.json").read_text())
+        curve = read_curve(out_dir / "metrics.jsonl")
+    except (OSError, ValueError):
+        return False
+    return (done == options and bool(curve) and curve[-1][0] == steps
+            and (out_dir / "model" / "config.json").is_file())
+
+
 def train_once(args: argparse.Namespace, corpus: str, data: str, optimizer: str, lr: float,
                seed: int, work: Path) -> dict[str, Any]:
-    """One training run through the public API; its validation curve and figures."""
+    """One training run through the public API; its validation curve and figures.
+
+    A finished run with identical options (its train_options.json) is read back instead
+    of trained again, so a --sweep study reuses the runs of a plain one and vice versa.
+    """
     import vesper_sdk as vs
+    from vesper_sdk.train import TrainOptions
 
     out_dir = work / "runs" / corpus / f"{optimizer}-lr{lr:g}-seed{seed}"
     shape = {}
     if args.shape:
         h, n_layers, heads, ffn = (int(x) for x in args.shape.split(","))
         shape = dict(hidden_size=h, num_layers=n_layers, num_heads=heads, ffn_hidden_size=ffn)
-    t0 = time.perf_counter()
-    result = vs.train(
-        data, out_dir=out_dir, preset=args.preset, optimizer=optimizer, lr=lr, seed=seed,
+    options = dict(
+        optimizer=optimizer, lr=lr, seed=seed,
         max_steps=args.steps, schedule=args.schedule, batch_size=args.batch_size,
         seq_len=args.seq_len, vocab_size=args.vocab_size, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.eval_every, checkpoint_every=0,
@@ -137,16 +152,38 @@ def train_once(args: argparse.Namespace, corpus: str, data: str, optimizer: str,
         # One token cache per corpus: every run of a corpus (and seed, for the generated
         # one) reads the same tokens; the tokenizer is trained once on the same data.
         cache_dir=str(work / "cache" / corpus), **shape)
+    expected = TrainOptions(data=data, out_dir=str(out_dir), preset=args.preset,
+                            **options).to_json()
+    t0 = time.perf_counter()
+    reused = _finished_run(out_dir, expected, args.steps)
+    if not reused:
+        result = vs.train(data, out_dir=out_dir, preset=args.preset, **options)
+        if result.interrupted:  # the trainer saw SIGTERM/SIGINT: stop the study too
+            raise KeyboardInterrupt(f"training interrupted in {out_dir}")
     seconds = time.perf_counter() - t0
-    curve = read_curve(Path(result.metrics_path))
+    curve = read_curve(out_dir / "metrics.jsonl")
     if not curve:
-        raise RuntimeError(f"{result.metrics_path} has no val_loss rows")
+        raise RuntimeError(f"{out_dir / 'metrics.jsonl'} has no val_loss rows")
+    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x]
+    speeds = [r["tok_s"] for r in rows if "tok_s" in r]
     final = curve[-1][1]
     return {"corpus": corpus, "optimizer": optimizer, "lr": lr, "seed": seed,
             "steps": [s for s, _ in curve], "val_loss": [v for _, v in curve],
             "final_val_loss": final, "final_val_ppl": math.exp(final),
-            "seconds": seconds, "tok_s": result.tokens_per_second,
-            "params": result.total_params, "out_dir": str(out_dir)}
+            "seconds": None if reused else seconds, "reused": reused,
+            "tok_s": statistics.median(speeds) if speeds else None,
+            "params": _params(out_dir / "model"), "out_dir": str(out_dir)}
+
+
+def _params(model_dir: Path) -> int:
+    import vesper_sdk as vs
+
+    return vs.VesperConfig.from_file(model_dir / "config.json").num_parameters()
+
+
+def _mean_or_none(xs: list[float | None]) -> float | None:
+    known = [x for x in xs if x is not None]  # runs read back from disk have no time
+    return statistics.fmean(known) if known else None
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -173,7 +210,7 @@ def summarise(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
                      "seeds": len(mine), "final_val_loss": loss_m, "final_val_loss_std": loss_s,
                      "final_val_ppl": ppl_m, "final_val_ppl_std": ppl_s,
                      "per_seed_val_loss": [round(r["final_val_loss"], 4) for r in mine],
-                     "seconds_per_run": statistics.fmean(r["seconds"] for r in mine)})
+                     "seconds_per_run": _mean_or_none([r.get("seconds") for r in mine])})
     for corpus in dict.fromkeys(r["corpus"] for r in runs):
         v = {r["seed"]: r for r in runs if r["corpus"] == corpus and r["optimizer"] == "velvet"}
         a = {r["seed"]: r for r in runs if r["corpus"] == corpus and r["optimizer"] == "adamw"}
@@ -257,7 +294,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             print(f"   failed: {failed[-1]['error']}", flush=True)
             return None
         print(f"   val loss {r['final_val_loss']:.4f} (ppl {r['final_val_ppl']:.3f}) "
-              f"in {r['seconds']:.0f} s", flush=True)
+              + ("(reused: a finished run with the same options)" if r["reused"]
+                 else f"in {r['seconds']:.0f} s"), flush=True)
         return r
 
     lrs = {(c, o): args.lr for c in args.corpora for o in args.optimizers}
@@ -315,14 +353,15 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path, command: str, wall_s: float,
-                  device: str, name: str = "convergence") -> list[Path]:
+                  started: str, machine: dict[str, Any],
+                  name: str = "convergence") -> list[Path]:
     """<name>.json/.md through the suite's writer, and <name>.png."""
     from vesper_sdk.benchmarks import charts, suite
 
     record = suite.RunRecord(
-        name=name, status="ok", command=command, date=suite.now_iso(),
-        wall_s=wall_s, machine=suite.machine_info(device), versions=suite.package_versions(),
-        git=suite.git_info(), result=report, headline=report.get("headline", ""))
+        name=name, status="ok", command=command, date=started, wall_s=wall_s,
+        machine=machine, versions=suite.package_versions(), git=suite.git_info(),
+        result=report, headline=report.get("headline", ""))
     suite.write_record(record, out_dir, suite.BENCHMARKS.get("convergence"))
     png = charts.save(charts.convergence_chart(record.to_json()), out_dir / f"{name}.png")
     return [out_dir / f"{name}.json", out_dir / f"{name}.md", png]
@@ -383,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raw = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "benchmarks/convergence.py", *raw])
+    from vesper_sdk.benchmarks import suite
+
+    # Date and machine (with its load average) as the study starts, like the suite's.
+    started, machine = suite.now_iso(), suite.machine_info(args.device)
     t0 = time.perf_counter()
     report = run_study(args)
     wall = time.perf_counter() - t0
@@ -391,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    for p in write_outputs(report, Path(args.out_dir), command, wall, args.device, args.name):
+    for p in write_outputs(report, Path(args.out_dir), command, wall, started, machine,
+                           args.name):
         print(f"wrote {p}")
     print(f"total {wall:.0f} s")
     return 1 if report["failed_runs"] else 0

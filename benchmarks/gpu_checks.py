@@ -264,7 +264,7 @@ def check_optimizer(device: str, small: bool) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- bnb
-def _tiny_model_folder(path: Path, device: str) -> Path:
+def _tiny_model_folder(path: Path) -> Path:
     import vesper_sdk as vs
 
     lines = [f"{a} plus {b} is {a + b}. The {w} sat on the mat." for a in range(30)
@@ -306,7 +306,7 @@ def check_bnb(device: str, small: bool) -> list[dict[str, Any]]:
     # bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16: expected.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="vesper-gpu-bnb-") as tmp:
-        src = _tiny_model_folder(Path(tmp) / "fp", device)
+        src = _tiny_model_folder(Path(tmp) / "fp")
         fp = vs.VesperLM.from_pretrained(src, map_location=device).eval()
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(3, fp.config.vocab_size, (1, 24), generator=gen).to(device)

@@ -1016,7 +1016,8 @@ def cli(opts: GenerateOptions) -> int:
     if opts.confidence and not opts.json:
         print(f"{'token':<16} {'id':>6} {'logprob':>8} {'conf':>6} {'stop':>6}  regulated")
         for tok in seen:
-            shown = repr(lm.tokenizer.token_bytes(tok.id).decode("utf-8", "replace"))
+            shown = (lm.tokenizer.id_to_token(tok.id) or "?") if tok.special else repr(
+                lm.tokenizer.token_bytes(tok.id).decode("utf-8", "replace"))
             print(f"{shown[:16]:<16} {tok.id:>6} {tok.logprob:>8.3f} {tok.confidence:>6.3f} "
                   f"{tok.stop_prob:>6.3f}  {tok.regulated or ''}")
         if seen:

@@ -582,6 +582,7 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
                         max_tokens: int = 8192, seq_len: int = 256, prompt_len: int = 32,
                         new_tokens: int = 128, block_size: int = 32,
                         variants: Sequence[str] | None = None, rounds: int = 2,
+                        threads: int | None = None,
                         print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Perplexity, size and greedy decode speed of fp32 / bnb int8 / bnb nf4 / ONNX fp32 /
     ONNX int8 / ONNX int4, measured in one run, beside HF GPT-2 of the same shape.
@@ -590,6 +591,9 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
     Decode speed: greedy, batch 1, ``prompt_len`` random prompt tokens then ``new_tokens``
     steps, best of ``rounds`` interleaved rounds; the 1-minute load average before and
     after goes into the JSON, since other work on the machine slows every figure.
+    ``threads`` sets both torch's and ONNX Runtime's intra-op threads (default: torch's
+    own setting and one ORT thread per physical core); on a busy machine 1 thread gives
+    steadier figures, as multi-threaded kernels stall when their threads are preempted.
     Returns the report dict (and writes it as JSON to ``json_out`` unless None).
     """
     from .generate import TorchBackend
@@ -613,6 +617,9 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
     rows: list[dict[str, Any]] = []
     backends: dict[str, Any] = {}
     load_before = os.getloadavg()
+    torch_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="vesper-report-") as tmp_name:
         tmp = Path(tmp_name)
         for name in variants:
@@ -630,7 +637,7 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
                 q = name.split("-", 1)[1]
                 odir = export_onnx(model_dir, tmp / name, quantize=None if q == "fp32" else q,
                                    block_size=block_size, verbose=False)
-                backend, size = OnnxBackend(odir), _weights_mb(odir)
+                backend, size = OnnxBackend(odir, threads=threads), _weights_mb(odir)
             else:
                 raise QuantizeError(f"unknown report variant {name!r}")
             backends[name] = backend
@@ -652,6 +659,7 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
             if gpt2 is not None:
                 gpt2.measure(new_tokens)
         backends.clear()
+    torch.set_num_threads(torch_threads)
     gpt2_info = gpt2.info if gpt2 is not None else None
     base_ppl = rows[0]["perplexity"] if rows and rows[0]["variant"] == "fp32" else None
     for r in rows:
@@ -664,7 +672,8 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
         "model_dir": str(model_dir), "config": repr(fp_model.config),
         "params_m": fp_model.num_parameters() / 1e6, "data": str(data),
         "eval_tokens": sum(len(c) for c in chunks), "prompt_len": prompt_len,
-        "new_tokens": new_tokens, "rounds": rounds, "torch_threads": torch.get_num_threads(),
+        "new_tokens": new_tokens, "rounds": rounds,
+        "threads": threads or f"torch {torch_threads}, onnxruntime physical cores",
         "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
         "cpu_count": os.cpu_count(), "rows": rows, "gpt2": gpt2_info,
         "torch": torch.__version__,
@@ -681,7 +690,8 @@ def format_report(report: dict[str, Any]) -> str:
     load = report.get("load_average") or [float("nan")] * 6
     lines = [f"{report['config']}  eval tokens {report['eval_tokens']}  "
              f"decode: greedy, batch 1, {report['prompt_len']}-token prompt, "
-             f"{report['new_tokens']} new tokens, best of {report.get('rounds', 1)} rounds; "
+             f"{report['new_tokens']} new tokens, best of {report.get('rounds', 1)} rounds, "
+             f"threads: {report.get('threads')}; "
              f"load average {load[0]:.1f} -> {load[3]:.1f} on {report.get('cpu_count')} CPUs",
              f"{'variant':<11} {'perplexity':>10} {'d ppl':>7} {'size MB':>8} {'ratio':>6} "
              f"{'tok/s':>8} {'x gpt2 gen':>10} {'x gpt2 loop':>11}"]
@@ -737,6 +747,9 @@ class QuantizeOptions:
     new_tokens: int = field(default=128, metadata={
         "help": "--report: tokens generated for the decode speed figure"})
     block_size: int = field(default=32, metadata={"help": "--report: ONNX int4 block size"})
+    threads: int | None = field(default=None, metadata={
+        "help": "--report: intra-op threads for torch and ONNX Runtime alike (default: "
+                "theirs); 1 gives steadier figures on a busy machine"})
 
 
 def cli(opts: QuantizeOptions) -> int:
@@ -750,7 +763,7 @@ def cli(opts: QuantizeOptions) -> int:
                 return 2
         quantization_report(opts.model_dir, data=data, json_out=opts.json_out,
                             max_tokens=opts.max_tokens, new_tokens=opts.new_tokens,
-                            block_size=opts.block_size)
+                            block_size=opts.block_size, threads=opts.threads)
         return 0
     quantize(opts.model_dir, method=opts.method, out_dir=opts.out_dir, device=opts.device)
     return 0
