@@ -41,6 +41,7 @@ import json
 import math
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import sysconfig
@@ -157,6 +158,9 @@ def train_once(args: argparse.Namespace, corpus: str, data: str, optimizer: str,
     t0 = time.perf_counter()
     reused = _finished_run(out_dir, expected, args.steps)
     if not reused:
+        # An interrupted or differently configured run of this study: start it afresh
+        # (the folder belongs to the study; the trainer refuses folders with checkpoints).
+        shutil.rmtree(out_dir, ignore_errors=True)
         result = vs.train(data, out_dir=out_dir, preset=args.preset, **options)
         if result.interrupted:  # the trainer saw SIGTERM/SIGINT: stop the study too
             raise KeyboardInterrupt(f"training interrupted in {out_dir}")

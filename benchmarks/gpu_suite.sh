@@ -32,8 +32,9 @@
 # pyproject maps top-level kernels/, export/, benchmarks/ into vesper_sdk.*, which a bare
 # PYTHONPATH=$PWD cannot express; the image has setuptools, and --no-build-isolation
 # --no-index keep pip from looking for a build backend on the network (there is none).
-# If that fails (e.g. the image's setuptools is too old for pyproject's fields), the
-# same mapping is staged as a tree of symlinks read from pyproject.toml (no build at all).
+# If that fails (e.g. the image's setuptools is older than 77, which pyproject's SPDX
+# license string needs), a sitecustomize.py on PYTHONPATH installs the same mapping, read
+# from pyproject.toml, as an import hook (no build at all).
 # The repo root itself is NOT put on PYTHONPATH: it would make the generic name `kernels`
 # importable, which bitsandbytes probes for (the `kernels` hub package) and trips over.
 set -u
@@ -123,30 +124,34 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         install_status="failed(wheels)"
     fi
 fi
-INSTALL_METHOD=editable
-if ! timeout 120 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-    >>"$WORK/logs/install.log" 2>&1; then
-    INSTALL_METHOD=staged
-    "$PY" - "$REPO" /tmp/vesper-stage >>"$WORK/logs/install.log" 2>&1 <<'EOF'
-# The wheel's layout as symlinks: vesper_sdk/* plus each package-dir mapping of pyproject.
+INSTALL_METHOD="${VESPER_GPU_INSTALL:-editable}"   # "hook" forces the fallback (to test it)
+if [ "$INSTALL_METHOD" != editable ] || ! timeout 120 "$PY" -m pip install -q --no-deps \
+    --no-build-isolation --no-index -e . >>"$WORK/logs/install.log" 2>&1; then
+    INSTALL_METHOD=hook
+    mkdir -p /tmp/vesper-hook
+    "$PY" - "$REPO" /tmp/vesper-hook/sitecustomize.py >>"$WORK/logs/install.log" 2>&1 <<'EOF'
+# Write a sitecustomize.py that maps vesper_sdk and its package-dir entries from pyproject
+# (vesper_sdk.kernels -> kernels/, ...) the way setuptools' editable finder does: first
+# on sys.meta_path, so it also wins when a script puts the repo root on sys.path.
 import os, sys, tomllib
-repo, stage = sys.argv[1:3]
+repo, dst = sys.argv[1:3]
 cfg = tomllib.load(open(os.path.join(repo, "pyproject.toml"), "rb"))
-mapping = cfg["tool"]["setuptools"]["package-dir"]
-root = os.path.join(stage, "vesper_sdk")
-os.makedirs(root, exist_ok=True)
-for item in os.listdir(os.path.join(repo, mapping.get("vesper_sdk", "vesper_sdk"))):
-    dst = os.path.join(root, item)
-    if not os.path.lexists(dst):
-        os.symlink(os.path.join(repo, "vesper_sdk", item), dst)
-for pkg, folder in mapping.items():
-    if pkg.startswith("vesper_sdk.") and pkg.count(".") == 1:
-        dst = os.path.join(root, pkg.split(".", 1)[1])
-        if not os.path.lexists(dst):
-            os.symlink(os.path.join(repo, folder), dst)
-print("staged", sorted(os.listdir(root)))
+mapping = {k: os.path.join(repo, v) for k, v in cfg["tool"]["setuptools"]["package-dir"].items()}
+open(dst, "w").write(f"""import importlib.util, sys
+MAPPING = {mapping!r}
+class _VesperFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        folder = MAPPING.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(
+            name, folder + "/__init__.py", submodule_search_locations=[folder])
+sys.meta_path.insert(0, _VesperFinder)
+""")
+print("wrote", dst, "mapping", mapping)
 EOF
-    export PYTHONPATH="/tmp/vesper-stage${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="/tmp/vesper-hook${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # Import from outside the repo, so the check sees what the steps below will see.
 if ! (cd /tmp && "$PY" -c "import vesper_sdk.kernels.velvet, vesper_sdk.benchmarks.suite, \

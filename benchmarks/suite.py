@@ -19,8 +19,9 @@ A benchmark that is missing, exits non-zero, times out or writes no JSON is a fa
 is listed with its error in the summary and makes the exit code 1; nothing is dropped.
 
 Sizes: ``--device cpu`` (the default where no GPU is present) runs CPU-sized arguments
-(the whole suite in under ten minutes on two cores), ``--quick`` a smoke run of a minute
-or two, and ``--device cuda`` GPU-sized ones (the 'medium' preset, as DESIGN.md's anchors).
+(the default four in under ten minutes on an idle 2-core CPU), ``--quick`` a smoke run of
+a minute or two, and ``--device cuda`` GPU-sized ones (the 'medium' preset, as DESIGN.md's
+anchors).
 
 Run as ``vesper bench``, ``python -m vesper_sdk.benchmarks.suite`` or
 ``python benchmarks/suite.py`` (same options; see ``vesper_sdk.bench.BenchOptions``).
@@ -557,11 +558,9 @@ def run_benchmark(spec: BenchSpec, profile: Profile, device: str, *,
         record.error = run.error(timeout)
         if run.timed_out:
             record.status = "timeout"
-        elif record.error is not None:
-            pass
-        elif not json_path.is_file():
+        elif record.error is None and not json_path.is_file():
             record.error = f"exited 0 but wrote no JSON to --json (stderr: {_tail(run.stderr, 5)})"
-        else:
+        elif record.error is None:
             try:
                 record.result = json.loads(json_path.read_text())
                 record.status = "ok"

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._callable import make_module_callable
 from .atomic import atomic_write_file, atomic_write_folder
 from .config import ConfigError, VesperConfig
 from .model import (
@@ -773,3 +774,6 @@ __all__ = ["METHODS", "QuantizeError", "QuantizeOptions", "QuantizedFlyLoRALinea
            "backend_perplexity", "check_method", "cli", "eval_token_docs",
            "greedy_tokens_per_s", "load_quantized", "quantization_report", "quantize",
            "quantize_model"]
+
+
+make_module_callable(__name__, quantize)

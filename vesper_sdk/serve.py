@@ -35,10 +35,8 @@ import ipaddress
 import json
 import logging
 import os
-import sys
 import threading
 import time
-import types
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +48,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vesper_sdk._callable import make_module_callable
 
 log = logging.getLogger("vesper_sdk.serve")
 
@@ -1274,16 +1274,4 @@ __all__ = ["APIError", "BatchScheduler", "Metrics", "ServeOptions", "check_bind"
            "context_window", "create_app", "is_loopback", "load_backend", "serve"]
 
 
-class _CallableModule(types.ModuleType):
-    """Lets ``vesper_sdk.serve(...)`` work even once this submodule has been imported.
-
-    ``vesper_sdk.serve`` is both the lazily exported function and this module's name;
-    importing the submodule (the CLI does) rebinds the package attribute to the module,
-    which would make ``vs.serve("runs/a")`` fail. Calling the module calls ``serve``.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        return serve(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, serve)

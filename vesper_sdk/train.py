@@ -33,7 +33,6 @@ import signal
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from ._callable import make_module_callable
 from .config import PRESETS, VesperConfig
 from .data import (
     BlockSampler,
@@ -1130,20 +1130,7 @@ __all__ = ["CalibrationMeter", "DataError", "LRSchedule", "MetaTargets", "TrainO
            "write_loss_curve"]
 
 
-class _CallableModule(types.ModuleType):
-    """``vesper_sdk.train`` is both this module and the function :func:`train`.
-
-    ``import vesper_sdk.train`` (or ``from vesper_sdk.train import ...`` anywhere) makes
-    Python bind the *module* to the package attribute ``vesper_sdk.train``, replacing the
-    lazily exported function; calling the module forwards to the function, so
-    ``vs.train(...)`` works whatever was imported first.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
-        return train(*args, **kwargs)
-
-
 if __name__ == "__main__":
     raise SystemExit(main())
 else:
-    sys.modules[__name__].__class__ = _CallableModule
+    make_module_callable(__name__, train)
