@@ -3,7 +3,7 @@
 #
 #   here, once:  ./benchmarks/fetch_gpu_wheels.sh          # bitsandbytes into .whl/
 #   device run:  carry [".whl"], command "bash benchmarks/gpu_suite.sh", timeout_s 540
-#   elsewhere:   OUT=/some/dir bash benchmarks/gpu_suite.sh  (any machine with a CUDA GPU)
+#   elsewhere:   bash benchmarks/gpu_suite.sh   (any CUDA machine; OUT: /tmp/vesper-gpu-results)
 #
 # Steps (each under `timeout`, each recorded; a failure never stops the later steps):
 #   1 env          nvidia-smi, python/torch/triton/... versions              -> env.json
@@ -40,7 +40,7 @@
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
-OUT="${OUT:-$REPO/gpu-results}"
+OUT="${OUT:-/tmp/vesper-gpu-results}"   # the device sets OUT; elsewhere, outside the repo
 PY="${PYTHON:-python3}"
 BUDGET_S="${GPU_SUITE_BUDGET_S:-460}"   # 8 minutes, less a margin for the bundle and table
 WORK="$(mktemp -d /tmp/vesper-gpu-suite.XXXXXX)"
@@ -236,7 +236,7 @@ bench_step() {  # bench_step NAME WANTED_S: one benchmark through the suite, cud
     cp -f "$WORK/results/$name.json" "$OUT/$name.json" 2>/dev/null || true
 }
 bench_step optimizer 90
-bench_step train_step 150
+bench_step train_step 170
 bench_step generate 100
 
 # ---------------------------------------------------------------------------- 7 bnb
@@ -244,8 +244,9 @@ if "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
     run_step bnb 60 "$OUT/bnb.json" \
         "$PY" benchmarks/gpu_checks.py --checks bnb --device cuda --json "$OUT/bnb.json"
 else
-    echo '{"status": "absent", "why": "bitsandbytes is not in the image and no .whl/ was carried (run benchmarks/fetch_gpu_wheels.sh here first)"}' \
-        >"$OUT/bnb.json"
+    why="bitsandbytes is not in the image and no .whl/ was carried"
+    why="$why (run benchmarks/fetch_gpu_wheels.sh first, and carry .whl)"
+    printf '{"status": "absent", "why": "%s"}\n' "$why" >"$OUT/bnb.json"
     record bnb "absent(no wheel)" 0 "$OUT/bnb.json"
 fi
 
@@ -274,9 +275,9 @@ def key_figure(step, path):
         o = d.get("ort", {})
         return f"CUDA provider {o.get('cuda_provider')} (providers: {o.get('providers')})"
     if d.get("log_tail"):
-        return d["log_tail"][-1][:110] if d["log_tail"] else ""
-    text = d.get("headline") or d.get("why") or d.get("error") or ""
-    return str(text)[:110]
+        return d["log_tail"][-1][:110]
+    text = str(d.get("headline") or d.get("why") or d.get("error") or "").strip()
+    return text.splitlines()[0][:110] if text else ""
 
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
 print("\n==== GPU suite: steps")

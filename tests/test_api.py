@@ -7,6 +7,7 @@ import importlib
 import pytest
 
 import vesper_sdk as vs
+import vesper_sdk.demo.app  # noqa: F401  (DEFAULT_MODEL_DIR)
 from vesper_sdk import cli
 
 API = ["train", "load", "quantize", "export_onnx", "serve"]
@@ -53,3 +54,21 @@ def test_unknown_command_exits_non_zero():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["frobnicate"])
     assert exit_info.value.code == 2
+
+
+def test_load_opens_an_exported_onnx_folder(tmp_path):
+    lm = vs.load(vs.demo.app.DEFAULT_MODEL_DIR)
+    vs.export_onnx(lm.model_dir, tmp_path / "onnx")
+    onnx_lm = vs.load(tmp_path / "onnx")
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    assert onnx_lm.chat(prompt, max_new_tokens=8, temperature=0.0) == lm.chat(
+        prompt, max_new_tokens=8, temperature=0.0)
+
+
+def test_bundled_demo_model_ships_in_the_package_and_is_small():
+    folder = vs.demo.app.DEFAULT_MODEL_DIR
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert size <= 20 * 1024 * 1024
+    lm = vs.load(folder, device="cpu")
+    tokens = list(lm.stream("What is 2+2?", max_new_tokens=4, temperature=0.0))
+    assert tokens and all(0.0 <= t.confidence <= 1.0 for t in tokens)

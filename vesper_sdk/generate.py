@@ -917,9 +917,15 @@ def load(model_dir: str | Path, device: str | torch.device | None = "auto",
     """Load a model folder (config.json, model.safetensors, tokenizer.json) ready to use.
 
     Quantized folders (a ``quantization`` block in config.json) are rebuilt with their
-    quantized layers; ``device='auto'`` picks CUDA when present.
+    quantized layers; an exported folder (``model.onnx``) runs on ONNX Runtime;
+    ``device='auto'`` picks CUDA when present.
     """
     model_dir = Path(model_dir)
+    if (model_dir / "model.onnx").is_file():
+        # An exported folder: the same LLM API over ONNX Runtime.
+        from vesper_sdk.export import OnnxModel
+
+        return OnnxModel(model_dir)
     dev = resolve_device(device)
     config_path = model_dir / CONFIG_NAME
     quant = None
