@@ -52,32 +52,10 @@ import torch
 # ------------------------------------------------------------------------------- kernel
 def _layout(numels: list[int], dtype: torch.dtype, block: int, device: str,
             seed: int) -> tuple[torch.Tensor, ...]:
-    """Flat p/g/m/v buffers, each segment padded to whole blocks, block_seg and hp table."""
+    """The kernel tests' random problem (padded flat buffers, block_seg, hp), on ``device``."""
     from vesper_sdk.kernels import velvet
 
-    gen = torch.Generator().manual_seed(seed)
-    n_blocks = [-(-n // block) if n else 0 for n in numels]
-    total = sum(n_blocks) * block
-    # Generated on the CPU with a seeded generator: the same data on any device.
-    p = torch.randn(total, generator=gen).to(dtype)
-    g = (torch.randn(total, generator=gen) * 0.1).to(dtype)
-    m = torch.randn(total, generator=gen) * 0.01
-    v = torch.rand(total, generator=gen) * 1e-3
-    block_seg = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
-                                        torch.tensor(n_blocks, dtype=torch.long))
-    hp = torch.empty(len(numels), velvet.NUM_HP)
-    for s in range(len(numels)):
-        u = torch.rand(6, generator=gen).tolist()
-        lr, wd = 1e-3 + 1e-2 * u[0], 0.1 * u[1]
-        beta1, beta2, step = 0.8 + 0.19 * u[2], 0.99 + 0.009 * u[3], 1 + int(20 * u[4])
-        hp[s, velvet.HP_DECAY] = 1 - lr * wd
-        hp[s, velvet.HP_ONE_MINUS_BETA1] = 1 - beta1
-        hp[s, velvet.HP_BETA2] = beta2
-        hp[s, velvet.HP_ONE_MINUS_BETA2] = 1 - beta2
-        hp[s, velvet.HP_STEP_SIZE] = lr / (1 - beta1**step)
-        hp[s, velvet.HP_BC2_SQRT] = (1 - beta2**step) ** 0.5
-        hp[s, velvet.HP_EPS] = 1e-8 * (1 + u[5])
-    return tuple(t.to(device) for t in (p, g, m, v, block_seg, hp))
+    return velvet.random_problem(numels, dtype, block=block, seed=seed, device=device)
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -306,3 +306,34 @@ def velvet_reference(
     pv.copy_(torch.where(keep, p32.to(p.dtype), pv))
     mv.copy_(torch.where(keep, m_new, mv))
     vv.copy_(torch.where(keep, v_new, vv))
+
+
+def random_problem(numels: list[int], dtype: torch.dtype, *, block: int = BLOCK, seed: int = 0,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+    """Random flat p/g/m/v buffers (segments padded to whole blocks, as the optimizer
+    builds them), block_seg and a random hyperparameter table: the inputs the tests and
+    the GPU checks hold the kernel to its reference on. Seeded on the CPU, so the same
+    problem on any device."""
+    gen = torch.Generator().manual_seed(seed)
+    n_blocks = [max(1, -(-n // block)) if n else 0 for n in numels]
+    total = sum(n_blocks) * block
+    p = torch.randn(total, generator=gen).to(dtype)
+    g = (torch.randn(total, generator=gen) * 0.1).to(dtype)
+    m = torch.randn(total, generator=gen) * 0.01
+    v = torch.rand(total, generator=gen) * 1e-3
+    block_seg = torch.repeat_interleave(
+        torch.arange(len(numels), dtype=torch.int32), torch.tensor(n_blocks)
+    )
+    hp = torch.empty(len(numels), NUM_HP)
+    for s in range(len(numels)):
+        u = torch.rand(6, generator=gen).tolist()
+        lr, wd = 1e-3 + 1e-2 * u[0], 0.1 * u[1]
+        beta1, beta2, step = 0.8 + 0.19 * u[2], 0.99 + 0.009 * u[3], 1 + int(20 * u[4])
+        hp[s, HP_DECAY] = 1 - lr * wd
+        hp[s, HP_ONE_MINUS_BETA1] = 1 - beta1
+        hp[s, HP_BETA2] = beta2
+        hp[s, HP_ONE_MINUS_BETA2] = 1 - beta2
+        hp[s, HP_STEP_SIZE] = lr / (1 - beta1**step)
+        hp[s, HP_BC2_SQRT] = (1 - beta2**step) ** 0.5
+        hp[s, HP_EPS] = 1e-8 * (1 + u[5])
+    return tuple(x.to(device) for x in (p, g, m, v, block_seg, hp))

@@ -17,31 +17,6 @@ from vesper_sdk.kernels import velvet
 BLOCK = 64  # small blocks: many programs and ragged segments on tiny tensors
 
 
-def _random_layout(numels, dtype, *, block=BLOCK, seed=0):
-    """Flat buffers with each segment padded to whole blocks, like the optimizer builds."""
-    gen = torch.Generator().manual_seed(seed)
-    n_blocks = [max(1, -(-n // block)) if n else 0 for n in numels]
-    total = sum(n_blocks) * block
-    p = torch.randn(total, generator=gen).to(dtype)
-    g = (torch.randn(total, generator=gen) * 0.1).to(dtype)
-    m = torch.randn(total, generator=gen) * 0.01
-    v = torch.rand(total, generator=gen) * 1e-3
-    block_seg = torch.repeat_interleave(
-        torch.arange(len(numels), dtype=torch.int32), torch.tensor(n_blocks)
-    )
-    hp = torch.empty(len(numels), velvet.NUM_HP)
-    for s in range(len(numels)):
-        u = torch.rand(6, generator=gen).tolist()
-        lr, wd = 1e-3 + 1e-2 * u[0], 0.1 * u[1]
-        beta1, beta2, step = 0.8 + 0.19 * u[2], 0.99 + 0.009 * u[3], 1 + int(20 * u[4])
-        hp[s, velvet.HP_DECAY] = 1 - lr * wd
-        hp[s, velvet.HP_ONE_MINUS_BETA1] = 1 - beta1
-        hp[s, velvet.HP_BETA2] = beta2
-        hp[s, velvet.HP_ONE_MINUS_BETA2] = 1 - beta2
-        hp[s, velvet.HP_STEP_SIZE] = lr / (1 - beta1**step)
-        hp[s, velvet.HP_BC2_SQRT] = (1 - beta2**step) ** 0.5
-        hp[s, velvet.HP_EPS] = 1e-8 * (1 + u[5])
-    return p, g, m, v, block_seg, hp
 
 
 def _clones(*tensors):
@@ -68,7 +43,7 @@ def test_kernel_matches_reference_on_random_ragged_layouts(dtype, seed):
     gen = torch.Generator().manual_seed(100 + seed)
     # Sizes deliberately not multiples of the block, plus 1-element and empty tensors.
     numels = [int(x) for x in torch.randint(1, 5 * BLOCK, (6,), generator=gen)] + [1, 0, BLOCK]
-    p, g, m, v, block_seg, hp = _random_layout(numels, dtype, seed=seed)
+    p, g, m, v, block_seg, hp = velvet.random_problem(numels, dtype, seed=seed, block=BLOCK)
     # Segment 2 is skipped (a parameter without a gradient this step).
     blocks = velvet.blocks_of_segments(block_seg, set(range(len(numels))) - {2})
     pk, mk, vk = _clones(p, m, v)
@@ -81,7 +56,7 @@ def test_kernel_matches_reference_on_random_ragged_layouts(dtype, seed):
 
 def test_skipped_segments_and_padding_are_left_alone():
     numels = [100, 37, 130]
-    p, g, m, v, block_seg, hp = _random_layout(numels, torch.float32, seed=3)
+    p, g, m, v, block_seg, hp = velvet.random_problem(numels, torch.float32, seed=3, block=BLOCK)
     # Padding holds zeros in the optimizer's buffers; a zero grad keeps it zero.
     starts = [0, 2 * BLOCK, 3 * BLOCK]
     for start, n, nb in zip(starts, numels, [2, 1, 3], strict=True):
@@ -101,7 +76,7 @@ def test_skipped_segments_and_padding_are_left_alone():
 def test_tail_past_n_elements_is_not_touched():
     # An unpadded single tensor (how the per-tensor benchmark baseline launches).
     n = 3 * BLOCK + 5
-    p, g, m, v, _, hp = _random_layout([4 * BLOCK], torch.float32, seed=4)
+    p, g, m, v, _, hp = velvet.random_problem([4 * BLOCK], torch.float32, seed=4, block=BLOCK)
     block_seg = torch.zeros(4, dtype=torch.int32)
     before = _clones(p, m, v)
     pr, mr, vr = _clones(p, m, v)
@@ -114,7 +89,7 @@ def test_tail_past_n_elements_is_not_touched():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_threshold_skips_small_gradient_elements(dtype):
-    p, g, m, v, block_seg, hp = _random_layout([300, 77], dtype, seed=5)
+    p, g, m, v, block_seg, hp = velvet.random_problem([300, 77], dtype, seed=5, block=BLOCK)
     g[::3] = 0  # exact zeros: skipped at threshold 0
     g[1::7] = 1e-4  # below a threshold of 1e-3
     thr = 1e-3
@@ -145,7 +120,7 @@ def test_bf16_store_rounds_to_nearest_even_like_torch():
 
 
 def test_rejects_mismatched_buffers():
-    p, g, m, v, block_seg, hp = _random_layout([100], torch.float32)
+    p, g, m, v, block_seg, hp = velvet.random_problem([100], torch.float32, block=BLOCK)
     with pytest.raises(ValueError, match="moments must be float32"):
         velvet.velvet_step(p, g, m.double(), v, block_seg, hp, block=BLOCK)
     with pytest.raises(ValueError, match="fewer blocks"):
