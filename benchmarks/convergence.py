@@ -27,7 +27,7 @@ per seed), and the paired per-seed change in perplexity Velvet vs AdamW. Outputs
 command, machine, versions and date) and ``convergence.png`` (validation-loss curves,
 mean and min-max band over seeds), in ``--out-dir`` (default ``benchmarks/results``).
 
-    python benchmarks/convergence.py                      # defaults: ~10 min on 2 CPU cores
+    python benchmarks/convergence.py                      # defaults: < 10 min on 2 idle cores
     python benchmarks/convergence.py --quick              # smoke run, ~1 min
     python benchmarks/convergence.py --steps 400 --seeds 3 --sweep 3e-4,1e-3,3e-3
 """
@@ -118,14 +118,30 @@ def read_curve(metrics_path: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["val_loss"])) for r in rows if "val_loss" in r]
 
 
-def _finished_run(out_dir: Path, options: dict[str, Any], steps: int) -> bool:
-    """A run folder from an earlier study with exactly these options, trained to the end."""
+def code_fingerprint() -> str:
+    """Hash of the SDK's source (and torch's version): runs of other code are not reused."""
+    import torch
+
+    import vesper_sdk
+    import vesper_sdk.kernels
+
+    h = hashlib.sha256(torch.__version__.encode())
+    for root in (Path(vesper_sdk.__file__).parent, Path(vesper_sdk.kernels.__file__).parent):
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".tsv", ".txt") and "__pycache__" not in path.parts:
+                h.update(path.name.encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _finished_run(out_dir: Path, key: dict[str, Any], steps: int) -> bool:
+    """A run folder from an earlier study with the same options and code, trained to the end."""
     try:
-        done = json.loads((out_dir / "train_options.json").read_text())
+        done = json.loads((out_dir / "study.json").read_text())
         curve = read_curve(out_dir / "metrics.jsonl")
     except (OSError, ValueError):
         return False
-    return (done == options and bool(curve) and curve[-1][0] == steps
+    return (done == key and bool(curve) and curve[-1][0] == steps
             and (out_dir / "model" / "config.json").is_file())
 
 
@@ -133,19 +149,19 @@ def train_once(args: argparse.Namespace, corpus: str, data: str, optimizer: str,
                seed: int, work: Path) -> dict[str, Any]:
     """One training run through the public API; its validation curve and figures.
 
-    A finished run with identical options (its train_options.json) is read back instead
-    of trained again, so a --sweep study reuses the runs of a plain one and vice versa.
+    Run folders are named by a hash of the study's settings, so studies of different
+    settings (--quick, --steps ...) never share one. A finished run with the same options
+    and the same SDK code is read back instead of trained again: a --sweep study reuses
+    the runs of a plain one and vice versa.
     """
     import vesper_sdk as vs
     from vesper_sdk.train import TrainOptions
 
-    out_dir = work / "runs" / corpus / f"{optimizer}-lr{lr:g}-seed{seed}"
     shape = {}
     if args.shape:
         h, n_layers, heads, ffn = (int(x) for x in args.shape.split(","))
         shape = dict(hidden_size=h, num_layers=n_layers, num_heads=heads, ffn_hidden_size=ffn)
     options = dict(
-        optimizer=optimizer, lr=lr, seed=seed,
         max_steps=args.steps, schedule=args.schedule, batch_size=args.batch_size,
         seq_len=args.seq_len, vocab_size=args.vocab_size, eval_every=args.eval_every,
         eval_batches=args.eval_batches, log_every=args.eval_every, checkpoint_every=0,
@@ -153,17 +169,23 @@ def train_once(args: argparse.Namespace, corpus: str, data: str, optimizer: str,
         # One token cache per corpus: every run of a corpus (and seed, for the generated
         # one) reads the same tokens; the tokenizer is trained once on the same data.
         cache_dir=str(work / "cache" / corpus), **shape)
-    expected = TrainOptions(data=data, out_dir=str(out_dir), preset=args.preset,
-                            **options).to_json()
+    settings = hashlib.sha256(json.dumps([data, args.preset, options], sort_keys=True)
+                              .encode()).hexdigest()[:8]
+    out_dir = work / "runs" / corpus / settings / f"{optimizer}-lr{lr:g}-seed{seed}"
+    options.update(optimizer=optimizer, lr=lr, seed=seed)
+    key = {"options": TrainOptions(data=data, out_dir=str(out_dir), preset=args.preset,
+                                   **options).to_json(),
+           "code": args.code}
     t0 = time.perf_counter()
-    reused = _finished_run(out_dir, expected, args.steps)
+    reused = _finished_run(out_dir, key, args.steps)
     if not reused:
-        # An interrupted or differently configured run of this study: start it afresh
-        # (the folder belongs to the study; the trainer refuses folders with checkpoints).
+        # An interrupted run, or one of older code: start it afresh (the folder belongs to
+        # the study; the trainer refuses folders that hold checkpoints).
         shutil.rmtree(out_dir, ignore_errors=True)
         result = vs.train(data, out_dir=out_dir, preset=args.preset, **options)
         if result.interrupted:  # the trainer saw SIGTERM/SIGINT: stop the study too
             raise KeyboardInterrupt(f"training interrupted in {out_dir}")
+        (out_dir / "study.json").write_text(json.dumps(key, indent=1))
     seconds = time.perf_counter() - t0
     curve = read_curve(out_dir / "metrics.jsonl")
     if not curve:
@@ -284,6 +306,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    args.code = code_fingerprint()
     corpora = prepare_corpora(args.corpora, work, args.text_chars, args.skills_examples)
     seeds = list(range(args.seeds))
     failed: list[dict[str, Any]] = []
@@ -332,6 +355,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                            if args.shape else "")
     report: dict[str, Any] = {
         "benchmark": "convergence",
+        "code_fingerprint": args.code,
         "settings": {"model": model, "steps": args.steps, "batch_size": args.batch_size,
                      "seq_len": args.seq_len, "vocab_size": args.vocab_size,
                      "schedule": args.schedule, "eval_every": args.eval_every,
@@ -373,7 +397,7 @@ def write_outputs(report: dict[str, Any], out_dir: Path, command: str, wall_s: f
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per optimizer and corpus")
     ap.add_argument("--preset", default="tiny", help="model preset (shape overridden by --shape)")
     ap.add_argument("--shape", default="128,4,4,512",
@@ -389,7 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--vocab-size", type=int, default=2048)
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--skills-examples", type=int, default=5000,
                     help="size of the generated builtin:skills corpus")

@@ -316,20 +316,23 @@ def test_convergence_summary_pairs_runs_by_seed():
     assert "| c | +25.00 % ± " in md and "-50.00 %, +100.00 %" in md
 
 
-def test_convergence_reuses_only_finished_runs_with_identical_options(tmp_path):
-    options = {"optimizer": "adamw", "lr": 0.002, "max_steps": 10}
+def test_convergence_reuses_only_finished_runs_of_the_same_options_and_code(tmp_path):
+    key = {"options": {"optimizer": "adamw", "lr": 0.002, "max_steps": 10}, "code": "abc"}
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
     (run / "model" / "config.json").write_text("{}")
-    (run / "train_options.json").write_text(json.dumps(options))
+    (run / "study.json").write_text(json.dumps(key))
     (run / "metrics.jsonl").write_text('{"step": 0, "val_loss": 7.0}\n'
                                        '{"step": 10, "loss": 5.0, "val_loss": 5.5}\n')
-    assert convergence._finished_run(run, options, steps=10)
-    assert not convergence._finished_run(run, {**options, "lr": 0.001}, steps=10)
-    assert not convergence._finished_run(run, options, steps=20)  # stopped early
+    assert convergence._finished_run(run, key, steps=10)
+    assert not convergence._finished_run(run, {**key, "code": "changed"}, steps=10)
+    other = {**key, "options": {**key["options"], "lr": 0.001}}
+    assert not convergence._finished_run(run, other, steps=10)
+    assert not convergence._finished_run(run, key, steps=20)  # stopped early
     (run / "model" / "config.json").unlink()  # interrupted: no model folder written
-    assert not convergence._finished_run(run, options, steps=10)
-    assert not convergence._finished_run(tmp_path / "absent", options, steps=10)
+    assert not convergence._finished_run(run, key, steps=10)
+    assert not convergence._finished_run(tmp_path / "absent", key, steps=10)
+    assert len(convergence.code_fingerprint()) == 16
 
 
 def test_stdlib_docstring_corpus_is_deterministic_english_text():

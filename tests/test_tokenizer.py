@@ -29,6 +29,12 @@ def test_any_unicode_text_round_trips_exactly(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
+def test_text_spelling_a_special_token_stays_text(tok):
+    ids = tok.encode("<|assistant|> hi <|eos|>")
+    assert not set(ids) & tok.special_ids
+    assert tok.decode(ids) == "<|assistant|> hi <|eos|>"
+
+
 def test_digits_are_one_token_each(tok):
     ids = tok.encode("12345")
     assert len(ids) == 5

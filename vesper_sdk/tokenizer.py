@@ -43,6 +43,9 @@ class VesperTokenizer:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
+        # Text that spells a special token ("<|assistant|>") stays text: only the chat
+        # template may insert control tokens, so user content cannot forge a turn.
+        tokenizer.encode_special_tokens = True
         missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
         if missing:
             raise TokenizerError(
