@@ -3,8 +3,9 @@
 The seed project claimed that Velvet reaches 62 % lower perplexity than AdamW after the
 same number of steps. This study trains the same model, on the same data, for the same
 steps with the same warmup + cosine schedule, once with each optimizer, for several seeds
-(a seed fixes the initial weights, the data order and the validation split, and both
-optimizers get the same seed: the comparison is paired), on two corpora:
+(a seed fixes the initial weights, the data order, the validation split and, for the
+generated corpus, its examples; both optimizers get the same seeds, so the comparison is
+paired), on two corpora:
 
 * ``builtin:skills``: the SDK's generated corpus of computable questions (chat format);
 * ``stdlib-docs``: real English technical prose available offline -- every docstring
@@ -17,9 +18,14 @@ optimizers get the same seed: the comparison is paired), on two corpora:
 
 Learning rates: by default both optimizers use the same peak lr (``--lr``). Velvet's
 entropy-adaptive scale multiplies it by 0.7-1.3 as the loss falls, so "same lr" is not
-"same step size"; ``--sweep 3e-4,1e-3,3e-3`` first runs each optimizer at each lr (one
+"same step size"; ``--sweep 1e-3,2e-3,4e-3`` first runs each optimizer at each lr (one
 run per corpus, on a seed not used by the main runs, so the pick is not scored on the
 runs it is compared on) and then compares each at its own best lr. The report says which.
+
+Every run is a ``vesper_sdk.train`` call; its folder (under ``--work-dir``) is named by a
+hash of the study's settings, and a finished run with the same options and the same SDK
+source is read back rather than trained again, so a ``--sweep`` study reuses a plain
+one's runs and an interrupted study resumes where it stopped.
 
 Reported per corpus and optimizer: final validation loss and perplexity (mean, std and
 per seed), and the paired per-seed change in perplexity Velvet vs AdamW. Outputs:
@@ -28,8 +34,8 @@ command, machine, versions and date) and ``convergence.png`` (validation-loss cu
 mean and min-max band over seeds), in ``--out-dir`` (default ``benchmarks/results``).
 
     python benchmarks/convergence.py                      # defaults: < 10 min on 2 idle cores
-    python benchmarks/convergence.py --quick              # smoke run, ~1 min
-    python benchmarks/convergence.py --steps 400 --seeds 3 --sweep 3e-4,1e-3,3e-3
+    python benchmarks/convergence.py --quick              # smoke run, under a minute
+    python benchmarks/convergence.py --sweep 1e-3,2e-3,4e-3 --name convergence_tuned
 """
 
 from __future__ import annotations
@@ -118,19 +124,38 @@ def read_curve(metrics_path: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["val_loss"])) for r in rows if "val_loss" in r]
 
 
-def code_fingerprint() -> str:
-    """Hash of the SDK's source (and torch's version): runs of other code are not reused."""
-    import torch
-
+def _training_sources() -> list[Path]:
+    """The SDK files a training run executes: vesper_sdk.train and what it imports from the
+    package (found statically, so the answer does not depend on what is already imported),
+    the Triton kernels and the data tables."""
     import vesper_sdk
     import vesper_sdk.kernels
 
+    root = Path(vesper_sdk.__file__).parent
+    todo, seen = ["__init__", "train", "optim", "data", "skills"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not (root / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_bytes())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo += ([node.module.split(".")[0]] if node.module
+                         else [a.name for a in node.names])
+    files = [root / f"{n}.py" for n in sorted(seen)]
+    files += sorted(Path(vesper_sdk.kernels.__file__).parent.glob("*.py"))
+    return files + sorted((root / "assets").glob("*.tsv"))
+
+
+def code_fingerprint() -> str:
+    """Hash of the training code and torch's version: runs made by other code are not
+    reused, while edits to parts of the SDK that training does not run do not matter."""
+    import torch
+
     h = hashlib.sha256(torch.__version__.encode())
-    for root in (Path(vesper_sdk.__file__).parent, Path(vesper_sdk.kernels.__file__).parent):
-        for path in sorted(root.rglob("*")):
-            if path.suffix in (".py", ".tsv", ".txt") and "__pycache__" not in path.parts:
-                h.update(path.name.encode())
-                h.update(path.read_bytes())
+    for path in _training_sources():
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -186,6 +211,9 @@ def train_once(args: argparse.Namespace, corpus: str, data: str, optimizer: str,
         if result.interrupted:  # the trainer saw SIGTERM/SIGINT: stop the study too
             raise KeyboardInterrupt(f"training interrupted in {out_dir}")
         (out_dir / "study.json").write_text(json.dumps(key, indent=1))
+        # The final checkpoint (weights + optimizer state, ~40 MB a run) is not needed to
+        # read the run back: the curve and the model folder are.
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     seconds = time.perf_counter() - t0
     curve = read_curve(out_dir / "metrics.jsonl")
     if not curve:

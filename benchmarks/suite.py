@@ -319,7 +319,8 @@ def prepare_quantized_model(profile: Profile, device: str, python: str,
     """The MODEL_DIR argument of benchmarks/quantized.py: the bundled model, else a trained one."""
     bundled = default_model_dir()
     if profile != "quick" and (bundled / "config.json").is_file():
-        return [str(bundled)], {"model": str(bundled), "how": "the model bundled with the SDK"}
+        return [str(bundled)], {"model": display_command([str(bundled)]),
+                                "how": "the model bundled with the SDK"}
     size = "quick" if profile == "quick" else "full"
     train_device = "cuda" if device.startswith("cuda") else "cpu"
     args = ["builtin:skills", *QUANT_MODEL_ARGS[size], "--device", train_device,
@@ -374,7 +375,7 @@ def register(spec: BenchSpec) -> BenchSpec:
 register(BenchSpec(
     name="optimizer", module="vesper_sdk.benchmarks.optimizer",
     description="optimizer step time per implementation (Velvet triton/foreach, torch AdamW)",
-    args={"cpu": ["--preset", "tiny"],
+    args={"cpu": ["--preset", "tiny", "--steps", "30"],
           "quick": ["--preset", "tiny", "--vocab-size", "4096", "--steps", "3", "--warmup", "1",
                     "--windows", "1"],
           "cuda": ["--preset", "medium"]},
@@ -382,7 +383,7 @@ register(BenchSpec(
 register(BenchSpec(
     name="train_step", module="vesper_sdk.benchmarks.train_step",
     description="training step breakdown (fwd/bwd/opt), ours vs seed-style",
-    args={"cpu": ["--preset", "tiny"], "quick": ["--preset", "tiny", "--quick"],
+    args={"cpu": ["--preset", "tiny", "--steps", "20"], "quick": ["--preset", "tiny", "--quick"],
           # DESIGN.md's anchor: 'medium' (vocab 32000), B=8, S=1024, bf16, compiled.
           "cuda": ["--preset", "medium", "--batch", "8", "--seq", "1024", "--vocab", "32000",
                    "--compile"]},
@@ -390,7 +391,7 @@ register(BenchSpec(
 register(BenchSpec(
     name="generate", module="vesper_sdk.benchmarks.generate",
     description="greedy decode tokens/s, ours vs HF transformers GPT-2",
-    args={"cpu": [], "quick": ["--quick"], "cuda": []},
+    args={"cpu": ["--repeats", "5"], "quick": ["--quick"], "cuda": []},
     timeout_s={"cpu": 600, "quick": 300, "cuda": 150}, headline=generate_headline))
 register(BenchSpec(
     name="quantized", module="vesper_sdk.benchmarks.quantized",

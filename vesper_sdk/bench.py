@@ -7,10 +7,11 @@ A missing or failing benchmark is listed in the summary and makes the exit code 
 
 Examples::
 
-    vesper bench                                  # CPU-sized defaults, < 10 min on 2 cores
-    vesper bench --quick                          # smoke run, a minute or two
+    vesper bench                                  # CPU-sized defaults (~2 min on 2 idle cores)
+    vesper bench --quick                          # smoke run (~30 s)
     vesper bench --only optimizer,generate --device cuda
-    vesper bench --only convergence               # Velvet vs AdamW study, ~10 min on CPU
+    vesper bench --only convergence               # Velvet vs AdamW study (< 10 min on CPU)
+    vesper bench --list                           # the benchmarks and their arguments
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class BenchOptions:
         "help": "comma-separated benchmarks to run (optimizer, train_step, generate, quantized, "
                 "convergence, or 'all'); empty = the default four"})
     quick: bool = field(default=False, metadata={
-        "help": "smoke-test sizes: the whole default suite in a minute or two"})
+        "help": "smoke-test sizes: the whole default suite in about 30 s on an idle 2-core CPU"})
     device: str = field(default="auto", metadata={
         "help": "device for every benchmark; 'auto' = cuda when present (GPU-sized arguments), "
                 "else cpu (CPU-sized)", "choices": ["auto", "cpu", "cuda"]})
