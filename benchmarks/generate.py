@@ -114,6 +114,51 @@ def run_hf(model: Any, prompts: torch.Tensor, new_tokens: int) -> float:
     return dt
 
 
+def matvec_sweep(lm: LLM, parts_list: list[int], prompt_len: int, new_tokens: int,
+                 repeats: int) -> list[dict[str, Any]]:
+    """Decode speed and product bandwidth for each ``parts`` (0 = plain F.linear).
+
+    Bandwidth: one pass of every attached product over a random vector, i.e. the bytes of
+    every weight a decode step reads, without the rest of the step.
+    """
+    from vesper_sdk import matvec
+
+    model = lm.backend.model
+    prompts = torch.randint(0, model.config.vocab_size, (1, prompt_len),
+                            generator=torch.Generator().manual_seed(0))
+    rows = []
+    for parts in parts_list:
+        matvec.attach(model, parts)
+        products = [m for mod in model.modules() for m in (
+            getattr(mod, "matvec", None), getattr(mod, "matvec_b", None),
+            getattr(mod, "head_matvec", None)) if m is not None]
+        row: dict[str, Any] = {"parts": parts}
+        if products:
+            xs = [torch.randn(1, 1, p.in_features) for p in products]
+            nbytes = sum(p.blocks.numel() * p.blocks.element_size() for p in products)
+            with torch.inference_mode():
+                for _ in range(3):
+                    for p, x in zip(products, xs, strict=True):
+                        p(x)
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    for p, x in zip(products, xs, strict=True):
+                        p(x)
+                dt = (time.perf_counter() - t0) / 10
+            row.update(products_ms=dt * 1e3, products_gb_s=nbytes / dt / 1e9)
+        run_ours(lm, prompts, 8)
+        row["tok_s"] = max(new_tokens / run_ours(lm, prompts, new_tokens)
+                           for _ in range(repeats))
+        rows.append(row)
+    matvec.attach(model)  # back to the default
+    print("parts  products ms  products GB/s  decode tok/s (batch 1)")
+    for r in rows:
+        prod = (f"{r['products_ms']:>11.2f}  {r['products_gb_s']:>13.1f}"
+                if "products_ms" in r else f"{'-':>11}  {'-':>13}")
+        print(f"{r['parts']:>5}  {prod}  {r['tok_s']:>12.1f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch intra-op threads (default: torch's, i.e. the cores)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 tokens, 1 repeat")
+    ap.add_argument("--matvec-sweep", type=int, nargs="*", default=None, metavar="PARTS",
+                    help="also time CPU decode with each block count of the threaded "
+                         "matrix-vector products (vesper_sdk.matvec; 0 = plain F.linear); "
+                         "default list 0 1 2 4 8 16")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the report here (default benchmarks/results/"
                          "generate-<device>.json)")
@@ -187,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                  if "ratio_best" in row else "")
         print(f"{row['batch']:>5}  {cells}{ratio}")
     print("parameters: " + ", ".join(f"{n} {p / 1e6:.1f} M" for n, p in params.items()))
+    sweep = None
+    if args.matvec_sweep is not None and device.type == "cpu":
+        sweep = matvec_sweep(impls["vesper"][0], args.matvec_sweep or [0, 1, 2, 4, 8, 16],
+                             args.prompt_len, args.new_tokens, args.repeats)
 
     report = {
         "benchmark": "generate",
@@ -198,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": params,
         "hf_error": hf_error,
         "rows": rows,
+        "matvec_sweep": sweep,
     }
     path = args.json or Path("benchmarks/results") / f"generate-{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_folder
-from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
+from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, Linear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
 from .runner import ONNX_NAME, make_session
 
@@ -194,7 +194,7 @@ def _weight_table(model: VesperLM) -> dict[str, tuple[str, str]]:
             table[_digest(mod.weight.detach().T.numpy())] = (f"{name}.weight", "quant")
             table[_digest(mod.lora_A.detach().T.numpy())] = (f"{name}.lora_A", "keep")
             table[_digest(mod.lora_B.detach().T.numpy())] = (f"{name}.lora_B", "keep")
-        elif type(mod) is nn.Linear and not isinstance(
+        elif type(mod) is Linear and not isinstance(
                 model.get_submodule(name.rpartition(".")[0]) if "." in name else model,
                 FlyLoRALinear):
             in_blocks = name.startswith("blocks.") and not name.endswith(".router")

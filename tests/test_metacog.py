@@ -18,6 +18,7 @@ from vesper_sdk.metacog import (
     brier_score,
     calibration_summary,
     expected_calibration_error,
+    fit_platt,
     join_flags,
     rankdata,
     reliability_bins,
@@ -111,6 +112,26 @@ def test_brier_and_summary():
 
 
 # ----------------------------------------------------------------------------- regulator
+def test_fit_platt_recovers_the_scaling_and_fixes_overconfidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(2.0, 3.0, 20000)
+    # Outcomes drawn from sigmoid(0.5 z - 1): confidences sigmoid(z) are over-confident.
+    y = rng.random(z.size) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))
+    scale, bias = fit_platt(z, y)
+    assert scale == pytest.approx(0.5, abs=0.03) and bias == pytest.approx(-1.0, abs=0.06)
+    raw = expected_calibration_error(1 / (1 + np.exp(-z)), y)
+    fitted = expected_calibration_error(1 / (1 + np.exp(-(scale * z + bias))), y)
+    assert raw > 0.1 and fitted < 0.02
+
+
+def test_fit_platt_is_identity_without_data_and_finite_with_one_class():
+    assert fit_platt([], []) == (1.0, 0.0)
+    scale, bias = fit_platt([1.0, 2.0, 3.0], [1, 1, 1])
+    assert math.isfinite(scale) and math.isfinite(bias)
+    with pytest.raises(ValueError, match="differ in length"):
+        fit_platt([1.0, 2.0], [1])
+
+
 def test_regulator_defaults_follow_the_seed():
     reg = MetacognitiveRegulator()
     assert reg.threshold == 0.85 and reg.max_iterations == 3 and reg.retries == 0

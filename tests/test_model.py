@@ -221,3 +221,54 @@ def test_tied_embeddings_share_one_tensor_untied_have_a_head():
     m2 = vs.VesperLM(small_config(tie_embeddings=False))
     assert "lm_head.weight" in m2.state_dict()
     assert m2.num_parameters() == m2.config.num_parameters()
+
+
+def test_metahead_logit_features_are_the_distributions_own_statistics():
+    from vesper_sdk.model import logit_features
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 300, 40) * 3
+    feats = logit_features(logits, chunk_rows=64)  # chunked: the same as in one pass
+    torch.testing.assert_close(feats, logit_features(logits, chunk_rows=10_000))
+    logp = logits.log_softmax(-1)
+    top2 = logits.topk(2, -1).values
+    torch.testing.assert_close(feats[..., 0], logp.max(-1).values)  # max-softmax, in logs
+    torch.testing.assert_close(feats[..., 1], top2[..., 0] - top2[..., 1])
+    torch.testing.assert_close(feats[..., 2], -(logp.exp() * logp).sum(-1), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_metahead_calibration_scales_the_confidence_logit_only():
+    cfg = vs.VesperConfig.from_preset("tiny", vocab_size=64, hidden_size=32, num_layers=1,
+                                      num_heads=2, ffn_hidden_size=64, max_seq_len=32)
+    model = vs.VesperLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        before = model(ids)
+        model.metahead.calibration.copy_(torch.tensor([0.5, -1.0]))
+        after = model(ids)
+    torch.testing.assert_close(after.meta_logits, before.meta_logits)
+    torch.testing.assert_close(after.confidence,
+                               torch.sigmoid(0.5 * before.meta_logits[..., 0] - 1.0))
+    torch.testing.assert_close(after.stop, before.stop)
+
+
+def test_folders_from_before_the_logit_features_still_load(tmp_path):
+    cfg = vs.VesperConfig.from_preset("tiny", vocab_size=64, hidden_size=32, num_layers=1,
+                                      num_heads=2, ffn_hidden_size=64, max_seq_len=32,
+                                      metahead_logit_features=False)
+    model = vs.VesperLM(cfg)
+    model.save_pretrained(tmp_path)
+    # What an older vesper-sdk wrote: no logit-features field, no calibration buffer.
+    import json
+
+    from safetensors.torch import load_file, save_file
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["metahead_logit_features"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["metahead.calibration"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    loaded = vs.VesperLM.from_pretrained(tmp_path)
+    assert loaded.config.metahead_logit_features is False
+    assert loaded.metahead.calibration.tolist() == [1.0, 0.0]

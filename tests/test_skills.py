@@ -52,6 +52,18 @@ def test_held_out_never_overlaps_training():
     assert skills.split_key("What is the capital of France?") == "What is the capital of France?"
 
 
+def test_calibration_split_is_disjoint_from_training_and_held_out():
+    train_keys = {skills.split_key(_q(ex)) for ex in skills.generate(20000, seed=0)}
+    held_keys = {skills.split_key(m[0]["content"]) for m, _ in skills.held_out(2000, seed=0)}
+    calib = skills.calibration(1000, seed=0)
+    calib_keys = {skills.split_key(_q(ex)) for ex in calib}
+    assert not calib_keys & train_keys and not calib_keys & held_keys
+    assert all(skills.is_correct(_q(ex), _a(ex)) for ex in calib)
+    # The gradable task families of the evaluation all appear, and no random draws.
+    held_tasks = {t for t, _, _ in skills.held_out_tasks(2000, seed=0)}
+    assert {ex["task"] for ex in calib} == held_tasks
+
+
 def test_answers_are_computed_by_the_same_rule_as_grading():
     for ex in skills.generate(3000, seed=1):
         q, a = _q(ex), _a(ex)

@@ -53,9 +53,10 @@ class VesperConfig:
     num_experts: int = 0
     moe_top_k: int = 2
     moe_aux_loss_coef: float = 0.01
-    # MetaHead on the final hidden state.
+    # MetaHead on the final hidden state (plus three statistics of the LM's own logits).
     metahead_hidden_size: int = 128
     metahead_grad_to_trunk: bool = False
+    metahead_logit_features: bool = True
     gradient_checkpointing: bool = False
     # Special token ids, filled from the tokenizer.
     pad_token_id: int = 0
@@ -132,7 +133,10 @@ class VesperConfig:
                 f"unknown config field(s) {', '.join(unknown)}: this config.json was written "
                 "by another tool or a newer vesper-sdk; remove the field(s) or upgrade"
             )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        # Folders written before the MetaHead read the logits have a hidden-state-only head.
+        values.setdefault("metahead_logit_features", False)
+        return cls(**values)
 
     def to_json(self) -> str:
         payload = {"model_type": "vesper", "architectures": ["VesperLM"], **self.to_dict()}
@@ -176,7 +180,8 @@ class VesperConfig:
             ffn = glu
         block = attn + norms + ffn
         m = self.metahead_hidden_size
-        meta = d * m + m + m * 5 + 5
+        meta_in = d + (3 if self.metahead_logit_features else 0)  # model.N_LOGIT_FEATURES
+        meta = meta_in * m + m + m * 5 + 5
         total = v * d + self.num_layers * block + d + meta
         if not self.tie_embeddings:
             total += v * d

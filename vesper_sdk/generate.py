@@ -34,8 +34,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from . import matvec
 from .metacog import MetacognitiveRegulator, as_regulator, join_flags
-from .model import CONFIG_NAME, FlyLoRALinear, ModelFolderError, VesperLM
+from .model import CONFIG_NAME, FlyLoRALinear, Linear, ModelFolderError, VesperLM
 from .tokenizer import VesperTokenizer
 
 log = logging.getLogger(__name__)
@@ -175,33 +176,6 @@ class DecodeBackend(Protocol):
 
 
 # ----------------------------------------------------------------------------- torch backend
-def optimize_cpu_layout(model: torch.nn.Module) -> int:
-    """Store each fp32 weight matrix transposed in memory (same values, same shape).
-
-    For a one-token decode step every matmul is a matrix-vector product, and MKL's kernel
-    for ``x @ W.T`` with W in the usual row-major [out, in] layout reads memory at about
-    half the speed of ``x @ W`` with W laid out [in, out] (measured on this repo's 2-core
-    CPU: 16 vs 30 GB/s, the LM head 4.2 vs 2.2 ms). ``F.linear(x, W)`` multiplies by
-    ``W.t()``, which is contiguous once W is stored column-major, so the fast kernel runs
-    with no change to the model code. Values are untouched; ``state_dict`` tensors become
-    non-contiguous views (``save_pretrained`` makes them contiguous). Returns how many
-    tensors were re-laid out.
-    """
-    changed = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding, FlyLoRALinear)):
-                continue
-            tensors = [(n, t) for n, t in list(module.named_parameters(recurse=False))
-                       + list(module.named_buffers(recurse=False))]
-            for _name, t in tensors:
-                if (t.dim() == 2 and t.dtype == torch.float32 and t.device.type == "cpu"
-                        and t.is_contiguous() and t.shape[0] > 1 and t.shape[1] > 1):
-                    t.data = t.data.t().contiguous().t()
-                    changed += 1
-    return changed
-
-
 class _StaticBuffers:
     """Preallocated K/V buffers [B,H,C,D] per layer and a key mask [B,C] for one batch size."""
 
@@ -240,54 +214,49 @@ def _bucket(n: int) -> int:
 def _static_decode_step(model: VesperLM, input_ids: torch.Tensor, position_ids: torch.Tensor,
                         write_index: torch.Tensor, key_mask: torch.Tensor,
                         keys: list[torch.Tensor], values: list[torch.Tensor],
+                        length: int | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode step over a static cache, built from the model's own modules.
 
     Equal to ``VesperLM.forward`` for one new token (tests check this on CPU); the only
     difference is where K/V go: written in place at ``write_index`` instead of
     concatenated, so every shape is fixed and the step can run as a CUDA graph.
+    ``length`` (eager steps only) attends over the first ``length`` slots instead of all.
     """
     x = model.embed(input_ids)
     b, s, _ = x.shape
-    attn_mask = key_mask[:, None, None, :]
+    cut = slice(None, length)
+    attn_mask = key_mask[:, None, None, cut]
+    rope = model.rope.table(position_ids, x.dtype)
     for i, block in enumerate(model.blocks):
         attn = block.attn
-        q, k, v = attn.qkv(block.attn_norm(x)).view(
-            b, s, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = model.rope(q, position_ids), model.rope(k, position_ids)
+        q, k, v = attn.project_qkv(block.attn_norm(x), rope)
         keys[i].index_copy_(2, write_index, k)
         values[i].index_copy_(2, write_index, v)
-        y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=attn_mask)
+        y = F.scaled_dot_product_attention(q, keys[i][:, :, cut], values[i][:, :, cut],
+                                           attn_mask=attn_mask)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(b, s, -1))
         h = block.ffn(block.ffn_norm(x))
         x = x + (h[0] if isinstance(h, tuple) else h)
-    h = model.norm(x)
-    weight = model.embed.weight if model.config.tie_embeddings else model.lm_head.weight
-    logits = F.linear(h, weight).float()
-    meta = model.metahead(h).float()
-    return logits, torch.sigmoid(meta[..., 0]), torch.sigmoid(meta[..., 1])
+    logits, meta = model.heads(model.norm(x))
+    return logits.float(), model.metahead.confidence(meta), torch.sigmoid(meta[..., 1])
 
 
 def _plain_layers(model: VesperLM) -> bool:
     """Dense model of plain torch layers (no MoE routing, no bitsandbytes): compilable."""
     if model.config.num_experts:
         return False
-    return all(type(m) in (torch.nn.Linear, FlyLoRALinear) for m in model.modules()
+    return all(type(m) in (Linear, FlyLoRALinear) for m in model.modules()
                if isinstance(m, torch.nn.Linear | FlyLoRALinear))
 
 
 class TorchBackend:
     """DecodeBackend over a VesperLM (fp32, bf16 or bitsandbytes-quantized layers).
 
-    CPU (the default path): ``VesperLM.forward`` with its KV cache, weights re-laid out
-    for fast matrix-vector products (:func:`optimize_cpu_layout`; ``cpu_layout=False``
-    leaves the model untouched). Steps of at most ``serial_tokens`` tokens (batch x new
-    tokens; default 1, i.e. batch-1 decoding) run on one intra-op thread: MKL's
-    matrix-vector product uses one thread anyway, the other ops are too small to split,
-    and every OpenMP parallel region costs a fork/join, or a whole scheduler time slice
-    when another process holds the second core (measured on a busy 2-core machine: a
-    100k-element sum took 16 ms with 2 threads, 4 us with 1). The thread count is put
-    back after each such step; ``serial_tokens=0`` turns this off.
+    CPU (the default path): ``VesperLM.forward`` with its KV cache; every dense weight
+    also gets a threaded matrix-vector product for the decode steps
+    (:mod:`vesper_sdk.matvec`, ``matvec_parts`` column blocks; 0 leaves the model
+    untouched). That copy doubles the memory the weights take.
 
     CUDA (dense models of plain layers): decode steps run over a preallocated static KV
     cache (``max_seq_len`` long, batch rounded up to a power of two) and, with
@@ -298,16 +267,15 @@ class TorchBackend:
     on any device (the tests compare it with the model's forward on CPU).
     """
 
-    def __init__(self, model: VesperLM, *, cpu_layout: bool = True, serial_tokens: int = 1,
+    def __init__(self, model: VesperLM, *, matvec_parts: int = matvec.DEFAULT_PARTS,
                  static_cache: bool | None = None, compile: bool | None = None) -> None:
         self.model = model.eval()
-        self.serial_tokens = serial_tokens
         self.config = model.config
         self.vocab_size = model.config.vocab_size
         self.max_seq_len = model.config.max_seq_len
         cuda = self.device.type == "cuda"
-        if cpu_layout and self.device.type == "cpu":
-            optimize_cpu_layout(model)
+        if self.device.type == "cpu":
+            matvec.attach(model, matvec_parts)
         if static_cache is None:
             static_cache = cuda and _plain_layers(model)
         self.static_cache = bool(static_cache)
@@ -322,15 +290,6 @@ class TorchBackend:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past_key_values: Any) -> StepOutput:
         """One step; see :class:`DecodeBackend`."""
-        if input_ids.numel() <= self.serial_tokens and input_ids.device.type == "cpu":
-            threads = torch.get_num_threads()
-            if threads > 1:
-                torch.set_num_threads(1)
-                try:
-                    return self._forward(input_ids, attention_mask, position_ids,
-                                         past_key_values)
-                finally:
-                    torch.set_num_threads(threads)
         return self._forward(input_ids, attention_mask, position_ids, past_key_values)
 
     @torch.inference_mode()
@@ -389,11 +348,12 @@ class TorchBackend:
             position_ids = torch.cat([position_ids, fill])
         write = torch.tensor([t], device=self.device)
         args = (input_ids, position_ids, write, bufs.key_mask, bufs.keys, bufs.values)
-        logits, conf, stop = self._run_static(args)
+        logits, conf, stop = self._run_static(args, t + 1)
         cache.length = t + 1
         return StepOutput(logits[:b], conf[:b], stop[:b], cache)
 
-    def _run_static(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run_static(self, args: tuple, length: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         eager = functools.partial(_static_decode_step, self.model)
         if self.compile:
             try:
@@ -407,7 +367,7 @@ class TorchBackend:
                 log.warning("torch.compile of the decode step failed (%s: %s); decoding "
                             "eagerly", type(exc).__name__, exc)
                 self.compile = False
-        return eager(*args)
+        return eager(*args, length=length)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -28,7 +28,8 @@ Two halves, both small:
 Calibration (pure numpy, no scikit-learn)
     :func:`expected_calibration_error` (equal-width bins), :func:`auroc` (rank formula with
     ties averaged, equal to ``sklearn.metrics.roc_auc_score``), :func:`reliability_bins`,
-    :func:`brier_score` and :func:`calibration_summary`.
+    :func:`brier_score`, :func:`calibration_summary` and :func:`fit_platt` (the Platt
+    scaling fitted to the MetaHead at the end of training).
 """
 
 from __future__ import annotations
@@ -314,6 +315,44 @@ def calibration_summary(confidence: Any, correct: Any, n_bins: int = 15) -> dict
         "brier": brier_score(conf, corr),
         "reliability": reliability_bins(conf, corr, n_bins).to_dict(),
     }
+
+
+def fit_platt(logits: Any, correct: Any, iterations: int = 50, l2: float = 1e-4,
+              ) -> tuple[float, float]:
+    """Platt scaling: (scale, bias) minimising the log loss of sigmoid(scale * z + bias).
+
+    ``logits`` are raw confidence logits z, ``correct`` the 0/1 outcomes. Newton's method
+    with a backtracking line search on the two parameters (a tiny L2 term keeps it well
+    posed when one class is absent);
+    returns (1, 0), the identity, when there is nothing to fit.
+    """
+    z = np.asarray(_to_numpy(logits), dtype=np.float64).reshape(-1)
+    y = np.asarray(_to_numpy(correct)).reshape(-1).astype(np.float64)
+    if z.shape != y.shape:
+        raise ValueError(f"logits and correct differ in length: {z.size} vs {y.size}")
+    if z.size == 0:
+        return 1.0, 0.0
+    x = np.stack([z, np.ones_like(z)], axis=1)
+
+    def loss(w: np.ndarray) -> float:  # mean log loss + L2, stable for any logit
+        m = x @ w
+        return float(np.mean(np.logaddexp(0.0, m) - y * m) + 0.5 * l2 * w @ w)
+
+    w = np.array([1.0, 0.0])
+    current = loss(w)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50.0, 50.0)))
+        grad = x.T @ (p - y) / z.size + l2 * w
+        hess = (x.T * (p * (1.0 - p))) @ x / z.size + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        t = 1.0  # Newton from far away overshoots: halve the step until the loss falls
+        while t > 1e-6 and loss(w - t * step) > current:
+            t /= 2
+        w = w - t * step
+        previous, current = current, loss(w)
+        if previous - current < 1e-12:
+            break
+    return float(w[0]), float(w[1])
 
 
 def mean(values: Sequence[float]) -> float:

@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .atomic import atomic_write_folder
 from .config import ConfigError, VesperConfig
+
+if TYPE_CHECKING:
+    from .matvec import SplitMatVec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -53,6 +57,26 @@ class VesperOutput:
 
 
 # ----------------------------------------------------------------------------- pieces
+def project(x: torch.Tensor, weight: torch.Tensor, matvec: SplitMatVec | None,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the threaded decode product when one is attached and applies.
+
+    See :mod:`vesper_sdk.matvec`: the CPU decode path attaches one per weight matrix.
+    """
+    if matvec is not None and matvec.applies(x):
+        return matvec(x) if bias is None else matvec(x) + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can take a threaded matrix-vector product for CPU decoding."""
+
+    matvec: SplitMatVec | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight, self.matvec, self.bias)
+
+
 class ERA(nn.Module):
     """ERA activation from the seed: GELU(x) + gamma * softplus(x)."""
 
@@ -102,18 +126,29 @@ class FlyLoRALinear(nn.Module):
     def rank_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A x, 0/1 mask of the top-k active ranks) for input x [..., in]."""
         ax = F.linear(x, self.lora_A.to(x.dtype))
+        return ax, self._top_ranks(ax)
+
+    def _top_ranks(self, ax: torch.Tensor) -> torch.Tensor:
         score = ax.detach().abs().float() + self.balance_bias
         idx = score.topk(self.topk, dim=-1).indices
-        mask = torch.zeros_like(score).scatter_(-1, idx, 1.0)
-        return ax, mask
+        return torch.zeros_like(score).scatter_(-1, idx, 1.0)
+
+    # Decode products (vesper_sdk.matvec): one over [weight; lora_A], which gives the base
+    # output and A x in one pass over memory, and one over lora_B.
+    matvec: SplitMatVec | None = None
+    matvec_b: SplitMatVec | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
-        ax, mask = self.rank_mask(x)
+        if self.matvec is not None and self.matvec.applies(x):
+            out, ax = self.matvec(x).split((self.out_features, self.rank), dim=-1)
+            mask = self._top_ranks(ax)
+        else:
+            out = F.linear(x, self.weight)
+            ax, mask = self.rank_mask(x)
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
                 self.rank_load += mask.reshape(-1, self.rank).sum(0)
-        return out + F.linear(ax * mask.to(ax.dtype), self.lora_B) * self.scaling
+        return out + project(ax * mask.to(ax.dtype), self.lora_B, self.matvec_b) * self.scaling
 
     @torch.no_grad()
     def update_balance_bias(self) -> None:
@@ -143,36 +178,53 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # x [B,H,S,D], position_ids [B,S]; rotate pairs (first half, second half).
-        cos = self.cos[position_ids].unsqueeze(1).to(x.dtype)
-        sin = self.sin[position_ids].unsqueeze(1).to(x.dtype)
+    def table(self, position_ids: torch.Tensor, dtype: torch.dtype,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [B,1,S,D/2] for position_ids [B,S]: looked up once per forward."""
+        return (self.cos[position_ids].unsqueeze(1).to(dtype),
+                self.sin[position_ids].unsqueeze(1).to(dtype))
+
+    @staticmethod
+    def rotate(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate pairs (first half, second half) of x [..., B, H, S, D] by the table."""
+        cos, sin = table
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # x [B,H,S,D], position_ids [B,S].
+        return self.rotate(x, self.table(position_ids, x.dtype))
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: VesperConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
-        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None,
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        b, s, _ = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rope(q, position_ids), rope(k, position_ids)
+        """x [B,S,D]; ``rope`` the (cos, sin) table of these positions (RotaryEmbedding.table)."""
+        q, k, v = self.project_qkv(x, rope)
         if past is not None:
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(b, s, -1)
+        y = y.transpose(1, 2).reshape(x.shape)
         return self.o_proj(y), (k, v)
+
+    def project_qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (rotated) and v, each [B,H,S,Dh]."""
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = RotaryEmbedding.rotate(qkv[:2], rope).unbind(0)  # q and k in one rotation
+        return q, k, qkv[2]
 
 
 class GLUFeedForward(nn.Module):
@@ -188,9 +240,9 @@ class GLUFeedForward(nn.Module):
                                      cfg.flylora_bias_update_rate)
         else:
             def make(i: int, o: int) -> nn.Module:
-                return nn.Linear(i, o, bias=False)
+                return Linear(i, o, bias=False)
         self.gate, self.up = make(d, f), make(d, f)
-        self.down = nn.Linear(f, d, bias=False)
+        self.down = Linear(f, d, bias=False)
         self.act = ERA(cfg.era_gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +255,7 @@ class MoEFeedForward(nn.Module):
     def __init__(self, cfg: VesperConfig) -> None:
         super().__init__()
         self.top_k, self.num_experts = cfg.moe_top_k, cfg.num_experts
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(GLUFeedForward(cfg) for _ in range(cfg.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,8 +284,8 @@ class Block(nn.Module):
         self.ffn = MoEFeedForward(cfg) if cfg.num_experts else GLUFeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, position_ids, mask, past):
-        a, present = self.attn(self.attn_norm(x), rope, position_ids, mask, past)
+    def forward(self, x, rope, mask, past):
+        a, present = self.attn(self.attn_norm(x), rope, mask, past)
         x = x + self.drop(a)
         h = self.ffn(self.ffn_norm(x))
         if isinstance(h, tuple):
@@ -243,25 +295,69 @@ class Block(nn.Module):
         return x + self.drop(h), present, aux
 
 
+N_LOGIT_FEATURES = 3
+
+
+def logit_features(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """What the LM's own distribution says about its top-1, [..., V] -> [..., 3], no grad.
+
+    The top-1 log-probability, the top-1 minus top-2 logit margin and the entropy: the
+    max-softmax baseline is the first of them, so the MetaHead starts from it and learns
+    what the hidden state adds. Eagerly, rows go ``chunk_rows`` at a time, so a training
+    batch never holds more than that many fp32 rows of softmax temporaries.
+    """
+    with torch.no_grad():
+        flat = logits.reshape(-1, logits.shape[-1])
+        tracing = torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+        if tracing or flat.shape[0] <= chunk_rows:
+            out = _logit_features(flat)
+        else:
+            out = torch.cat([_logit_features(flat[i:i + chunk_rows])
+                             for i in range(0, flat.shape[0], chunk_rows)])
+        return out.view(*logits.shape[:-1], 3)
+
+
+def _logit_features(logits: torch.Tensor) -> torch.Tensor:
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    top2 = z.topk(2, dim=-1).values
+    entropy = lse - (z.softmax(-1) * z).sum(-1)
+    return torch.stack((top2[..., 0] - lse, top2[..., 0] - top2[..., 1], entropy), -1)
+
+
 class MetaHead(nn.Module):
-    """Per-token self-assessment from the final hidden state.
+    """Per-token self-assessment from the final hidden state and the LM's own logits.
 
     Five logits: confidence (is my top-1 right?), stop (does the response end here?),
-    and a 3-way error class (right / label in my top-5 / miss).
+    and a 3-way error class (right / label in my top-5 / miss). ``calibration`` holds
+    (scale, bias) applied to the confidence logit (Platt scaling), fitted on held-out
+    data after training (:func:`vesper_sdk.metacog.fit_platt`); (1, 0) leaves it as is.
     """
 
     def __init__(self, cfg: VesperConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.hidden_size, cfg.metahead_hidden_size)
-        self.out = nn.Linear(cfg.metahead_hidden_size, 5)
+        self.use_logits = cfg.metahead_logit_features
+        extra = N_LOGIT_FEATURES if self.use_logits else 0
+        self.fc = Linear(cfg.hidden_size + extra, cfg.metahead_hidden_size)
+        self.out = Linear(cfg.metahead_hidden_size, 5)
+        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.use_logits:
+            h = torch.cat((h, logit_features(logits).to(h.dtype)), dim=-1)
         return self.out(F.gelu(self.fc(h)))
+
+    def confidence(self, meta: torch.Tensor) -> torch.Tensor:
+        """Calibrated probability that the top-1 is right, from the raw meta logits."""
+        scale, bias = self.calibration.to(meta.dtype).unbind()
+        return torch.sigmoid(meta[..., 0] * scale + bias)
 
 
 # ----------------------------------------------------------------------------- model
 class VesperLM(nn.Module):
     """The VesperLM decoder-only language model with its MetaHead."""
+
+    head_matvec: SplitMatVec | None = None  # see vesper_sdk.matvec
 
     def __init__(self, config: VesperConfig) -> None:
         super().__init__()
@@ -271,7 +367,7 @@ class VesperLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         if not config.tie_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.metahead = MetaHead(config)
         self.gradient_checkpointing = config.gradient_checkpointing
         self.reset_parameters()
@@ -369,28 +465,26 @@ class VesperLM(nn.Module):
             mask = allowed.expand(b, 1, s, total)
 
         x = self.embed(input_ids)
+        rope = self.rope.table(position_ids, x.dtype)
         presents: list[tuple[torch.Tensor, torch.Tensor]] = []
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.blocks):
             past = past_key_values[i] if past_key_values else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, present, aux = checkpoint(block, x, self.rope, position_ids, mask, past,
+                x, present, aux = checkpoint(block, x, rope, mask, past,
                                              use_reentrant=False)
             else:
-                x, present, aux = block(x, self.rope, position_ids, mask, past)
+                x, present, aux = block(x, rope, mask, past)
             aux_loss = aux_loss + aux
             if use_cache:
                 presents.append(present)
         h = self.norm(x)
-        weight = self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
-        logits = F.linear(h, weight)
-        meta_in = h if self.config.metahead_grad_to_trunk else h.detach()
-        meta = self.metahead(meta_in).float()
+        logits, meta = self.heads(h)
         if self.config.num_experts:
             aux_loss = aux_loss * self.config.moe_aux_loss_coef
         return VesperOutput(
             logits=logits,
-            confidence=torch.sigmoid(meta[..., 0]),
+            confidence=self.metahead.confidence(meta),
             stop=torch.sigmoid(meta[..., 1]),
             error_logits=meta[..., 2:5],
             aux_loss=aux_loss,
@@ -398,6 +492,15 @@ class VesperLM(nn.Module):
             hidden_states=h,
             meta_logits=meta,
         )
+
+    def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [..., V], raw meta logits [..., 5] in fp32) from the final hidden state."""
+        if self.config.tie_embeddings:
+            logits = project(h, self.embed.weight, self.head_matvec)
+        else:
+            logits = self.lm_head(h)
+        meta_in = h if self.config.metahead_grad_to_trunk else h.detach()
+        return logits, self.metahead(meta_in, logits).float()
 
     # --- the model folder ----------------------------------------------------------
     def save_pretrained(self, directory: str | Path, extra_files: dict[str, Path] | None = None,
@@ -464,9 +567,17 @@ def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[s
             "re-save the model") from None
 
 
+# The MetaHead's Platt calibration, identity for models trained before it existed.
+LEGACY_DEFAULTS = {"metahead.calibration": torch.tensor([1.0, 0.0])}
+
+
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """load_state_dict with an error that lists what is missing, extra or mis-shaped."""
     own = model.state_dict()
+    for key, value in LEGACY_DEFAULTS.items():
+        # Buffers added after a folder was written take their do-nothing value.
+        if key in own and key not in state:
+            state[key] = value.clone()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"

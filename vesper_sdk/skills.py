@@ -32,6 +32,11 @@ heart (the times table, facts, letter counts of the fixed word list) the key is 
 question text: a held-out question is a phrasing the model never saw of an item it may
 have seen in another phrasing (an item never seen in any phrasing could not be learned
 at all). The unknowable questions also split by text.
+
+Calibration split: the next ``CALIBRATION_PERCENT`` buckets are in neither the training
+data nor the held-out evaluation; :func:`calibration` draws from them, so the MetaHead's
+calibration (fitted at the end of training) sees unseen problems as the evaluation does,
+without ever seeing the evaluation's own questions.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-VERSION = 2  # bump when the generator's output changes: it keys the token cache
+VERSION = 3  # bump when the generator's output changes: it keys the token cache
+_STREAM_VERSION = 2  # seeds the random streams: the held-out questions stay those of v2
 IDK = "I don't know."
 HELD_OUT_PERCENT = 10
+CALIBRATION_PERCENT = 5
 
 WORDS = (
     "apple banana cherry grape lemon mango melon peach pear plum orange kiwi "
@@ -304,16 +311,23 @@ def _draw(rng: random.Random) -> tuple[Task, str, str, str]:
     return task, question, answer, task.key(slots, question)
 
 
-def _examples(n: int, seed: int, held_out: bool) -> list[tuple[Task, str, str]]:
-    # Different streams for the two splits, so neither depends on how many of the
-    # other were drawn; both filter on the same hash, so they can never overlap.
-    rng = random.Random(f"vesper-skills/{VERSION}/{seed}/{'held' if held_out else 'train'}")
+def _split(key: str) -> str:
+    bucket = _bucket(key)
+    if bucket < HELD_OUT_PERCENT:
+        return "held"
+    return "calibration" if bucket < HELD_OUT_PERCENT + CALIBRATION_PERCENT else "train"
+
+
+def _examples(n: int, seed: int, split: str) -> list[tuple[Task, str, str]]:
+    # One random stream per split, so none depends on how many of another were drawn;
+    # all filter on the same hash, so they can never overlap.
+    rng = random.Random(f"vesper-skills/{_STREAM_VERSION}/{seed}/{split}")
     out: list[tuple[Task, str, str]] = []
     while len(out) < n:
         task, question, answer, key = _draw(rng)
-        if held_out and task.guess is not None:
+        if split != "train" and task.guess is not None:
             continue  # a random draw cannot be graded
-        if (_bucket(key) < HELD_OUT_PERCENT) == held_out:
+        if _split(key) == split:
             out.append((task, question, answer))
     return out
 
@@ -331,7 +345,17 @@ def generate(n: int, seed: int = 0) -> list[dict]:
     Deterministic given ``seed``; never contains a held-out problem (see the module
     docstring for how the split is made).
     """
-    return [{"messages": _chat(q, a), "task": t.name} for t, q, a in _examples(n, seed, False)]
+    return [{"messages": _chat(q, a), "task": t.name} for t, q, a in _examples(n, seed, "train")]
+
+
+def calibration(n: int, seed: int = 0) -> list[dict]:
+    """``n`` chats from the calibration split, shaped like :func:`generate`'s.
+
+    Problems of the kinds the evaluation holds out, drawn from neither the training nor
+    the held-out questions (see the module docstring).
+    """
+    return [{"messages": _chat(q, a), "task": t.name}
+            for t, q, a in _examples(n, seed, "calibration")]
 
 
 def held_out(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
@@ -340,12 +364,12 @@ def held_out(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
     ``messages`` holds the user turn only (ready for ``lm.chat``); ``answer`` is the
     expected reply. Random-draw requests are left out (they have no right answer).
     """
-    return [(_chat(q), a) for _, q, a in _examples(n, seed, True)]
+    return [(_chat(q), a) for _, q, a in _examples(n, seed, "held")]
 
 
 def held_out_tasks(n: int, seed: int = 0) -> list[tuple[str, list[dict[str, str]], str]]:
     """Like :func:`held_out`, with each example's task name first, for per-task scores."""
-    return [(t.name, _chat(q), a) for t, q, a in _examples(n, seed, True)]
+    return [(t.name, _chat(q), a) for t, q, a in _examples(n, seed, "held")]
 
 
 def expected_answer(question: str) -> str | None:

@@ -56,6 +56,7 @@ from .data import (
     split_blocks,
     train_tokenizer,
 )
+from .metacog import fit_platt
 from .model import VesperLM, VesperOutput
 from .tokenizer import TOKENIZER_NAME, VesperTokenizer
 
@@ -122,6 +123,11 @@ class TrainOptions:
     metahead_grad_to_trunk: bool = _opt(False, "let the MetaHead loss train the trunk too "
                                         "(default: the MetaHead reads a detached state)")
     metahead_weight: float = _opt(1.0, "weight of the MetaHead loss")
+    calibrate: bool = _opt(True, "at the end, fit the MetaHead's confidence calibration "
+                           "(Platt scaling) on held-out tokens: builtin:skills' calibration "
+                           "split, else the validation blocks")
+    calibration_examples: int = _opt(2000, "builtin:skills: chats drawn from the calibration "
+                                     "split for --calibrate")
     # --- optimisation
     optimizer: str = _opt("velvet", "optimizer", choices=["velvet", "adamw"])
     lr: float = _opt(5e-4, "peak learning rate")
@@ -180,7 +186,8 @@ class TrainOptions:
                 raise ValueError(f"{f.name}={getattr(self, f.name)!r}: choose one of "
                                  f"{', '.join(map(str, choices))}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "vocab_size",
-                     "eval_batches", "log_every", "max_nonfinite", "builtin_examples"):
+                     "eval_batches", "log_every", "max_nonfinite", "builtin_examples",
+                     "calibration_examples"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -778,6 +785,68 @@ class Trainer:
                  f"MetaHead ECE {metrics['val_ece']:.4f}")
         return metrics
 
+    # --- calibration -----------------------------------------------------------------
+    def _calibration_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(inputs, labels, mask) batches of held-out tokens for the Platt fit."""
+        opts = self.opts
+        if opts.data != "builtin:skills":
+            blocks = self.val_blocks[:64 * opts.batch_size]
+            for i in range(0, len(blocks), opts.batch_size):
+                yield get_batch(self.cache, blocks[i:i + opts.batch_size], opts.seq_len)
+            return
+        from . import skills
+
+        # Unseen problems, packed into blocks as the training data is.
+        ids: list[int] = []
+        mask: list[int] = []
+        for ex in skills.calibration(opts.calibration_examples, opts.seed):
+            enc = self.tokenizer.encode_chat(ex["messages"])
+            ids += enc.ids
+            mask += enc.loss_mask
+        span = opts.seq_len + 1
+        n = max(1, len(ids) // span) if len(ids) > 1 else 0
+        tokens = torch.tensor(ids[:n * span], dtype=torch.long).view(n, span)
+        targets = torch.tensor(mask[:n * span], dtype=torch.bool).view(n, span)
+        for i in range(0, n, opts.batch_size):
+            block = tokens[i:i + opts.batch_size]
+            yield block[:, :-1], block[:, 1:], targets[i:i + opts.batch_size, 1:]
+
+    @torch.no_grad()
+    def calibrate(self) -> dict[str, float] | None:
+        """Fit the MetaHead's Platt scaling on held-out tokens (see ``calibrate``).
+
+        Every rank computes the same fit from the same data, so no exchange is needed.
+        Returns the fitted (scale, bias) and the ECE before and after, or None when there
+        are too few tokens to fit on.
+        """
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        logits, correct = [], []
+        for x, y, m in self._calibration_batches():
+            x, y, m = x.to(self.device), y.to(self.device), m.to(self.device)
+            with self._autocast():
+                out = model(x)
+            right = metahead_targets(out.logits, y, self.tokenizer.eos_id).correct
+            logits.append(out.meta_logits[..., 0].float()[m].cpu())
+            correct.append(right[m].cpu())
+        model.train(was_training)
+        z = torch.cat(logits) if logits else torch.zeros(0)
+        c = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+        if z.numel() < 100:
+            self.log(f"calibration skipped: only {z.numel()} held-out tokens (need 100)")
+            return None
+        old_scale, old_bias = model.metahead.calibration.tolist()
+        scale, bias = fit_platt(z.numpy(), c.numpy())
+        model.metahead.calibration.copy_(torch.tensor([scale, bias]))
+        before = expected_calibration_error(torch.sigmoid(z * old_scale + old_bias), c)
+        after = expected_calibration_error(torch.sigmoid(z * scale + bias), c)
+        self.log(f"MetaHead calibration on {z.numel():,} held-out tokens: confidence = "
+                 f"sigmoid({scale:.3f} * logit {bias:+.3f}); ECE {before:.4f} -> {after:.4f}")
+        return {"calibration_scale": scale, "calibration_bias": bias,
+                "calibration_tokens": float(z.numel()), "calibration_ece_before": before,
+                "calibration_ece_after": after}
+
     # --- one step --------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its statistics."""
@@ -990,6 +1059,10 @@ class Trainer:
 
     def _finish(self, interrupted: bool, last_ckpt: Path | None, stop_at: int) -> TrainResult:
         model_dir = None if interrupted else self.out_dir / MODEL_DIRNAME
+        if model_dir is not None and self.opts.calibrate:
+            fitted = self.calibrate()
+            if fitted:
+                self.last_val.update(fitted)
         curve = None
         if self.dist.main:
             if model_dir is not None:

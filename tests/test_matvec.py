@@ -1,0 +1,74 @@
+"""The threaded CPU decode product: same numbers as F.linear, used only where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vesper_sdk as vs
+from vesper_sdk import matvec
+from vesper_sdk.matvec import SplitMatVec
+
+
+@pytest.mark.parametrize("out_features,in_features,parts,rows", [
+    (64, 32, 4, 1), (96, 40, 8, 3), (7, 5, 7, 16), (12, 9, 1, 2), (2880, 192, 8, 8)])
+def test_split_matvec_equals_f_linear(out_features, in_features, parts, rows):
+    torch.manual_seed(0)
+    w = torch.randn(out_features, in_features)
+    x = torch.randn(rows, 1, in_features)
+    mv = SplitMatVec(w, parts)
+    with torch.no_grad():
+        assert mv.applies(x)
+        torch.testing.assert_close(mv(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_split_matvec_rejects_parts_that_do_not_divide_the_output():
+    with pytest.raises(ValueError, match="divide"):
+        SplitMatVec(torch.randn(10, 4), 4)
+
+
+def test_split_matvec_leaves_prefill_and_autograd_to_f_linear():
+    mv = SplitMatVec(torch.randn(16, 8), 4, max_rows=4)
+    with torch.no_grad():
+        assert mv.applies(torch.randn(1, 4, 8))
+        assert not mv.applies(torch.randn(1, 5, 8))  # more rows than max_rows: prefill
+        assert not mv.applies(torch.randn(1, 8, dtype=torch.float64))
+    assert not mv.applies(torch.randn(1, 8))  # autograd on: training never sees the copy
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = vs.VesperConfig.from_preset("tiny", vocab_size=96, hidden_size=64, num_layers=2,
+                                      num_heads=4, ffn_hidden_size=128, max_seq_len=64)
+    return vs.VesperLM(cfg).eval()
+
+
+def test_attach_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_model):
+    ref = copy.deepcopy(tiny_model)
+    n = matvec.attach(tiny_model, parts=4)
+    # 2 layers x (qkv, o_proj, down, gate and up as FlyLoRA: [W; A] and B each)
+    # + MetaHead fc and out + tied LM head.
+    assert n == 2 * (3 + 2 * 2) + 2 + 1
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        prefill = tiny_model(ids, use_cache=True)
+        step = tiny_model(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True)
+        ref_prefill = ref(ids, use_cache=True)
+        ref_step = ref(ids[:, :1], past_key_values=ref_prefill.past_key_values,
+                       use_cache=True)
+    for got, want in ((prefill, ref_prefill), (step, ref_step)):
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-4, atol=1e-5)
+    assert tiny_model.blocks[0].attn.qkv.matvec.parts == 4
+    assert tiny_model.metahead.out.matvec.parts == 1  # no divisor of 5 in 2..4
+
+
+def test_attach_zero_parts_detaches(tiny_model):
+    matvec.attach(tiny_model, parts=4)
+    assert matvec.attach(tiny_model, parts=0) == 0
+    assert tiny_model.head_matvec is None
+    assert all(getattr(m, "matvec", None) is None for m in tiny_model.modules())

@@ -1,0 +1,96 @@
+"""Threaded matrix-vector products for decoding on the CPU.
+
+Decoding one token multiplies every weight matrix by one vector per sequence, so a decode
+step reads every weight once and its speed is the memory bandwidth the product reaches.
+MKL runs a one-row product on one thread whatever ``torch.get_num_threads()`` says; on
+this repo's 2-core CPU that reads about 30 GB/s (weights laid out [in, out]; 18 GB/s in
+the usual [out, in]). Cut the output columns into ``parts`` blocks stored ``[parts, in,
+out / parts]`` and one ``torch.bmm`` spreads the blocks over the threads: over the
+'small' model's weights, 50 GB/s with 8 blocks, 45 with 4, against 28 unsplit (the
+sweep: ``python benchmarks/generate.py --matvec-sweep``).
+
+:func:`attach` gives every dense projection of a :class:`~vesper_sdk.model.VesperLM`
+(attention, feed-forward, FlyLoRA layers, MetaHead, LM head) a :class:`SplitMatVec`. The
+layers use it only for small inputs (at most ``max_rows`` rows) on the CPU with autograd
+off, so prefill and training keep ``F.linear``. The blocks are a copy of the weights
+taken when attached: the model's memory for its weights doubles, and a model whose
+weights change afterwards must be attached again (``attach(model, parts=0)`` detaches).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEFAULT_PARTS = 8
+DEFAULT_MAX_ROWS = 16
+
+
+class SplitMatVec:
+    """``x @ weight.T`` for a few rows of x, as one batched product over column blocks."""
+
+    def __init__(self, weight: torch.Tensor, parts: int, max_rows: int = DEFAULT_MAX_ROWS,
+                 ) -> None:
+        out_features, in_features = weight.shape
+        if parts < 1 or out_features % parts:
+            raise ValueError(f"parts={parts} must be >= 1 and divide the {out_features} "
+                             "output features")
+        self.in_features, self.out_features = in_features, out_features
+        self.parts, self.max_rows = parts, max_rows
+        self.dtype, self.device = weight.dtype, weight.device
+        with torch.no_grad():
+            self.blocks = (weight.detach().t().reshape(in_features, parts, -1)
+                           .permute(1, 0, 2).contiguous())  # [parts, in, out / parts]
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a decode-sized input this product serves (else use F.linear)."""
+        return (x.device == self.device and x.dtype == self.dtype
+                and x.numel() <= self.max_rows * self.in_features
+                and not torch.is_grad_enabled())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(1, -1, self.in_features).expand(self.parts, -1, -1)
+        y = torch.bmm(rows, self.blocks)  # [parts, rows, out / parts]
+        return y.transpose(0, 1).reshape(*lead, self.out_features)
+
+
+def _parts_for(out_features: int, parts: int) -> int:
+    # The largest block count <= parts that divides the output (1 still helps: it is the
+    # fast [in, out] layout on one thread).
+    return max(p for p in range(1, parts + 1) if out_features % p == 0)
+
+
+def attach(model: nn.Module, parts: int = DEFAULT_PARTS,
+           max_rows: int = DEFAULT_MAX_ROWS) -> int:
+    """Give each dense projection of a VesperLM a :class:`SplitMatVec`; returns how many.
+
+    Only fp32/bf16 CPU weights of plain layers get one (bitsandbytes layers keep their
+    own kernels). ``parts=0`` removes them all.
+    """
+    from .model import FlyLoRALinear, Linear, VesperLM
+
+    def make(weight: torch.Tensor | None) -> SplitMatVec | None:
+        usable = (isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
+                  and weight.dim() == 2 and weight.dtype in (torch.float32, torch.bfloat16))
+        if parts <= 0 or not usable:
+            return None
+        return SplitMatVec(weight, _parts_for(weight.shape[0], parts), max_rows)
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FlyLoRALinear):
+            # A quantized FlyLoRA layer keeps its base in a bitsandbytes module instead.
+            weight = getattr(module, "weight", None)
+            module.matvec = module.matvec_b = None
+            if isinstance(weight, torch.Tensor) and weight.dtype == module.lora_A.dtype:
+                module.matvec = make(torch.cat([weight.detach(), module.lora_A]))
+                module.matvec_b = make(module.lora_B)
+            count += (module.matvec is not None) + (module.matvec_b is not None)
+        elif isinstance(module, Linear):
+            module.matvec = make(module.weight)
+            count += module.matvec is not None
+        if isinstance(module, VesperLM) and module.config.tie_embeddings:
+            module.head_matvec = make(module.embed.weight)
+            count += module.head_matvec is not None
+    return count
