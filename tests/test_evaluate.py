@@ -101,8 +101,8 @@ def test_scores_match_a_direct_computation(model_dir, tmp_path):
 def test_windows_score_every_token_once(model_dir):
     lm = vs.load(model_dir, device="cpu")
     long_text = " ".join(f"{i}+{i}={2 * i}" for i in range(30))
-    examples = encode_examples(lm, [long_text, [{"role": "user", "content": "What is 2+2?"},
-                                                {"role": "assistant", "content": "4"}]])
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    examples = encode_examples(lm.tokenizer, [long_text, chat])
     want = sum(sum(mask[1:]) for _, mask in examples)
     for seq_len in (8, 33, 128):
         stats = score_tokens(lm, examples, seq_len=seq_len, batch_size=3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from vesper_sdk.model import FlyLoRALinear, ModelFolderError
 from vesper_sdk.quantize import (
     QuantizedFlyLoRALinear,
     QuantizeError,
+    _token_chunks,
     backend_perplexity,
+    eval_token_docs,
     load_quantized,
     quantization_report,
     quantize,
@@ -142,12 +145,41 @@ def test_quantized_perplexity_is_close_to_fp32(model_dir, tmp_path):
 
     tok = VesperTokenizer.from_file(model_dir)
     rng = random.Random(1)
-    chunks = [tok.encode(" ".join(rng.choice(WORDS) for _ in range(40)), add_bos=True)
-              for _ in range(4)]
+    chunks = []
+    for _ in range(4):
+        ids = tok.encode(" ".join(rng.choice(WORDS) for _ in range(40)), add_bos=True)
+        chunks.append((ids, [0] + [1] * (len(ids) - 1)))
     fp = backend_perplexity(TorchBackend(vs.VesperLM.from_pretrained(model_dir)), chunks)
     q8 = backend_perplexity(TorchBackend(load_quantized(
         quantize(model_dir, "int8", tmp_path / "q8", verbose=False), "cpu")), chunks)
     assert fp > 1 and abs(q8 / fp - 1) < 0.01
+
+
+def test_report_perplexity_scores_only_the_assistant_tokens_of_chats(model_dir, tmp_path):
+    from vesper_sdk.generate import TorchBackend
+
+    tok = VesperTokenizer.from_file(model_dir)
+    chats = [[{"role": "user", "content": "the dog sees a red tree"},
+              {"role": "assistant", "content": "the cat"}]]
+    docs = eval_token_docs(tok, _write_chats(tmp_path / "chats.jsonl", chats))
+    ((ids, mask),) = docs
+    assert ids == tok.encode_chat(chats[0]).ids
+    assert mask == tok.encode_chat(chats[0]).loss_mask  # the reply and its EOS only
+    backend = TorchBackend(vs.VesperLM.from_pretrained(model_dir))
+    # Perplexity over the reply equals the mean NLL of exactly those tokens.
+    out = backend.forward(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                          torch.arange(len(ids))[None], None)
+    logp = out.logits[0, :-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    scored = torch.tensor(mask[1:], dtype=torch.bool)
+    want = math.exp(-float(logp[scored].mean()))
+    got = backend_perplexity(backend, _token_chunks(docs, 64, 10_000))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got != pytest.approx(math.exp(-float(logp.mean())), rel=1e-3)
+
+
+def _write_chats(path, chats):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    return str(path)
 
 
 def test_unknown_method_names_the_choices_and_writes_nothing(model_dir, tmp_path):

@@ -28,6 +28,7 @@ import torch
 
 from .generate import LLM, GenerationRequest, load
 from .metacog import calibration_summary, mean
+from .tokenizer import VesperTokenizer
 
 Example = tuple[list[int], list[int]]  # token ids, 0/1 mask of the tokens to score
 
@@ -78,10 +79,10 @@ def _records(data: str, max_examples: int, seed: int) -> Iterator[str | list[dic
         yield record
 
 
-def encode_examples(lm: LLM, records: Sequence[str | list[dict]]) -> list[Example]:
+def encode_examples(tok: VesperTokenizer, records: Sequence[str | list[dict]],
+                    ) -> list[Example]:
     """Token ids and score masks: text = BOS + text + EOS (all scored); chats = template,
-    assistant turns scored (``encode_chat``'s loss mask)."""
-    tok = lm.tokenizer
+    assistant turns scored (``encode_chat``'s loss mask, the tokens training learns)."""
     out: list[Example] = []
     for rec in records:
         if isinstance(rec, str):
@@ -231,7 +232,7 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
         out_dir = lm.model_dir / "eval"
     out_dir = Path(out_dir)
     records = list(_records(data, max_examples, seed))
-    examples = encode_examples(lm, records)
+    examples = encode_examples(lm.tokenizer, records)
     if not examples:
         raise ValueError(f"{data} holds no scorable text (no document with 2+ tokens, or no "
                          "assistant turn in the chats)")

@@ -53,6 +53,7 @@ from .model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     FlyLoRALinear,
+    Linear,
     ModelFolderError,
     VesperLM,
     load_weights,
@@ -146,7 +147,7 @@ def quantizable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not name.startswith("blocks.") or name.endswith(".router"):
             continue
         if isinstance(mod, FlyLoRALinear) or (
-                type(mod) is nn.Linear and not _inside_flylora(model, name)):
+                type(mod) is Linear and not _inside_flylora(model, name)):
             out.append((name, mod))
     return out
 
@@ -441,23 +442,23 @@ def load_quantized(model_dir: str | Path, device: str | torch.device | None = "a
 
 # ----------------------------------------------------------------------------- report
 def eval_token_docs(tokenizer: Any, data: str | Path, max_tokens: int = 8192,
-                    ) -> list[list[int]]:
-    """Held-out documents as token ids, up to ``max_tokens`` in all.
+                    ) -> list[tuple[list[int], list[int]]]:
+    """Held-out documents as (token ids, score mask) pairs, up to ``max_tokens`` in all.
 
     ``builtin:skills``: the skills corpus's *held-out* chats (never in its training
     split), answer included, through the chat template. A .txt/.jsonl file (or folder) is
-    read with ``vesper_sdk.data.DataSource``, the reader training uses: texts become
-    BOS + text + EOS, chats go through the chat template.
+    read with ``vesper_sdk.data.DataSource``, the reader training uses. The mask marks
+    the tokens perplexity is taken over, those training learns: every token after BOS of
+    a text, the assistant's replies of a chat (a chat model is never trained to predict
+    its user's words, so their perplexity says nothing about it).
     """
-    docs: list[list[int]] = []
+    from .evaluate import encode_examples
+
+    docs: list[tuple[list[int], list[int]]] = []
     total = 0
     for record in _eval_records(str(data)):
-        if isinstance(record, str):
-            ids = tokenizer.encode(record, add_bos=True, add_eos=True)
-        else:
-            ids = tokenizer.encode_chat(record).ids
-        docs.append(ids)
-        total += len(ids)
+        docs += encode_examples(tokenizer, [record])
+        total += len(docs[-1][0]) if docs else 0
         if total >= max_tokens:
             break
     if not docs:
@@ -485,28 +486,35 @@ def _eval_records(spec: str) -> Iterable[Any]:
     yield from DataSource(spec).records()
 
 
-def _token_chunks(docs: Sequence[Sequence[int]], seq_len: int, max_tokens: int,
-                  ) -> list[list[int]]:
-    # Documents are packed into one stream and cut into seq_len windows.
-    stream = [t for d in docs for t in d][:max_tokens]
-    return [stream[i:i + seq_len] for i in range(0, len(stream) - 1, seq_len)
-            if len(stream[i:i + seq_len]) > 1]
+def _token_chunks(docs: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int,
+                  max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    # Documents are packed into one stream (ids and score mask) cut into seq_len windows.
+    ids = [t for d, _ in docs for t in d][:max_tokens]
+    mask = [m for _, ms in docs for m in ms][:max_tokens]
+    return [(ids[i:i + seq_len], mask[i:i + seq_len]) for i in range(0, len(ids) - 1, seq_len)
+            if len(ids[i:i + seq_len]) > 1 and any(mask[i + 1:i + seq_len])]
 
 
 @torch.no_grad()
-def backend_perplexity(backend: Any, chunks: Sequence[Sequence[int]]) -> float:
-    """Perplexity of a DecodeBackend (teacher forcing, past length 0) over token chunks."""
+def backend_perplexity(backend: Any, chunks: Sequence[tuple[Sequence[int], Sequence[int]]],
+                       ) -> float:
+    """Perplexity of a DecodeBackend (teacher forcing, past length 0) over token chunks.
+
+    Each chunk is (ids, mask); token i is scored where mask[i] is set (i >= 1).
+    """
     nll, count = 0.0, 0
-    for chunk in chunks:
+    for chunk, chunk_mask in chunks:
         ids = torch.tensor([list(chunk)], dtype=torch.long)
         s = ids.shape[1]
-        mask = torch.ones(1, s, dtype=torch.long)
+        attention = torch.ones(1, s, dtype=torch.long)
         pos = torch.arange(s).unsqueeze(0)
-        out = backend.forward(ids.to(backend.device), mask.to(backend.device),
+        out = backend.forward(ids.to(backend.device), attention.to(backend.device),
                               pos.to(backend.device), None)
         logp = out.logits[0, :-1].float().cpu().log_softmax(-1)
-        nll -= logp.gather(-1, ids[0, 1:, None]).sum().item()
-        count += s - 1
+        scored = torch.tensor(list(chunk_mask[1:]), dtype=torch.bool)
+        token_lp = logp.gather(-1, ids[0, 1:, None])[:, 0]
+        nll -= token_lp[scored].sum().item()
+        count += int(scored.sum())
     return math.exp(nll / max(count, 1))
 
 
@@ -672,7 +680,7 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
     report = {
         "model_dir": str(model_dir), "config": repr(fp_model.config),
         "params_m": fp_model.num_parameters() / 1e6, "data": str(data),
-        "eval_tokens": sum(len(c) for c in chunks), "prompt_len": prompt_len,
+        "eval_tokens": sum(sum(m[1:]) for _, m in chunks), "prompt_len": prompt_len,
         "new_tokens": new_tokens, "rounds": rounds,
         "threads": threads or f"torch {torch_threads}, onnxruntime physical cores",
         "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
