@@ -93,7 +93,13 @@ def options_from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**values)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``vesper`` parser; with ``only``, just that command's module is imported.
+
+    Importing every job (torch, onnxruntime, gradio, fastapi ...) takes seconds, so
+    ``main`` builds the full options of the one command it runs and lists the others
+    by their descriptions.
+    """
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -103,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vesper-sdk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, cls_name, description) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=description)
+            continue
         try:
             module = importlib.import_module(module_name)
             cls = getattr(module, cls_name)
@@ -121,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
