@@ -148,7 +148,9 @@ class FlyLoRALinear(nn.Module):
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
                 self.rank_load += mask.reshape(-1, self.rank).sum(0)
-        return out + project(ax * mask.to(ax.dtype), self.lora_B, self.matvec_b) * self.scaling
+        lora = project(ax * mask.to(ax.dtype), self.lora_B, self.matvec_b)
+        # alpha = 1 (the default) would be one more op per layer and token, and graph node.
+        return out + (lora if self.scaling == 1.0 else lora * self.scaling)
 
     @torch.no_grad()
     def update_balance_bias(self) -> None:
