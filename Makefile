@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint clean optimum-check
 
 setup: $(STAMP)
 
@@ -33,8 +33,16 @@ demo: setup
 bench: setup
 	$(VENV)/bin/vesper bench
 
+# Optimum needs transformers<4.58 and the dev extra has 5.x: its own environment.
+optimum-check:
+	@test -x .venv-optimum/bin/python || $(PYTHON) -m venv .venv-optimum
+	@.venv-optimum/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	@.venv-optimum/bin/python -m pip install -q --disable-pip-version-check -e ".[export]" \
+	    "optimum-onnx[onnxruntime]"
+	.venv-optimum/bin/python -m vesper_sdk.export.optimum_check
+
 lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-optimum .pytest_cache build *.egg-info
