@@ -268,6 +268,7 @@ def quantization_record(model: VesperLM, method: str,
         "quantized": sorted(chosen, key=[n for n, _ in targets].index),
         "skipped": skipped,
         "flylora": "base weight quantized; lora_A, lora_B, balance_bias and top-k in fp32",
+        "kept_dtype": "float16 on disk, float32 in memory (every tensor not quantized)",
     }
     if method == "int8":
         record["threshold"] = INT8_THRESHOLD
@@ -341,10 +342,15 @@ def quantize(model_dir: str | Path, method: str = "int8", out_dir: str | Path | 
     probe = _probe_ids(fp_model.config)
     with torch.no_grad():
         ref = fp_model(probe).logits.float()
+    # State-dict prefixes of the bitsandbytes layers (a FlyLoRA layer's base only).
+    targets = [f"{name}.base." if isinstance(mod, FlyLoRALinear) else f"{name}."
+               for name, mod in quantizable_modules(fp_model)]
     model = quantize_model(fp_model, method, device=device)
+    kept = _round_kept_to_half(model, targets)
     # The state is taken before any forward: on CPU, bitsandbytes repacks 4-bit weights
     # (bf16 absmax) at the first call, and a state saved after that no longer matches.
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: (v.half() if k in kept else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
     with torch.no_grad():
         q_logits = model(probe.to(device)).logits.float().cpu()
     config = json.loads(model.config.to_json())
@@ -378,6 +384,25 @@ def quantize(model_dir: str | Path, method: str = "int8", out_dir: str | Path | 
               f"vs fp32 on a random prompt: relative logits error {rel:.4f}, "
               f"top-1 agreement {top1:.1%}")
     return out_dir
+
+
+def _round_kept_to_half(model: nn.Module, quantized: list[str]) -> set[str]:
+    """Round the fp32 tensors bitsandbytes leaves alone (embedding, norms, FlyLoRA A/B,
+    MetaHead) to fp16 values; returns their state_dict keys.
+
+    They are stored in fp16 (half their bytes: the tied embedding alone is 18 % of the
+    demo model) and loaded back into fp32; rounding the in-memory copy the same way keeps
+    the save->load self-check exact and the report's perplexity honest.
+    """
+    prefixes = tuple(quantized)
+    kept = set()
+    with torch.no_grad():
+        for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.dtype == torch.float32 and not key.startswith(prefixes) and (
+                    key in model.state_dict()):
+                tensor.copy_(tensor.half().float())
+                kept.add(key)
+    return kept
 
 
 def _probe_ids(config: VesperConfig, batch: int = 2, seq: int = 16) -> torch.Tensor:
