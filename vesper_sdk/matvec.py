@@ -2,12 +2,12 @@
 
 Decoding one token multiplies every weight matrix by one vector per sequence, so a decode
 step reads every weight once and its speed is the memory bandwidth the product reaches.
-MKL runs a one-row product on one thread whatever ``torch.get_num_threads()`` says; on
-this repo's 2-core CPU that reads about 30 GB/s (weights laid out [in, out]; 18 GB/s in
-the usual [out, in]). Cut the output columns into ``parts`` blocks stored ``[parts, in,
-out / parts]`` and one ``torch.bmm`` spreads the blocks over the threads: over the
-'small' model's weights, 50 GB/s with 8 blocks, 45 with 4, against 28 unsplit (the
-sweep: ``python benchmarks/generate.py --matvec-sweep``).
+MKL runs a one-row product on one thread whatever ``torch.get_num_threads()`` says, and
+reads the usual [out, in] layout at about half the speed of [in, out]. Cut the output
+columns into ``parts`` blocks stored ``[parts, in, out / parts]`` and one ``torch.bmm``
+spreads the blocks over the threads. On this repo's 2-core CPU, 'small' model, batch 1
+(``python benchmarks/generate.py --matvec-sweep``): F.linear 68 tokens/s; one block
+(the [in, out] layout) 98 tokens/s at 27 GB/s; 2-8 blocks 129-132 tokens/s at 34-37 GB/s.
 
 :func:`attach` gives every dense projection of a :class:`~vesper_sdk.model.VesperLM`
 (attention, feed-forward, FlyLoRA layers, MetaHead, LM head) a :class:`SplitMatVec`. The
