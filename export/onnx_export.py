@@ -462,13 +462,23 @@ def _validate_request(model_dir: Path, out_dir: Path, opset: int, quantize: str 
             "remove it first (it would be replaced as a whole)")
 
 
+def default_opset(quantize: str | None, runtime_version: str) -> int:
+    """DEFAULT_OPSET where the ONNX Runtime doing the self-check runs it (>= 1.22), else
+    the newest opset older runtimes take (21 for int4's INT4 embedding, else 18)."""
+    major, minor = (int(x) for x in runtime_version.split(".")[:2])
+    if (major, minor) >= (1, 22):
+        return DEFAULT_OPSET
+    return INT4_MIN_OPSET if quantize == "int4" else 18
+
+
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = None,
                 quantize: str | None = None, block_size: int = 32, use_cache: bool = True,
                 verbose: bool = True) -> Path:
     """Export ``model_dir`` to ``out_dir`` (model.onnx + config.json + tokenizer.json).
 
     ``quantize``: None (fp32), ``"int8"`` (dynamic int8 MatMuls) or ``"int4"`` (4-bit
-    MatMulNBits, ``block_size`` weights per scale). ``opset`` defaults to 23.
+    MatMulNBits, ``block_size`` weights per scale). ``opset`` defaults to 23 (with an
+    ONNX Runtime older than 1.22: 21 for int4, else 18).
     ``use_cache=False`` exports a graph
     without past/present (it re-reads the whole sequence each step). The export is
     verified with ONNX Runtime against PyTorch before it is renamed into place (figures
@@ -480,7 +490,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if opset is None:
-        opset = DEFAULT_OPSET
+        opset = default_opset(quantize, onnxruntime.__version__)
     _validate_request(model_dir, out_dir, opset, quantize, block_size)
     model = VesperLM.from_pretrained(model_dir).eval().float()
     # Rounding may pick different FlyLoRA ranks in ONNX and torch when two scores tie

@@ -17,7 +17,13 @@ from test_quantize import make_model_dir, make_tokenizer
 
 import vesper_sdk as vs
 from vesper_sdk.export import OnnxModel
-from vesper_sdk.export.onnx_export import ExportError, check_parity, export_onnx
+from vesper_sdk.export.onnx_export import (
+    DEFAULT_OPSET,
+    ExportError,
+    check_parity,
+    default_opset,
+    export_onnx,
+)
 from vesper_sdk.export.runner import OnnxBackend, make_session
 from vesper_sdk.generate import TorchBackend
 from vesper_sdk.model import ModelFolderError
@@ -280,3 +286,12 @@ def test_reorder_cache_keeps_the_chosen_rows(exports):
     b = backend.forward(nxt, torch.ones(1, 5, dtype=torch.long), torch.tensor([[4]]),
                         alone.past_key_values)
     assert (a.logits - b.logits).abs().max() <= 1e-5
+
+
+def test_default_opset_follows_the_runtime_that_checks_the_export(exports):
+    import onnxruntime
+
+    assert default_opset(None, "1.32.0") == default_opset("int4", "1.22.1") == DEFAULT_OPSET
+    assert default_opset(None, "1.21.0") == 18 and default_opset("int4", "1.20.1") == 21
+    info = json.loads((exports["int4"] / "config.json").read_text())["onnx"]
+    assert info["opset"] == default_opset("int4", onnxruntime.__version__)
