@@ -78,6 +78,15 @@ def build_ours(vocab: int, device: torch.device, dtype: torch.dtype) -> LLM:
     return LLM(TorchBackend(model), tok)
 
 
+def build_onnx(lm: LLM, folder: Path) -> LLM:
+    """The same model and tokenizer exported to ONNX (fp32), as an OnnxModel."""
+    from vesper_sdk.export import OnnxModel, export_onnx
+
+    lm.backend.model.save_pretrained(folder / "model")
+    lm.tokenizer.save(folder / "model" / "tokenizer.json")
+    return OnnxModel(export_onnx(folder / "model", folder / "onnx", verbose=False))
+
+
 def build_hf(vocab: int, device: torch.device, dtype: torch.dtype) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -171,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's, i.e. the cores)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--onnx", action="store_true",
+                    help="also export the same model to ONNX (fp32) and time it through "
+                         "OnnxModel, the SDK's ONNX Runtime path (CPU only)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 tokens, 1 repeat")
     ap.add_argument("--matvec-sweep", type=int, nargs="*", default=None, metavar="PARTS",
                     help="also time CPU decode with each block count of the threaded "
@@ -189,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
 
     impls: dict[str, tuple[Any, Any]] = {"vesper": (build_ours(args.vocab_size, device, dtype),
                                                     run_ours)}
+    tmp = None
+    if args.onnx and device.type == "cpu":
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="vesper-bench-onnx-")
+        impls["vesper-onnx"] = (build_onnx(impls["vesper"][0], Path(tmp.name)), run_ours)
     hf_error = None
     if not args.no_hf:
         try:
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             hf_error = f"transformers not installed ({exc}); pip install transformers"
             print(f"note: {hf_error}", file=sys.stderr)
     params = {name: sum(p.numel() for p in (obj.model if name == "vesper" else obj).parameters())
-              for name, (obj, _) in impls.items()}
+              for name, (obj, _) in impls.items() if name != "vesper-onnx"}
 
     gen = torch.Generator().manual_seed(0)
     times: dict[tuple[str, int], list[float]] = {}
@@ -220,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         if "hf-gpt2" in impls:
             row["ratio_best"] = row["vesper"]["tok_s_best"] / row["hf-gpt2"]["tok_s_best"]
             row["ratio_median"] = row["vesper"]["tok_s_median"] / row["hf-gpt2"]["tok_s_median"]
+            if "vesper-onnx" in impls:
+                row["ratio_onnx_best"] = (row["vesper-onnx"]["tok_s_best"]
+                                          / row["hf-gpt2"]["tok_s_best"])
         rows.append(row)
 
     head = (f"greedy decode, 'small' shape, vocab {args.vocab_size}, prompt {args.prompt_len}, "
@@ -234,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                           .rjust(22) for n in names)
         ratio = (f"  {row['ratio_best']:>5.2f}x ({row['ratio_median']:.2f}x)"
                  if "ratio_best" in row else "")
+        if "ratio_onnx_best" in row:
+            ratio += f"  onnx/hf {row['ratio_onnx_best']:.2f}x"
         print(f"{row['batch']:>5}  {cells}{ratio}")
     print("parameters: " + ", ".join(f"{n} {p / 1e6:.1f} M" for n, p in params.items()))
     sweep = None
@@ -257,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
+    if tmp is not None:
+        impls.clear()
+        tmp.cleanup()
     return 0
 
 

@@ -387,3 +387,12 @@ def test_gpu_checks_script_runs_its_checks_on_cpu(tmp_path):
     assert report["ok"] and report["checks"]["kernel"]["cases"] >= 12
     assert report["checks"]["optimizer"]["rows"][0]["impl"] == "triton"
     assert gpu_checks.main(["--device", "cpu", "--checks", "nope"]) == 2
+
+
+def test_generate_headline_names_every_path_and_its_ratio_to_hf():
+    from vesper_sdk.benchmarks.suite import generate_headline
+
+    row = {"batch": 1, "vesper": {"tok_s_best": 120.0}, "vesper-onnx": {"tok_s_best": 150.0},
+           "hf-gpt2": {"tok_s_best": 100.0}}
+    assert generate_headline({"rows": [row]}) == (
+        "batch 1: 120 tok/s vs HF 100 (1.20x), via ONNX Runtime 150 (1.50x)")
