@@ -72,3 +72,19 @@ def test_attach_zero_parts_detaches(tiny_model):
     assert matvec.attach(tiny_model, parts=0) == 0
     assert tiny_model.head_matvec is None
     assert all(getattr(m, "matvec", None) is None for m in tiny_model.modules())
+
+
+def test_a_weight_updated_in_place_falls_back_to_its_current_values(tiny_model):
+    matvec.attach(tiny_model, parts=4)
+    layer = tiny_model.blocks[0].attn.qkv
+    gate = tiny_model.blocks[0].ffn.gate
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        assert layer.matvec.applies(x) and gate.matvec.applies(x)
+        layer.weight.add_(1.0)  # what an optimizer step does
+        gate.weight.mul_(2.0)
+        assert not layer.matvec.applies(x) and not gate.matvec.applies(x)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+        want = F.linear(x, gate.weight) + F.linear(
+            gate.rank_mask(x)[0] * gate.rank_mask(x)[1], gate.lora_B)
+        torch.testing.assert_close(gate(x), want)

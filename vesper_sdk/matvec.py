@@ -13,8 +13,9 @@ spreads the blocks over the threads. On this repo's 2-core CPU, 'small' model, b
 (attention, feed-forward, FlyLoRA layers, MetaHead, LM head) a :class:`SplitMatVec`. The
 layers use it only for small inputs (at most ``max_rows`` rows) on the CPU with autograd
 off, so prefill and training keep ``F.linear``. The blocks are a copy of the weights
-taken when attached: the model's memory for its weights doubles, and a model whose
-weights change afterwards must be attached again (``attach(model, parts=0)`` detaches).
+taken when attached, so the model's memory for its weights doubles; once a weight is
+updated in place (its version counter moves) its layer goes back to ``F.linear`` until
+:func:`attach` runs again (``attach(model, parts=0)`` detaches).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class SplitMatVec:
     """``x @ weight.T`` for a few rows of x, as one batched product over column blocks."""
 
     def __init__(self, weight: torch.Tensor, parts: int, max_rows: int = DEFAULT_MAX_ROWS,
-                 ) -> None:
+                 source: torch.Tensor | None = None) -> None:
         out_features, in_features = weight.shape
         if parts < 1 or out_features % parts:
             raise ValueError(f"parts={parts} must be >= 1 and divide the {out_features} "
@@ -38,6 +39,10 @@ class SplitMatVec:
         self.in_features, self.out_features = in_features, out_features
         self.parts, self.max_rows = parts, max_rows
         self.dtype, self.device = weight.dtype, weight.device
+        # The copy is only good while the weight is unchanged: any in-place update (an
+        # optimizer step, load_state_dict) bumps the tensor's version counter.
+        self.source = weight if source is None else source
+        self.version = self.source._version
         with torch.no_grad():
             self.blocks = (weight.detach().t().reshape(in_features, parts, -1)
                            .permute(1, 0, 2).contiguous())  # [parts, in, out / parts]
@@ -46,7 +51,7 @@ class SplitMatVec:
         """Whether ``x`` is a decode-sized input this product serves (else use F.linear)."""
         return (x.device == self.device and x.dtype == self.dtype
                 and x.numel() <= self.max_rows * self.in_features
-                and not torch.is_grad_enabled())
+                and not torch.is_grad_enabled() and self.source._version == self.version)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -70,12 +75,13 @@ def attach(model: nn.Module, parts: int = DEFAULT_PARTS,
     """
     from .model import FlyLoRALinear, Linear, VesperLM
 
-    def make(weight: torch.Tensor | None) -> SplitMatVec | None:
+    def make(weight: torch.Tensor | None, source: torch.Tensor | None = None,
+             ) -> SplitMatVec | None:
         usable = (isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
                   and weight.dim() == 2 and weight.dtype in (torch.float32, torch.bfloat16))
         if parts <= 0 or not usable:
             return None
-        return SplitMatVec(weight, _parts_for(weight.shape[0], parts), max_rows)
+        return SplitMatVec(weight, _parts_for(weight.shape[0], parts), max_rows, source)
 
     count = 0
     for module in model.modules():
@@ -84,7 +90,7 @@ def attach(model: nn.Module, parts: int = DEFAULT_PARTS,
             weight = getattr(module, "weight", None)
             module.matvec = module.matvec_b = None
             if isinstance(weight, torch.Tensor) and weight.dtype == module.lora_A.dtype:
-                module.matvec = make(torch.cat([weight.detach(), module.lora_A]))
+                module.matvec = make(torch.cat([weight.detach(), module.lora_A]), weight)
                 module.matvec_b = make(module.lora_B)
             count += (module.matvec is not None) + (module.matvec_b is not None)
         elif isinstance(module, Linear):
