@@ -42,24 +42,11 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu,
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+def machine(device: torch.device) -> dict[str, Any]:
+    """The suite's machine record (CPU, cores, load, GPU) plus torch's thread count."""
+    from vesper_sdk.benchmarks import suite
+
+    return {**suite.machine_info(str(device)), "torch_threads": torch.get_num_threads()}
 
 
 def _sync(device: torch.device) -> None:
@@ -267,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "generate",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": machine(),
+        "machine": machine(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": _version("transformers"), "vesper_sdk": vs.__version__},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -40,6 +40,7 @@ module was imported.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -237,13 +238,10 @@ def velvet_step(
     if blocks.numel() == 0:
         return
     kernel = _kernel_for(p.device)
-    if p.device.type == "cuda" and p.device.index != torch.cuda.current_device():
-        # Triton launches on the current device: make it the buffers' one (cuda:1 params
-        # with cuda:0 current would otherwise be an illegal memory access).
-        with torch.cuda.device(p.device):
-            _launch(kernel, p, g, m, v, blocks, block_seg, hp, n, block, sparse_threshold,
-                    num_warps)
-    else:
+    # Triton launches on the current device: make it the buffers' one (cuda:1 params
+    # with cuda:0 current would otherwise be an illegal memory access).
+    other_gpu = p.device.type == "cuda" and p.device.index != torch.cuda.current_device()
+    with torch.cuda.device(p.device) if other_gpu else contextlib.nullcontext():
         _launch(kernel, p, g, m, v, blocks, block_seg, hp, n, block, sparse_threshold,
                 num_warps)
 

@@ -287,14 +287,10 @@ class TorchBackend:
     def device(self) -> torch.device:
         return self.model.device
 
+    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past_key_values: Any) -> StepOutput:
         """One step; see :class:`DecodeBackend`."""
-        return self._forward(input_ids, attention_mask, position_ids, past_key_values)
-
-    @torch.inference_mode()
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor, past_key_values: Any) -> StepOutput:
         if isinstance(past_key_values, _StaticCache):
             return self._static_forward(input_ids, attention_mask, position_ids,
                                         past_key_values)

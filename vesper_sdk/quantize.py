@@ -395,11 +395,12 @@ def _round_kept_to_half(model: nn.Module, quantized: list[str]) -> set[str]:
     the save->load self-check exact and the report's perplexity honest.
     """
     prefixes = tuple(quantized)
+    saved = model.state_dict().keys()  # non-persistent buffers (rank_load, RoPE) are not
     kept = set()
     with torch.no_grad():
         for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.dtype == torch.float32 and not key.startswith(prefixes) and (
-                    key in model.state_dict()):
+                    key in saved):
                 tensor.copy_(tensor.half().float())
                 kept.add(key)
     return kept
