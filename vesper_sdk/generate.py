@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from . import matvec
 from .metacog import MetacognitiveRegulator, as_regulator, join_flags
@@ -179,18 +178,29 @@ class DecodeBackend(Protocol):
 class _StaticBuffers:
     """Preallocated K/V buffers [B,H,C,D] per layer and a key mask [B,C] for one batch size."""
 
-    def __init__(self, model: VesperLM, batch: int, capacity: int, mark_static: bool) -> None:
+    def __init__(self, model: VesperLM, batch: int, capacity: int) -> None:
         cfg = model.config
         shape = (batch, cfg.num_heads, capacity, cfg.head_dim)
         dev, dt = model.device, model.dtype
         self.keys = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
         self.values = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
         self.key_mask = torch.zeros((batch, capacity), dtype=torch.bool, device=dev)
-        if mark_static:
-            # The compiled step writes into these in place: CUDA graphs need them at fixed
-            # addresses, which is also why they are pooled and reused across generations.
-            for buf in (*self.keys, *self.values, self.key_mask):
-                torch._dynamo.mark_static_address(buf)
+        # The decode step recorded as a CUDA graph over these buffers (their addresses are
+        # baked into it), on the first step that uses them: see TorchBackend._replay.
+        self.graph: _DecodeGraph | None = None
+
+
+class _DecodeGraph:
+    """A decode step recorded as a CUDA graph: its static inputs and outputs."""
+
+    def __init__(self, bufs: _StaticBuffers) -> None:
+        rows, dev = bufs.key_mask.shape[0], bufs.key_mask.device
+        self.ids = torch.zeros((rows, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros((rows, 1), dtype=torch.long, device=dev)
+        self.write = torch.zeros((1,), dtype=torch.long, device=dev)
+        self.args = (self.ids, self.pos, self.write, bufs.key_mask, bufs.keys, bufs.values)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, ...] = ()
 
 
 class _StaticCache:
@@ -211,6 +221,19 @@ def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new query over the whole static cache, as two small products.
+
+    ``F.scaled_dot_product_attention`` with a mask picks a tiled kernel made for long
+    queries: on an H200 it took 118 us per layer for this one-row case, 59 % of the
+    step's GPU time. The plain math reads the cache once (scores in fp32).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 def _static_decode_step(model: VesperLM, input_ids: torch.Tensor, position_ids: torch.Tensor,
                         write_index: torch.Tensor, key_mask: torch.Tensor,
                         keys: list[torch.Tensor], values: list[torch.Tensor],
@@ -219,13 +242,16 @@ def _static_decode_step(model: VesperLM, input_ids: torch.Tensor, position_ids: 
     """One decode step over a static cache, built from the model's own modules.
 
     Equal to ``VesperLM.forward`` for one new token (tests check this on CPU); the only
-    difference is where K/V go: written in place at ``write_index`` instead of
-    concatenated, so every shape is fixed and the step can run as a CUDA graph.
-    ``length`` (eager steps only) attends over the first ``length`` slots instead of all.
+    difference is where K/V go: written in place at ``write_index`` (and that slot of
+    ``key_mask`` switched on) instead of concatenated, so every shape is fixed and the
+    step can run as a CUDA graph. ``length`` (eager steps only) attends over the first
+    ``length`` slots instead of all.
     """
     x = model.embed(input_ids)
     b, s, _ = x.shape
     cut = slice(None, length)
+    # Every row sees the new token, padding rows of the bucket too (no empty softmax).
+    key_mask.index_fill_(1, write_index, True)
     attn_mask = key_mask[:, None, None, cut]
     rope = model.rope.table(position_ids, x.dtype)
     for i, block in enumerate(model.blocks):
@@ -233,8 +259,7 @@ def _static_decode_step(model: VesperLM, input_ids: torch.Tensor, position_ids: 
         q, k, v = attn.project_qkv(block.attn_norm(x), rope)
         keys[i].index_copy_(2, write_index, k)
         values[i].index_copy_(2, write_index, v)
-        y = F.scaled_dot_product_attention(q, keys[i][:, :, cut], values[i][:, :, cut],
-                                           attn_mask=attn_mask)
+        y = _one_query_attention(q, keys[i][:, :, cut], values[i][:, :, cut], attn_mask)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(b, s, -1))
         h = block.ffn(block.ffn_norm(x))
         x = x + (h[0] if isinstance(h, tuple) else h)
@@ -259,16 +284,22 @@ class TorchBackend:
     untouched). That copy doubles the memory the weights take.
 
     CUDA (dense models of plain layers): decode steps run over a preallocated static KV
-    cache (``max_seq_len`` long, batch rounded up to a power of two) and, with
-    ``compile`` (the default there), under ``torch.compile(mode="reduce-overhead")``,
-    i.e. as CUDA graphs recorded once per batch bucket on first use. If compiling fails
-    the backend logs a warning and carries on eagerly. The prefill always runs the
-    model's own forward. ``static_cache=True, compile=False`` runs the same step eagerly
-    on any device (the tests compare it with the model's forward on CPU).
+    cache (``max_seq_len`` long, batch rounded up to a power of two). With
+    ``cuda_graph`` (the default there) each step is recorded once as a CUDA graph per
+    cache buffer set and then replayed: one launch per token instead of one per
+    operation, which is what a small model's decode is bound by. With ``compile`` (also
+    the default there) the recorded step is first compiled by ``torch.compile`` (fewer,
+    fused kernels). Whatever fails (compiling, then recording) is logged as a warning and
+    decoding carries on without it. The prefill always runs the model's own forward.
+    The static cache keeps the padding the prefill's mask gave and attends every decoded
+    token (the decoding loop's mask only grows by ones). ``static_cache=True,
+    compile=False`` runs the same step eagerly on any device (the tests compare it with
+    the model's forward on CPU).
     """
 
     def __init__(self, model: VesperLM, *, matvec_parts: int = matvec.DEFAULT_PARTS,
-                 static_cache: bool | None = None, compile: bool | None = None) -> None:
+                 static_cache: bool | None = None, compile: bool | None = None,
+                 cuda_graph: bool | None = None) -> None:
         self.model = model.eval()
         self.config = model.config
         self.vocab_size = model.config.vocab_size
@@ -280,6 +311,11 @@ class TorchBackend:
             static_cache = cuda and _plain_layers(model)
         self.static_cache = bool(static_cache)
         self.compile = (self.static_cache and cuda) if compile is None else bool(compile)
+        self.cuda_graph = (self.static_cache and cuda) if cuda_graph is None else bool(
+            cuda_graph)
+        if self.cuda_graph and not (cuda and self.static_cache):
+            raise ValueError("cuda_graph=True needs a model on a CUDA device and "
+                             "static_cache=True")
         self._step: Callable[..., Any] | None = None
         self._pools: dict[int, list[_StaticBuffers]] = {}
 
@@ -292,8 +328,7 @@ class TorchBackend:
                 position_ids: torch.Tensor, past_key_values: Any) -> StepOutput:
         """One step; see :class:`DecodeBackend`."""
         if isinstance(past_key_values, _StaticCache):
-            return self._static_forward(input_ids, attention_mask, position_ids,
-                                        past_key_values)
+            return self._static_forward(input_ids, position_ids, past_key_values)
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=True)
         past = out.past_key_values
@@ -316,8 +351,7 @@ class TorchBackend:
         pool = self._pools.setdefault(bucket, [])
         # A buffer set still held by an unfinished generation is not in the pool, so two
         # interleaved streams never share one.
-        bufs = pool.pop() if pool else _StaticBuffers(self.model, bucket, self.max_seq_len,
-                                                       self.compile)
+        bufs = pool.pop() if pool else _StaticBuffers(self.model, bucket, self.max_seq_len)
         for (k, v), kb, vb in zip(past, bufs.keys, bufs.values, strict=True):
             kb[:b, :, :t].copy_(k)
             vb[:b, :, :t].copy_(v)
@@ -325,8 +359,8 @@ class TorchBackend:
         bufs.key_mask[:b, :t] = attention_mask.bool()
         return _StaticCache(bufs, b, t, pool)
 
-    def _static_forward(self, input_ids, attention_mask, position_ids, cache: _StaticCache,
-                        ) -> StepOutput:
+    def _static_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        cache: _StaticCache) -> StepOutput:
         b, s = input_ids.shape
         t = cache.length
         if s != 1 or t + 1 > self.max_seq_len or b != cache.rows:
@@ -334,36 +368,77 @@ class TorchBackend:
                              f"max_seq_len={self.max_seq_len}")
         bufs = cache.buffers
         bucket = bufs.key_mask.shape[0]
-        # The loop's mask only ever grows by the new column; a query always sees itself
-        # (which also keeps the padding rows of the bucket free of empty softmax rows).
-        bufs.key_mask[:b, :t + 1].copy_(attention_mask[:, :t + 1].bool())
-        bufs.key_mask[:, t] = True
         if bucket > b:
             fill = input_ids.new_zeros(bucket - b, 1)
             input_ids = torch.cat([input_ids, fill])
             position_ids = torch.cat([position_ids, fill])
-        write = torch.tensor([t], device=self.device)
-        args = (input_ids, position_ids, write, bufs.key_mask, bufs.keys, bufs.values)
-        logits, conf, stop = self._run_static(args, t + 1)
+        logits, conf, stop = self._run_static(bufs, input_ids, position_ids, t)
         cache.length = t + 1
         return StepOutput(logits[:b], conf[:b], stop[:b], cache)
 
-    def _run_static(self, args: tuple, length: int,
+    def _run_static(self, bufs: _StaticBuffers, input_ids: torch.Tensor,
+                    position_ids: torch.Tensor, t: int,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        eager = functools.partial(_static_decode_step, self.model)
-        if self.compile:
+        if self.cuda_graph:
             try:
-                if self._step is None:
-                    self._step = torch.compile(eager, mode="reduce-overhead", dynamic=False)
-                if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
-                    torch.compiler.cudagraph_mark_step_begin()
-                # Graph outputs are overwritten by the next replay: hand out copies.
-                return tuple(t.clone() for t in self._step(*args))  # type: ignore[return-value]
-            except Exception as exc:  # compiler or CUDA-graph failure: stay correct, go eager
-                log.warning("torch.compile of the decode step failed (%s: %s); decoding "
-                            "eagerly", type(exc).__name__, exc)
-                self.compile = False
-        return eager(*args, length=length)
+                return self._replay(bufs, input_ids, position_ids, t)
+            except Exception as exc:  # recording failed: stay correct, go without graphs
+                log.warning("recording the decode step as a CUDA graph failed (%s: %s); "
+                            "decoding without graphs", type(exc).__name__, exc)
+                self.cuda_graph, bufs.graph = False, None
+        args = (input_ids, position_ids, torch.tensor([t], device=self.device),
+                bufs.key_mask, bufs.keys, bufs.values)
+        if self.compile:
+            return self._call_step(args)
+        # Eagerly, attending only the filled slots is cheaper than the whole capacity.
+        return _static_decode_step(self.model, *args, length=t + 1)
+
+    def _call_step(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step at full capacity (fixed shapes): compiled when ``compile`` holds."""
+        if self._step is None:
+            eager = functools.partial(_static_decode_step, self.model)
+            self._step = torch.compile(eager, dynamic=False) if self.compile else eager
+        try:
+            return self._step(*args)
+        except Exception as exc:  # compiler failure: stay correct, go eager
+            if not self.compile:
+                raise
+            log.warning("torch.compile of the decode step failed (%s: %s); decoding "
+                        "eagerly", type(exc).__name__, exc)
+            self.compile, self._step = False, None
+            return self._call_step(args)
+
+    def _replay(self, bufs: _StaticBuffers, input_ids: torch.Tensor,
+                position_ids: torch.Tensor, t: int,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = bufs.graph
+        if g is None:
+            g = bufs.graph = _DecodeGraph(bufs)
+        g.ids.copy_(input_ids)
+        g.pos.copy_(position_ids)
+        g.write.fill_(t)
+        if g.graph is None:
+            self._record(g)
+        assert g.graph is not None
+        g.graph.replay()
+        # The next replay overwrites the graph's outputs: hand out copies.
+        return tuple(o.clone() for o in g.outputs)  # type: ignore[return-value]
+
+    def _record(self, g: _DecodeGraph) -> None:
+        # Warm up on a side stream first (as torch.cuda.graph asks; it also compiles). The
+        # warm-up runs the very step about to be replayed, so its writes to the cache
+        # are the step's own.
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._call_step(g.args)
+        main.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._call_step(g.args)
+        g.graph, g.outputs = graph, tuple(outputs)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -750,9 +825,12 @@ class _BatchState:
     def any_live(self) -> bool:
         return any(not r.finished for r in self.rows)
 
+    def any_finished(self) -> bool:
+        return any(r.finished for r in self.rows)
+
     def compact_index(self) -> torch.Tensor | None:
         """Indices of unfinished rows when some row has finished, else None."""
-        if all(not r.finished for r in self.rows):
+        if not self.any_finished():
             return None
         return torch.tensor([i for i, r in enumerate(self.rows) if not r.finished])
 
@@ -823,9 +901,12 @@ class _BatchState:
             top = list(zip(idx.tolist(), (vals - lse[:, None]).tolist(), strict=True))
         if self.seen is not None:
             self.seen[torch.arange(len(rows), device=self.seen.device), chosen] = True
-        self.next_ids = torch.where(
-            torch.tensor([not r.finished for r in rows], device=chosen.device), chosen,
-            torch.full_like(chosen, self.llm.tokenizer.pad_id))
+        if self.any_finished():  # finished rows (kept by a static cache) are fed padding
+            self.next_ids = torch.where(
+                torch.tensor([not r.finished for r in rows], device=chosen.device), chosen,
+                torch.full_like(chosen, self.llm.tokenizer.pad_id))
+        else:  # no host-to-device copy on the common step
+            self.next_ids = chosen
         emitted: list[tuple[_Row, Token]] = []
         ids_h, lp_h, conf_h, stop_h = host
         for i, r in enumerate(rows):
