@@ -367,8 +367,7 @@ def test_gpu_suite_references_only_files_that_exist():
     code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
     paths = set(re.findall(r"\b((?:benchmarks|tests|kernels|vesper_sdk)/[\w/]+\.(?:py|sh))",
                            code))
-    assert {"benchmarks/gpu_checks.py", "benchmarks/suite.py",
-            "tests/test_velvet_kernel.py", "benchmarks/charts.py"} <= paths
+    assert {"benchmarks/gpu_checks.py", "benchmarks/suite.py", "benchmarks/charts.py"} <= paths
     missing = [p for p in paths if not (REPO / p).is_file()]
     assert missing == []
     # the benchmarks it runs by name through the suite are registered there
@@ -381,11 +380,14 @@ def test_gpu_checks_script_runs_its_checks_on_cpu(tmp_path):
     # On CPU the kernel goes through Triton's interpreter: same code path as on the GPU
     # but for the compilation, so the script cannot fail on a first GPU run for a bug here.
     out = tmp_path / "checks.json"
-    assert gpu_checks.main(["--device", "cpu", "--checks", "kernel,optimizer",
+    assert gpu_checks.main(["--device", "cpu", "--checks", "kernel,optimizer,decode",
                             "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["ok"] and report["checks"]["kernel"]["cases"] >= 12
     assert report["checks"]["optimizer"]["rows"][0]["impl"] == "triton"
+    decode = report["checks"]["decode"]["rows"]
+    assert [r["variant"] for r in decode] == ["dynamic cache (reference)", "static eager"]
+    assert decode[1]["same_tokens"] and decode[1]["conf_max_diff"] < 1e-3
     assert gpu_checks.main(["--device", "cpu", "--checks", "nope"]) == 2
 
 
