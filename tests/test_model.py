@@ -103,6 +103,23 @@ def test_sequence_longer_than_context_is_rejected_with_the_limit_named(model):
         model(torch.zeros(5, dtype=torch.long))
 
 
+def test_flylora_rank_choice_under_torch_compile_equals_topk_including_ties():
+    # Compiled, the top-k ranks come from counting (it fuses); they must be topk's.
+    torch.manual_seed(5)
+    layer = FlyLoRALinear(32, 48, rank=12, topk=5)
+    with torch.no_grad():
+        layer.balance_bias.copy_(torch.randn(12) * 0.01)
+    ax = torch.randn(4, 9, 12)
+    compiled = torch.compile(layer._top_ranks, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(ax), layer._top_ranks(ax))
+    # All-equal scores (zero input, zero bias): still exactly k, the lowest indices.
+    with torch.no_grad():
+        layer.balance_bias.zero_()
+    tied = compiled(torch.zeros(2, 12))
+    assert torch.equal(tied.sum(-1), torch.full((2,), 5.0))
+    assert torch.equal(tied[0, :5], torch.ones(5))
+
+
 def test_flylora_activates_exactly_k_of_r_ranks_per_token():
     torch.manual_seed(4)
     layer = FlyLoRALinear(32, 48, rank=12, topk=5)
@@ -132,6 +149,8 @@ def test_flylora_A_is_frozen_sparse_and_only_B_trains():
     assert (layer.lora_A != 0).sum(1).tolist() == [4] * 8  # sparse rows
     names = {n for n, _ in layer.named_parameters()}
     assert names == {"weight", "lora_B"}  # A is a buffer, not a parameter
+    with torch.no_grad():  # a base output for B's gradient to follow (VesperLM draws it)
+        layer.weight.normal_(0, 0.1)
     a0, b0 = layer.lora_A.clone(), layer.lora_B.clone()
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     for _ in range(3):
