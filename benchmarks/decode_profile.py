@@ -88,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{(t_loop - t_step) * 1e3:.3f} ms/step)")
     graph = getattr(getattr(past, "buffers", None), "graph", None)
     del past  # its buffers go back to the pool
+    summary = (f"summary: loop {t_loop * 1e3:.3f} ms/token ({args.batch / t_loop:.0f} tok/s), "
+               f"backend step {t_step * 1e3:.3f} ms")
     if cuda and graph is not None and graph.graph is not None:
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
             graph.graph.replay()
         sync()
-        print(f"graph replay: {(time.perf_counter() - t0) / n * 1e3:7.3f} ms/step (GPU time "
-              "of the step)")
+        t_replay = (time.perf_counter() - t0) / n
+        print(f"graph replay: {t_replay * 1e3:7.3f} ms/step (GPU time of the step)")
+        summary += f", graph replay {t_replay * 1e3:.3f} ms"
 
     prof = cProfile.Profile()
     prof.enable()
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             loop(32)
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(tp.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    print(summary)  # last, for the GPU suite's table
     return 0
 
 

@@ -17,6 +17,8 @@
 #                  it adds nothing here: `make test` runs it everywhere.)
 #     decode       gpu_checks.py --checks decode: CUDA-graph / compiled decode steps vs the
 #                  model's own forward (same greedy tokens), tokens/s of each -> decode.json
+#     decode_profile  benchmarks/decode_profile.py: step vs loop time, top CUDA kernels
+#                  (log in bundle.tar.gz)
 #   4 optimizer    benchmarks/optimizer.py --preset medium --device cuda     -> optimizer.json
 #   5 generate     benchmarks/generate.py --device cuda (graph/compiled decode vs HF)
 #                                                                             -> generate.json
@@ -219,6 +221,11 @@ run_step kernels 70 "$OUT/kernels.json" \
 # forward: same greedy tokens, and each one's tokens/s at batch 1.
 run_step decode 150 "$OUT/decode.json" \
     "$PY" benchmarks/gpu_checks.py --checks decode --device cuda --json "$OUT/decode.json"
+
+# Where a decoded token's time goes (step vs loop, top kernels): its log is in the bundle
+# ($OUT holds at most 8 files, so its record stays there too).
+run_step decode_profile 60 "$WORK/logs/decode_profile.json" \
+    "$PY" benchmarks/decode_profile.py --device cuda --torch-profile
 
 # ------------------------------------------------- 4, 5, 7 benchmarks (suite)
 bench_step() {  # bench_step NAME WANTED_S: one benchmark through the suite, cuda sizes
