@@ -120,6 +120,19 @@ def test_flylora_rank_choice_under_torch_compile_equals_topk_including_ties():
     assert torch.equal(tied[0, :5], torch.ones(5))
 
 
+def test_logit_features_under_torch_compile_equal_the_topk_ones_including_ties():
+    from vesper_sdk.model import _logit_features
+
+    torch.manual_seed(8)
+    z = torch.randn(3, 5, 50)
+    z[0, 0, 7] = z[0, 0, 9] = z[0, 0].max() + 1  # a repeated maximum: margin 0
+    z[1, 2, :] = 0.25  # all equal
+    compiled = torch.compile(_logit_features, backend="aot_eager", fullgraph=True)
+    got, want = compiled(z), _logit_features(z)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got[0, 0, 1] == 0 and got[1, 2, 1] == 0
+
+
 def test_flylora_activates_exactly_k_of_r_ranks_per_token():
     torch.manual_seed(4)
     layer = FlyLoRALinear(32, 48, rank=12, topk=5)
@@ -176,6 +189,29 @@ def test_flylora_balance_bias_moves_towards_underused_ranks():
     assert layer.balance_bias[0] < 0 < layer.balance_bias[1:].max()
     assert layer.rank_load.sum() == 0  # the statistic is reset after each update
     assert "balance_bias" in layer.state_dict()
+
+
+def test_model_wide_balance_update_equals_each_layer_updating_itself(model):
+    import copy
+
+    torch.manual_seed(7)
+    layers = model.flylora_layers()
+    assert len(layers) >= 2
+    with torch.no_grad():
+        for i, m in enumerate(layers):
+            m.balance_bias.normal_(0, 0.01)
+            # Layer 1 saw no tokens this step: its bias must not move.
+            m.rank_load.copy_(torch.zeros(m.rank) if i == 1 else torch.randint(0, 9, (m.rank,)))
+    before = [m.balance_bias.clone() for m in layers]
+    other = copy.deepcopy(model)
+    model.update_flylora_balance()
+    for m in other.flylora_layers():
+        m.update_balance_bias()
+    for a, b in zip(layers, other.flylora_layers(), strict=True):
+        assert torch.equal(a.balance_bias, b.balance_bias)
+        assert a.rank_load.sum() == 0 == b.rank_load.sum()
+    assert torch.equal(layers[1].balance_bias, before[1])
+    assert not torch.equal(layers[0].balance_bias, before[0])
 
 
 def test_freeze_base_leaves_only_lora_B_and_metahead_trainable(model):

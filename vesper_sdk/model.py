@@ -88,6 +88,13 @@ class ERA(nn.Module):
         return F.gelu(x) + self.gamma * F.softplus(x)
 
 
+def _balance_step(load: torch.Tensor) -> torch.Tensor:
+    """sign(mean load - load) per rank ([..., r]); zero where nothing was routed. No branch
+    on the values, so on a GPU it never waits for them."""
+    active = load.sum(-1, keepdim=True) > 0
+    return torch.sign(load.mean(-1, keepdim=True) - load) * active
+
+
 class FlyLoRALinear(nn.Module):
     """A linear layer plus FlyLoRA's implicit rank-wise mixture of experts.
 
@@ -173,10 +180,8 @@ class FlyLoRALinear(nn.Module):
     @torch.no_grad()
     def update_balance_bias(self) -> None:
         """Auxiliary-loss-free balancing: raise the bias of under-used ranks, lower the rest."""
-        load = self.rank_load
-        if load.sum() > 0:
-            self.balance_bias += self.bias_update_rate * torch.sign(load.mean() - load)
-        load.zero_()
+        self.balance_bias += self.bias_update_rate * _balance_step(self.rank_load)
+        self.rank_load.zero_()
 
     def freeze_base(self) -> None:
         """Adapter fine-tuning: only lora_B keeps requires_grad."""
@@ -340,9 +345,19 @@ def logit_features(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor
 def _logit_features(logits: torch.Tensor) -> torch.Tensor:
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)
-    top2 = z.topk(2, dim=-1).values
+    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+        # topk's values by two max-reductions the compiler fuses with the others over the
+        # vocabulary (topk is a separate radix-select); a repeated maximum is its own
+        # runner-up, as with topk.
+        first = z.amax(-1)
+        is_first = z == first.unsqueeze(-1)
+        runner_up = torch.where(is_first, float("-inf"), z).amax(-1)
+        second = torch.where(is_first.sum(-1) > 1, first, runner_up)
+    else:
+        top2 = z.topk(2, dim=-1).values
+        first, second = top2[..., 0], top2[..., 1]
     entropy = lse - (z.softmax(-1) * z).sum(-1)
-    return torch.stack((top2[..., 0] - lse, top2[..., 0] - top2[..., 1], entropy), -1)
+    return torch.stack((first - lse, first - second, entropy), -1)
 
 
 class MetaHead(nn.Module):
@@ -424,10 +439,22 @@ class VesperLM(nn.Module):
     def flylora_layers(self) -> list[FlyLoRALinear]:
         return [m for m in self.modules() if isinstance(m, FlyLoRALinear)]
 
+    @torch.no_grad()
     def update_flylora_balance(self) -> None:
-        """Apply the gradient-free load-balancing update to every FlyLoRA layer (per step)."""
+        """Apply the gradient-free load-balancing update to every FlyLoRA layer (per step).
+
+        Layers of one rank and rate (all of them, in a model built from one config) go
+        together: a handful of operations per step instead of several per layer.
+        """
+        groups: dict[tuple, list[FlyLoRALinear]] = {}
         for m in self.flylora_layers():
-            m.update_balance_bias()
+            key = (m.rank, m.bias_update_rate, m.rank_load.device, m.rank_load.dtype)
+            groups.setdefault(key, []).append(m)
+        for (_, rate, _, _), layers in groups.items():
+            loads = [m.rank_load for m in layers]
+            steps = _balance_step(torch.stack(loads)).unbind(0)
+            torch._foreach_add_([m.balance_bias for m in layers], steps, alpha=rate)
+            torch._foreach_zero_(loads)
 
     def freeze_base(self) -> None:
         """Freeze everything but the FlyLoRA up-projections and the MetaHead."""
