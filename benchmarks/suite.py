@@ -391,7 +391,7 @@ register(BenchSpec(
     args={"cpu": ["--preset", "tiny", "--steps", "20"], "quick": ["--preset", "tiny", "--quick"],
           # DESIGN.md's anchor: 'medium' (vocab 32000), B=8, S=1024, bf16, compiled.
           "cuda": ["--preset", "medium", "--batch", "8", "--seq", "1024", "--vocab", "32000",
-                   "--compile"]},
+                   "--compile", "--profile"]},
     timeout_s={"cpu": 600, "quick": 300, "cuda": 240}))
 register(BenchSpec(
     name="generate", module="vesper_sdk.benchmarks.generate",

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -121,24 +122,29 @@ class Variant:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._sync()
         t0 = time.perf_counter()
+        # (record_function: the phases show as labelled ranges under --profile)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = self.fwd(self.inputs)
-        if self.seed_style:
-            lm = seed_lm_loss(out.logits, self.labels)
-        else:
-            lm = lm_loss_sum(out.logits, self.labels, self.mask) / self.mask.numel()
-        loss = lm + metahead_loss(out, self.labels, self.mask, self.cfg.eos_token_id)
-        loss = loss + out.aux_loss
+            with record_function("forward"):
+                out = self.fwd(self.inputs)
+        with record_function("loss"):
+            if self.seed_style:
+                lm = seed_lm_loss(out.logits, self.labels)
+            else:
+                lm = lm_loss_sum(out.logits, self.labels, self.mask) / self.mask.numel()
+            loss = lm + metahead_loss(out, self.labels, self.mask, self.cfg.eos_token_id)
+            loss = loss + out.aux_loss
         self._sync()
         t1 = time.perf_counter()
-        loss.backward()
+        with record_function("backward"):
+            loss.backward()
         self._sync()
         t2 = time.perf_counter()
-        if not self.seed_style:
-            self.opt.set_loss(lm.item(), self.cfg.vocab_size)  # as the training loop does
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=self.seed_style)
-        self.model.update_flylora_balance()
+        with record_function("optimizer"):
+            if not self.seed_style:
+                self.opt.set_loss(lm.item(), self.cfg.vocab_size)  # as the training loop does
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=self.seed_style)
+            self.model.update_flylora_balance()
         self._sync()
         t3 = time.perf_counter()
         if record:
@@ -163,6 +169,25 @@ class Variant:
                 "model_tflops": self.cfg.estimate_flops_per_token(args.seq) * tok_s / 1e12}
 
 
+def profile_steps(variant: Variant, device: torch.device, steps: int = 2) -> None:
+    """Where a step's time goes: top operators by self time, then the labelled phases."""
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            variant.step(record=False)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages()
+    print(f"\nprofile of {steps} steps of '{variant.name}', top operators by self "
+          f"{'device' if cuda else 'CPU'} time:")
+    print(table.table(sort_by=key, row_limit=25, max_name_column_width=70))
+    phases = [e for e in table if e.key in ("forward", "loss", "backward", "optimizer")]
+    for e in phases:
+        dev = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
+        print(f"phase {e.key:<10} CPU {e.cpu_time_total / steps / 1e3:8.2f} ms/step"
+              + (f"   device {dev / steps / 1e3:8.2f} ms/step" if cuda else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile our variant")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile two steps of our variant and print the "
+                        "operators that take the most device (GPU) or CPU time, and the "
+                        "phases (forward, loss, backward, optimizer)")
     args = p.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
@@ -223,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{seed['tokens_per_s']:.0f} tok/s ({speedup:.2f}x), {args.preset} "
                 f"B={args.batch} S={args.seq} on {device}")
     print(headline)
+    if args.profile:
+        profile_steps(variants[1], device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
