@@ -26,12 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     from vesper_sdk.generate import LLM, GenerationRequest, TorchBackend
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--preset", default="small", help="model shape (random weights)")
     ap.add_argument("--vocab-size", type=int, default=32000)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--torch-profile", action="store_true")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens per timed decode")
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    ap.add_argument("--torch-profile", action="store_true",
+                    help="also print the top operators by device (or CPU) time")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
