@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens per timed decode")
     ap.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="CUDA: record the eager step as the graph (default: compiled, as "
+                         "vesper serve runs it)")
     ap.add_argument("--torch-profile", action="store_true",
                     help="also print the top operators by device (or CPU) time")
     args = ap.parse_args(argv)
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                                       max_seq_len=1024)
     tok = vs.VesperTokenizer.train([f"profile line {i}" for i in range(100)], vocab_size=300,
                                    min_frequency=1)
-    backend = TorchBackend(vs.VesperLM(cfg).to(dev))
+    backend = TorchBackend(vs.VesperLM(cfg).to(dev), compile=cuda and not args.no_compile)
     lm = LLM(backend, tok)
     prompts = torch.randint(3, cfg.vocab_size, (args.batch, 32)).tolist()
 

@@ -339,11 +339,11 @@ def check_bnb(device: str, small: bool) -> list[dict[str, Any]]:
 def _decode_variants(device: str) -> dict[str, dict[str, Any]]:
     """TorchBackend settings to hold against the model's own forward (the reference)."""
     if not device.startswith("cuda"):  # no graphs off CUDA; the static step eagerly
-        return {"static eager": {"static_cache": True, "compile": False}}
-    return {"graph + compile (default)": {},
-            "graph, eager step": {"compile": False},
-            "compile, no graph": {"cuda_graph": False},
-            "static eager": {"cuda_graph": False, "compile": False}}
+        return {"static eager": {"static_cache": True}}
+    return {"graph + compile (vesper serve)": {"compile": True},
+            "graph, eager step (default)": {},
+            "compile, no graph": {"cuda_graph": False, "compile": True},
+            "static eager": {"cuda_graph": False}}
 
 
 def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
@@ -412,7 +412,7 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
             cuda = device.startswith("cuda")
             row["ok"] = bool(row["same_tokens"] and row["conf_max_diff"] < 1e-3
                              and row["graph"] == kw.get("cuda_graph", cuda)
-                             and row["compiled"] == kw.get("compile", cuda))
+                             and row["compiled"] == kw.get("compile", False))
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["trace"] = traceback.format_exc().splitlines()[-3:]

@@ -129,6 +129,16 @@ def test_batched_generation_equals_each_prompt_alone(lm):
     assert texts == ["".join(t.text for t in row) for row in batched]
 
 
+def test_compile_applies_only_to_the_static_cache_step(model):
+    # On the CPU there is no static cache by default, so compile=True compiles nothing
+    # (a one-shot CLI run must not wait for the compiler); with the static step it does.
+    assert TorchBackend(copy.deepcopy(model), compile=True).compile is False
+    assert TorchBackend(copy.deepcopy(model), compile=True, static_cache=True).compile is True
+    assert TorchBackend(copy.deepcopy(model), static_cache=True).compile is False
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        TorchBackend(copy.deepcopy(model), cuda_graph=True)
+
+
 def test_static_cache_path_equals_dynamic_cache(model, tokenizer):
     """The CUDA-graph decode step (run eagerly here) matches VesperLM.forward."""
     dynamic = LLM(copy.deepcopy(model), tokenizer)
