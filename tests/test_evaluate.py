@@ -64,6 +64,12 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
         assert s["n"] == report["tokens"]  # both signals on the same tokens
         assert 0.0 <= s["ece"] <= 1.0 and len(s["reliability"]["counts"]) == 15
         assert f"{s['ece']:.3f}" in text
+        lo, hi = s["ci95"]["auroc"]
+        assert lo <= hi and f"[{lo:.3f}, {hi:.3f}]" in text
+    diff = report["metahead_minus_baseline"]
+    assert diff["documents"] == 40 and diff["resamples"] == 200
+    assert diff["ece"] == pytest.approx(report["metahead"]["ece"] - report["max_softmax"]["ece"])
+    assert "bootstrap resamples of the 40 documents" in text
     assert report["skills"]["n"] == 6 and 0.0 <= report["skills"]["accuracy"] <= 1.0
 
 

@@ -20,6 +20,7 @@ from vesper_sdk.metacog import (
     expected_calibration_error,
     fit_platt,
     join_flags,
+    paired_bootstrap,
     rankdata,
     reliability_bins,
 )
@@ -175,3 +176,27 @@ def test_plan_caps_retries_and_varies_sampling():
     assert reg.accepts(0.85) and not reg.accepts(0.84)
     assert join_flags("conservative", None, "retry 1") == "conservative, retry 1"
     assert join_flags(None, None) is None
+
+
+def test_paired_bootstrap_intervals_are_paired_and_resample_whole_groups():
+    rng = np.random.default_rng(0)
+    n = 2000
+    correct = rng.random(n) < 0.8
+    good = np.clip(np.where(correct, 0.85, 0.4) + rng.normal(0, 0.1, n), 0, 1)
+    noisy = rng.random(n)
+    groups = np.repeat(np.arange(200), 10)
+    out = paired_bootstrap(good, noisy, correct, groups, resamples=100)
+    assert out["groups"] == 200 and out["resamples"] == 100
+    point = auroc(good, correct)
+    lo, hi = out["a"]["auroc"]
+    assert lo < point < hi and hi - lo < 0.1
+    # A real gap: the paired interval of the AUROC difference lies above zero.
+    assert out["a_minus_b"]["auroc"][0] > 0.2
+    # The same signal twice: every resample's difference is exactly zero.
+    same = paired_bootstrap(good, good, correct, groups, resamples=50)
+    assert same["a_minus_b"]["auroc"] == [0.0, 0.0] == same["a_minus_b"]["ece"]
+    # One group holding every token: each resample is the whole sample again.
+    whole = paired_bootstrap(good, noisy, correct, np.zeros(n), resamples=20)
+    assert whole["a"]["auroc"][0] == whole["a"]["auroc"][1] == pytest.approx(point)
+    with pytest.raises(ValueError, match="groups and correct differ in length"):
+        paired_bootstrap(good, noisy, correct, groups[:-1])

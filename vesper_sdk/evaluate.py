@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .generate import LLM, GenerationRequest, load
-from .metacog import calibration_summary, mean
+from .metacog import calibration_summary, mean, paired_bootstrap
 from .tokenizer import VesperTokenizer
 
 Example = tuple[list[int], list[int]]  # token ids, 0/1 mask of the tokens to score
@@ -48,8 +48,9 @@ class EvalOptions:
         "help": "builtin:skills (held-out split), or a .jsonl/.txt file or folder"})
     out_dir: str | None = field(default=None, metadata={
         "help": "where calibration.json and reliability.png go (default: MODEL_DIR/eval)"})
-    max_examples: int = field(default=400, metadata={
-        "help": "most documents/chats to read"})
+    max_examples: int = field(default=3000, metadata={
+        "help": "most documents/chats to read (3000 held-out chats: ~11 k tokens, seconds "
+                "on a CPU; fewer make ECE noisy and biased upwards)"})
     max_tokens: int = field(default=50_000, metadata={"help": "most tokens to score"})
     seq_len: int = field(default=512, metadata={
         "help": "window length for long documents (capped by the model's context)"})
@@ -96,15 +97,17 @@ def encode_examples(tok: VesperTokenizer, records: Sequence[str | list[dict]],
     return out
 
 
-def _windows(examples: Sequence[Example], seq_len: int) -> list[Example]:
+def _windows(examples: Sequence[Example], seq_len: int,
+             ) -> list[tuple[list[int], list[int], int]]:
+    """(ids, score mask, index of the example) per window of at most ``seq_len`` tokens."""
     # Windows overlap by one token so that each token is predicted exactly once.
     out = []
-    for ids, mask in examples:
+    for doc, (ids, mask) in enumerate(examples):
         start = 0
         while True:
             w_ids, w_mask = ids[start:start + seq_len], mask[start:start + seq_len]
             if len(w_ids) >= 2:
-                out.append((w_ids, [0] + w_mask[1:]))
+                out.append((w_ids, [0] + w_mask[1:], doc))
             if start + seq_len >= len(ids):
                 break
             start += seq_len - 1
@@ -114,12 +117,14 @@ def _windows(examples: Sequence[Example], seq_len: int) -> list[Example]:
 # ----------------------------------------------------------------------------- scoring
 @dataclass
 class TokenStats:
-    """Per scored token: NLL, top-1 correctness, MetaHead confidence, max softmax prob."""
+    """Per scored token: NLL, top-1 correctness, MetaHead confidence, max softmax prob, and
+    the example it belongs to (``doc``: tokens of one example are not independent)."""
 
     nll: np.ndarray
     correct: np.ndarray
     confidence: np.ndarray
     msp: np.ndarray
+    doc: np.ndarray
 
     @property
     def n(self) -> int:
@@ -131,7 +136,7 @@ def score_tokens(lm: LLM, examples: Sequence[Example], seq_len: int = 512,
     """Teacher-forced statistics of every scored token, through ``lm.backend.forward``."""
     seq_len = max(2, min(seq_len, lm.max_seq_len))
     windows = sorted(_windows(examples, seq_len), key=lambda w: len(w[0]))
-    nll, correct, conf, msp = [], [], [], []
+    nll, correct, conf, msp, doc = [], [], [], [], []
     total = 0
     pad = lm.tokenizer.pad_id
     for i in range(0, len(windows), batch_size):
@@ -142,7 +147,7 @@ def score_tokens(lm: LLM, examples: Sequence[Example], seq_len: int = 512,
         ids = torch.full((len(batch), length), pad, dtype=torch.long)
         attn = torch.zeros((len(batch), length), dtype=torch.long)
         score = torch.zeros((len(batch), length), dtype=torch.bool)
-        for r, (w_ids, w_mask) in enumerate(batch):
+        for r, (w_ids, w_mask, _) in enumerate(batch):
             n = len(w_ids)  # left padding, as in generation
             ids[r, length - n:] = torch.tensor(w_ids)
             attn[r, length - n:] = 1
@@ -160,14 +165,16 @@ def score_tokens(lm: LLM, examples: Sequence[Example], seq_len: int = 512,
             correct.append((top == target)[sel].numpy())
             conf.append(out.confidence[:, :-1].float().cpu()[sel].numpy())
             msp.append(top_lp.exp()[sel].numpy())
+            docs = torch.tensor([w[2] for w in batch])[:, None].expand_as(sel)
+            doc.append(docs[sel].numpy())
         total += int(sel.sum())
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
-    stats = TokenStats(cat(nll), cat(correct), cat(conf), cat(msp))
+    stats = TokenStats(cat(nll), cat(correct), cat(conf), cat(msp), cat(doc).astype(np.int64))
     if max_tokens is not None and stats.n > max_tokens:
-        stats = TokenStats(stats.nll[:max_tokens], stats.correct[:max_tokens],
-                           stats.confidence[:max_tokens], stats.msp[:max_tokens])
+        stats = TokenStats(*(a[:max_tokens] for a in (stats.nll, stats.correct,
+                                                      stats.confidence, stats.msp, stats.doc)))
     return stats
 
 
@@ -215,7 +222,7 @@ def skills_accuracy(lm: LLM, n: int, seed: int = 0, max_answer_tokens: int = 24,
 
 # ----------------------------------------------------------------------------- report
 def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
-             out_dir: str | Path | None = None, max_examples: int = 400,
+             out_dir: str | Path | None = None, max_examples: int = 3000,
              max_tokens: int = 50_000, seq_len: int = 512, batch_size: int = 8,
              bins: int = 15, skills_questions: int = 200, max_answer_tokens: int = 24,
              seed: int = 0, device: str = "auto") -> dict[str, Any]:
@@ -250,6 +257,16 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
         "metahead": calibration_summary(stats.confidence, stats.correct, bins),
         "max_softmax": calibration_summary(stats.msp, stats.correct, bins),
     }
+    # How far the figures would move on another sample of documents (paired: both signals
+    # on the same resampled tokens), so a difference is read against its noise.
+    boot = paired_bootstrap(stats.confidence, stats.msp, stats.correct, stats.doc, bins,
+                            seed=seed)
+    report["metahead"]["ci95"], report["max_softmax"]["ci95"] = boot["a"], boot["b"]
+    report["metahead_minus_baseline"] = {
+        "ece": report["metahead"]["ece"] - report["max_softmax"]["ece"],
+        "auroc": report["metahead"]["auroc"] - report["max_softmax"]["auroc"],
+        "ci95": boot["a_minus_b"], "resamples": boot["resamples"],
+        "documents": boot["groups"]}
     if data == "builtin:skills" and skills_questions > 0:
         report["skills"] = skills_accuracy(lm, skills_questions, seed, max_answer_tokens,
                                            batch_size)
@@ -321,6 +338,14 @@ def _fmt(x: Any, digits: int = 3) -> str:
         f"{x:.{digits}f}"
 
 
+def _with_ci(x: Any, ci: Any, digits: int = 3, sign: bool = False) -> str:
+    """'0.017 [0.013, 0.021]' (the interval left out when there is none)."""
+    def f(v: Any) -> str:
+        text = _fmt(v, digits)
+        return f"+{text}" if sign and text != "n/a" and not text.startswith("-") else text
+    return f(x) if not ci else f"{f(x)} [{f(ci[0])}, {f(ci[1])}]"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as the plain-text table ``vesper eval`` prints."""
     lines = [
@@ -330,14 +355,22 @@ def format_report(report: dict[str, Any]) -> str:
         f"perplexity {_fmt(report['perplexity'], 3)}   token accuracy (top-1 == label) "
         f"{_fmt(report['token_accuracy'])}",
         "",
-        f"{'confidence signal':<28}{'ECE (' + str(report['bins']) + ' bins)':>14}"
-        f"{'AUROC':>8}{'Brier':>8}{'mean conf':>11}",
+        f"{'confidence signal':<28}{'ECE (' + str(report['bins']) + ' bins)':>22}"
+        f"{'AUROC':>22}{'Brier':>8}{'mean conf':>11}",
     ]
     for key, name in (("metahead", "MetaHead confidence"),
                       ("max_softmax", "max softmax prob (baseline)")):
         s = report[key]
-        lines.append(f"{name:<28}{_fmt(s['ece']):>14}{_fmt(s['auroc']):>8}"
+        ci = s.get("ci95", {})
+        lines.append(f"{name:<28}{_with_ci(s['ece'], ci.get('ece')):>22}"
+                     f"{_with_ci(s['auroc'], ci.get('auroc')):>22}"
                      f"{_fmt(s['brier']):>8}{_fmt(s['mean_confidence']):>11}")
+    d = report.get("metahead_minus_baseline")
+    if d:
+        lines.append(f"MetaHead - baseline: ECE {_with_ci(d['ece'], d['ci95']['ece'], 4, True)}"
+                     f", AUROC {_with_ci(d['auroc'], d['ci95']['auroc'], 4, True)}")
+        lines.append(f"[...]: 95 % intervals from {d['resamples']} bootstrap resamples of the "
+                     f"{d['documents']} documents")
     if "skills" in report:
         sk = report["skills"]
         lines += ["", f"skills accuracy (greedy answer, exact match): {_fmt(sk['accuracy'])} "

@@ -317,6 +317,52 @@ def calibration_summary(confidence: Any, correct: Any, n_bins: int = 15) -> dict
     }
 
 
+def paired_bootstrap(confidence_a: Any, confidence_b: Any, correct: Any, groups: Any,
+                     n_bins: int = 15, resamples: int = 200, level: float = 0.95,
+                     seed: int = 0) -> dict[str, Any]:
+    """Bootstrap intervals of ECE and AUROC for two confidence signals on the same tokens.
+
+    Whole groups (``groups``: one id per token, e.g. its document) are resampled with
+    replacement, since tokens of one document are not independent; each resample scores
+    both signals on the same tokens, so the interval of the difference (a - b) is the
+    paired one. Returns ``{"a": {"ece": [lo, hi], "auroc": [lo, hi]}, "b": ...,
+    "a_minus_b": ..., "resamples", "groups", "level"}`` (percentile intervals).
+    """
+    a, y = _as_scores(confidence_a, correct)
+    b, _ = _as_scores(confidence_b, correct)
+    g = np.asarray(_to_numpy(groups)).reshape(-1)
+    if g.shape != y.shape:
+        raise ValueError(f"groups and correct differ in length: {g.size} vs {y.size}")
+    _, inv = np.unique(g, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in ("a_ece", "a_auroc", "b_ece", "b_auroc")}
+    for _ in range(resamples if counts.size else 0):
+        pick = rng.integers(0, counts.size, counts.size)
+        lengths = counts[pick]
+        # Token positions of the picked groups, vectorised: group start + offset within.
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        idx = order[np.repeat(starts[pick], lengths) + offsets]
+        for key, sig in (("a", a), ("b", b)):
+            draws[f"{key}_ece"].append(expected_calibration_error(sig[idx], y[idx], n_bins))
+            draws[f"{key}_auroc"].append(auroc(sig[idx], y[idx]))
+    q = [50 * (1 - level), 50 * (1 + level)]
+
+    def interval(values: Any) -> list[float]:
+        v = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(v).any():
+            return [float("nan"), float("nan")]
+        return [float(x) for x in np.nanpercentile(v, q)]
+
+    diff = {m: np.subtract(draws[f"a_{m}"], draws[f"b_{m}"]) for m in ("ece", "auroc")}
+    return {"a": {m: interval(draws[f"a_{m}"]) for m in ("ece", "auroc")},
+            "b": {m: interval(draws[f"b_{m}"]) for m in ("ece", "auroc")},
+            "a_minus_b": {m: interval(diff[m]) for m in ("ece", "auroc")},
+            "resamples": resamples, "groups": int(counts.size), "level": level}
+
+
 def fit_platt(logits: Any, correct: Any, iterations: int = 50, l2: float = 1e-4,
               ) -> tuple[float, float]:
     """Platt scaling: (scale, bias) minimising the log loss of sigmoid(scale * z + bias).
