@@ -12,12 +12,13 @@ import vesper_sdk as vs
 import vesper_sdk.demo.app  # noqa: F401  (DEFAULT_MODEL_DIR)
 from vesper_sdk import cli
 
-API = ["train", "load", "quantize", "export_onnx", "serve"]
+API = ["train", "load", "calibrate", "quantize", "export_onnx", "serve"]
 
 
 def test_public_functions_stay_callable_after_their_modules_are_imported():
     # Importing vesper_sdk.train (as the CLI does) binds the module to vs.train.
-    for mod in ("vesper_sdk.train", "vesper_sdk.quantize", "vesper_sdk.serve"):
+    for mod in ("vesper_sdk.train", "vesper_sdk.calibrate", "vesper_sdk.quantize",
+                "vesper_sdk.serve"):
         importlib.import_module(mod)
     for name in API:
         assert callable(getattr(vs, name)), name

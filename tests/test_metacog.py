@@ -18,6 +18,7 @@ from vesper_sdk.metacog import (
     brier_score,
     calibration_summary,
     expected_calibration_error,
+    fit_confidence,
     fit_platt,
     join_flags,
     paired_bootstrap,
@@ -200,3 +201,34 @@ def test_paired_bootstrap_intervals_are_paired_and_resample_whole_groups():
     assert whole["a"]["auroc"][0] == whole["a"]["auroc"][1] == pytest.approx(point)
     with pytest.raises(ValueError, match="groups and correct differ in length"):
         paired_bootstrap(good, noisy, correct, groups[:-1])
+
+
+def _confidence_problem(n: int, seed: int, signal: bool):
+    """Activations [n, 6] and outcomes; the current row reads only column 0. With
+    ``signal``, column 1 (which the row ignores) also decides what is right."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, 6))
+    logit = 1.5 * a[:, 0] + (2.0 * a[:, 1] if signal else 0.0) + 1.0
+    y = rng.random(n) < 1 / (1 + np.exp(-logit))
+    groups = np.repeat(np.arange(n // 4), 4)[:n]
+    return a, y, groups
+
+
+def test_fit_confidence_uses_activations_only_when_they_help_on_unseen_groups():
+    row, bias = np.array([0.5, 0, 0, 0, 0, 0]), 0.2  # miscalibrated, blind to column 1
+    a, y, g = _confidence_problem(4000, 0, signal=True)
+    fit = fit_confidence(a, y, g, row, bias)
+    assert math.isfinite(fit.l2) and fit.cv_log_loss[fit.l2] < fit.cv_log_loss[math.inf]
+    test_a, test_y, _ = _confidence_problem(4000, 1, signal=True)
+    new, old = test_a @ fit.weight + fit.bias, test_a @ row + bias
+    assert auroc(new, test_y) > auroc(old, test_y) + 0.05
+    assert expected_calibration_error(1 / (1 + np.exp(-new)), test_y) < 0.03
+    # No extra signal: cross-validation keeps (close to) Platt scaling of the old logit.
+    a, y, g = _confidence_problem(4000, 2, signal=False)
+    fit = fit_confidence(a, y, g, row, bias)
+    test_a, test_y, _ = _confidence_problem(4000, 3, signal=False)
+    new, old = test_a @ fit.weight + fit.bias, test_a @ row + bias
+    assert auroc(new, test_y) == pytest.approx(auroc(old, test_y), abs=0.01)
+    assert abs(fit.weight[1:]).max() < 0.1 * abs(fit.weight[0])
+    with pytest.raises(ValueError, match="do not fit together"):
+        fit_confidence(a, y[:-1], g, row, bias)

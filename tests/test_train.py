@@ -26,7 +26,8 @@ from vesper_sdk.train import (
 
 # A very small model and data set: every run here takes seconds on two CPU cores.
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_hidden_size=128, vocab_size=384,
-             builtin_examples=1500, progress=False, eval_batches=4)
+             builtin_examples=1500, progress=False, eval_batches=4,
+             calibration_examples=300)  # the default 10,000 take ~15 s per run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,6 +163,17 @@ def test_training_on_skills_lowers_val_loss_and_writes_a_loadable_model(base_run
     assert steps == [80] and r.best_checkpoint.name == "step-00000080"
     # A checkpoint is itself a loadable model folder.
     assert vs.load(r.checkpoint, device="cpu").config.hidden_size == 64
+    # The saved model's confidence row was refitted on held-out tokens after the last
+    # checkpoint, the fit folded into the row (calibration back to identity).
+    m = r.metrics
+    assert m["calibration_tokens"] > 100 and m["calibration_groups"] > 10
+    assert math.isfinite(m["calibration_cv_log_loss"])
+    assert m["calibration_cv_log_loss"] <= m["calibration_cv_log_loss_platt"] + 1e-12
+    head = lm.model.metahead
+    assert head.calibration.tolist() == [1.0, 0.0]
+    trained = vs.load(r.checkpoint, device="cpu").model.metahead
+    assert not torch.equal(head.out.weight[0], trained.out.weight[0])
+    assert torch.equal(head.out.weight[1:], trained.out.weight[1:])  # stop, error: untouched
 
 
 @pytest.mark.parametrize("optimizer", ["velvet", "adamw"])
@@ -203,7 +215,8 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, small):
 def test_flylora_finetune_trains_only_lora_b_and_metahead(base_run, tmp_path, capsys):
     r = vs.train("builtin:skills", tmp_path / "ft", init_from=str(base_run.model_dir),
                  finetune="flylora", max_steps=5, lr=1e-2, seq_len=64, batch_size=8,
-                 builtin_examples=500, progress=False, eval_every=0, checkpoint_every=0)
+                 builtin_examples=500, progress=False, eval_every=0, checkpoint_every=0,
+                 calibration_examples=300)
     before = load_file(str(base_run.model_dir / "model.safetensors"))
     after = load_file(str(r.model_dir / "model.safetensors"))
     assert before.keys() == after.keys()
@@ -321,7 +334,7 @@ def test_preset_auto_end_to_end(tmp_path, capsys):
     r = vs.train("builtin:skills", tmp_path, preset="auto", vocab_size=384,
                  builtin_examples=500, seq_len=32, batch_size=4, max_steps=2,
                  eval_every=0, checkpoint_every=0, progress=False, profile_memory=True,
-                 tensorboard=True)
+                 tensorboard=True, calibration_examples=300)
     config = json.loads((r.model_dir / "config.json").read_text())
     assert config["preset"] in LADDER
     out = capsys.readouterr().out

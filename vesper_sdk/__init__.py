@@ -4,7 +4,7 @@
 >>> cfg = vs.VesperConfig.from_preset("tiny", vocab_size=4096)
 >>> model = vs.VesperLM(cfg)
 
-Heavy entry points (train, quantize, export_onnx, serve) import their dependencies only
+Heavy entry points (train, calibrate, quantize, export_onnx, serve) import their dependencies only
 when called, so ``import vesper_sdk`` stays fast and works without the optional extras.
 """
 
@@ -27,6 +27,7 @@ _LAZY = {
     "TrainOptions": ("vesper_sdk.train", "TrainOptions"),
     "VelvetOptimizer": ("vesper_sdk.optim", "VelvetOptimizer"),
     "quantize": ("vesper_sdk.quantize", "quantize"),
+    "calibrate": ("vesper_sdk.calibrate", "calibrate"),
     "export_onnx": ("vesper_sdk.export.onnx_export", "export_onnx"),
     "serve": ("vesper_sdk.serve", "serve"),
     "export": ("vesper_sdk.export", None),

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "generate text, showing each token's confidence"),
     "eval": ("vesper_sdk.evaluate", "EvalOptions",
              "perplexity and MetaHead calibration report on held-out data"),
+    "calibrate": ("vesper_sdk.calibrate", "CalibrateOptions",
+                  "refit a model's MetaHead confidence on held-out data"),
     "quantize": ("vesper_sdk.quantize", "QuantizeOptions",
                  "quantize a model folder to INT8/NF4/FP4 with bitsandbytes"),
     "export": ("vesper_sdk.export.onnx_export", "ExportOptions",
@@ -104,8 +106,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vesper",
-        description="VesperLM from training to deployment: train, generate, eval, quantize, "
-                    "export, serve, demo, bench. `vesper COMMAND --help` for a command's options.")
+        description="VesperLM from training to deployment: train, generate, eval, calibrate, "
+                    "quantize, export, serve, demo, bench. `vesper COMMAND --help` for a "
+                    "command's options.")
     parser.add_argument("--version", action="version", version=f"vesper-sdk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, cls_name, description) in COMMANDS.items():

@@ -34,6 +34,7 @@ Calibration (pure numpy, no scikit-learn)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -363,14 +364,41 @@ def paired_bootstrap(confidence_a: Any, confidence_b: Any, correct: Any, groups:
             "resamples": resamples, "groups": int(counts.size), "level": level}
 
 
-def fit_platt(logits: Any, correct: Any, iterations: int = 50, l2: float = 1e-4,
-              ) -> tuple[float, float]:
+def _fit_logistic(x: np.ndarray, y: np.ndarray, penalty: np.ndarray, start: np.ndarray,
+                  iterations: int = 100) -> np.ndarray:
+    """Weights minimising mean log loss of sigmoid(x @ w) + 0.5 * sum(penalty * w**2).
+
+    Newton's method with a backtracking line search (from far away a full step
+    overshoots); a positive penalty on every coefficient keeps it well posed."""
+    n = max(len(y), 1)
+
+    def loss(w: np.ndarray) -> float:  # stable for any logit
+        m = x @ w
+        return float(np.mean(np.logaddexp(0.0, m) - y * m) + 0.5 * (penalty * w) @ w)
+
+    w = start.astype(np.float64).copy()
+    current = loss(w)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50.0, 50.0)))
+        grad = x.T @ (p - y) / n + penalty * w
+        hess = (x.T * (p * (1.0 - p))) @ x / n + np.diag(penalty)
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-6 and loss(w - t * step) > current:
+            t /= 2
+        w = w - t * step
+        previous, current = current, loss(w)
+        if previous - current < 1e-12:
+            break
+    return w
+
+
+def fit_platt(logits: Any, correct: Any, l2: float = 1e-4) -> tuple[float, float]:
     """Platt scaling: (scale, bias) minimising the log loss of sigmoid(scale * z + bias).
 
-    ``logits`` are raw confidence logits z, ``correct`` the 0/1 outcomes. Newton's method
-    with a backtracking line search on the two parameters (a tiny L2 term keeps it well
-    posed when one class is absent);
-    returns (1, 0), the identity, when there is nothing to fit.
+    ``logits`` are raw confidence logits z, ``correct`` the 0/1 outcomes (a tiny L2 term
+    keeps it well posed when one class is absent); (1, 0), the identity, when there is
+    nothing to fit.
     """
     z = np.asarray(_to_numpy(logits), dtype=np.float64).reshape(-1)
     y = np.asarray(_to_numpy(correct)).reshape(-1).astype(np.float64)
@@ -378,27 +406,79 @@ def fit_platt(logits: Any, correct: Any, iterations: int = 50, l2: float = 1e-4,
         raise ValueError(f"logits and correct differ in length: {z.size} vs {y.size}")
     if z.size == 0:
         return 1.0, 0.0
-    x = np.stack([z, np.ones_like(z)], axis=1)
-
-    def loss(w: np.ndarray) -> float:  # mean log loss + L2, stable for any logit
-        m = x @ w
-        return float(np.mean(np.logaddexp(0.0, m) - y * m) + 0.5 * l2 * w @ w)
-
-    w = np.array([1.0, 0.0])
-    current = loss(w)
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50.0, 50.0)))
-        grad = x.T @ (p - y) / z.size + l2 * w
-        hess = (x.T * (p * (1.0 - p))) @ x / z.size + l2 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        t = 1.0  # Newton from far away overshoots: halve the step until the loss falls
-        while t > 1e-6 and loss(w - t * step) > current:
-            t /= 2
-        w = w - t * step
-        previous, current = current, loss(w)
-        if previous - current < 1e-12:
-            break
+    w = _fit_logistic(np.stack([z, np.ones_like(z)], axis=1), y, np.full(2, l2),
+                      np.array([1.0, 0.0]))
     return float(w[0]), float(w[1])
+
+
+@dataclass
+class ConfidenceFit:
+    """A confidence output refitted on held-out tokens (see :func:`fit_confidence`)."""
+
+    weight: np.ndarray  # [d]: the new confidence row over the MetaHead's activations
+    bias: float
+    l2: float  # the penalty cross-validation chose (inf: Platt scaling alone)
+    cv_log_loss: dict[float, float]  # per candidate penalty, held-out folds
+    tokens: int
+    groups: int
+
+
+def fit_confidence(activations: Any, correct: Any, groups: Any, weight: Any, bias: float,
+                   l2_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+                   folds: int = 5, seed: int = 0) -> ConfidenceFit:
+    """Refit a linear confidence output on held-out tokens: Platt scaling plus a correction.
+
+    ``activations`` [n, d] are what the output layer reads, ``weight``/``bias`` its
+    current confidence row (logit z = activations @ weight + bias). The fit is logistic
+    regression on z (free: that alone is Platt scaling) and on the standardised
+    activations (L2-penalised): where the activations tell right from wrong better than
+    z does on unseen data, the new row uses them. The penalty comes from ``l2_grid``
+    (and inf: Platt alone) by ``folds``-fold cross-validation over whole ``groups``
+    (e.g. one id per question: the same question in two folds would leak), lowest held-out
+    log loss. Returns the row folded back into the activations' space.
+    """
+    a = np.asarray(_to_numpy(activations), dtype=np.float64)
+    y = np.asarray(_to_numpy(correct)).reshape(-1).astype(np.float64)
+    g = np.asarray(_to_numpy(groups)).reshape(-1)
+    w0 = np.asarray(_to_numpy(weight), dtype=np.float64).reshape(-1)
+    if a.ndim != 2 or a.shape[0] != y.size or g.size != y.size or a.shape[1] != w0.size:
+        raise ValueError(f"activations {a.shape}, correct {y.shape}, groups {g.shape} and "
+                         f"weight {w0.shape} do not fit together")
+    z = a @ w0 + bias
+    _, group_of = np.unique(g, return_inverse=True)
+    n_groups = int(group_of.max()) + 1 if y.size else 0
+    fold_of = np.random.default_rng(seed).permutation(n_groups)[group_of] % folds if \
+        n_groups else group_of
+
+    def fit(idx: np.ndarray, l2: float) -> Any:
+        mu, sd = a[idx].mean(0), a[idx].std(0) + 1e-6
+        if math.isinf(l2):  # Platt alone
+            x = np.stack([z[idx], np.ones(idx.size)], axis=1)
+            w = _fit_logistic(x, y[idx], np.full(2, 1e-6), np.array([1.0, 0.0]))
+            return lambda rows: w[0] * z[rows] + w[1], (w[0], w[1], np.zeros_like(w0), mu, sd)
+        x = np.column_stack([z[idx], np.ones(idx.size), (a[idx] - mu) / sd])
+        pen = np.concatenate([[1e-6, 1e-6], np.full(a.shape[1], l2)])
+        w = _fit_logistic(x, y[idx], pen, np.concatenate([[1.0, 0.0], np.zeros(a.shape[1])]))
+        return (lambda rows: w[0] * z[rows] + w[1] + ((a[rows] - mu) / sd) @ w[2:],
+                (w[0], w[1], w[2:], mu, sd))
+
+    grid = [*l2_grid, math.inf]
+    cv: dict[float, float] = {}
+    if n_groups >= folds:
+        for l2 in grid:
+            total = 0.0
+            for f in range(folds):
+                test = np.flatnonzero(fold_of == f)
+                logit, _ = fit(np.flatnonzero(fold_of != f), l2)
+                m = logit(test)
+                total += float(np.sum(np.logaddexp(0.0, m) - y[test] * m))
+            cv[l2] = total / y.size
+    chosen = min(cv, key=lambda k: cv[k]) if cv else math.inf
+    _, (alpha, beta, w, mu, sd) = fit(np.arange(y.size), chosen)
+    # alpha * (a @ w0 + bias) + beta + ((a - mu) / sd) @ w, as one row over a.
+    row = alpha * w0 + w / sd
+    return ConfidenceFit(row, float(alpha * bias + beta - (w / sd) @ mu), float(chosen), cv,
+                         int(y.size), n_groups)
 
 
 def mean(values: Sequence[float]) -> float:

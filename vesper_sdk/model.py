@@ -365,8 +365,9 @@ class MetaHead(nn.Module):
 
     Five logits: confidence (is my top-1 right?), stop (does the response end here?),
     and a 3-way error class (right / label in my top-5 / miss). ``calibration`` holds
-    (scale, bias) applied to the confidence logit (Platt scaling), fitted on held-out
-    data after training (:func:`vesper_sdk.metacog.fit_platt`); (1, 0) leaves it as is.
+    (scale, bias) applied to the confidence logit (Platt scaling); (1, 0) leaves it as
+    is. After training, the confidence row of ``out`` is refitted on held-out tokens
+    (:func:`vesper_sdk.metacog.fit_confidence`, which folds the scaling into the row).
     """
 
     def __init__(self, cfg: VesperConfig) -> None:
@@ -378,9 +379,14 @@ class MetaHead(nn.Module):
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.out(self.activations(h, logits))
+
+    def activations(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """What the output layer reads (the hidden layer), e.g. to refit the confidence
+        row on held-out tokens (:func:`vesper_sdk.metacog.fit_confidence`)."""
         if self.use_logits:
             h = torch.cat((h, logit_features(logits).to(h.dtype)), dim=-1)
-        return self.out(F.gelu(self.fc(h)))
+        return F.gelu(self.fc(h))
 
     def confidence(self, meta: torch.Tensor) -> torch.Tensor:
         """Calibrated probability that the top-1 is right, from the raw meta logits."""

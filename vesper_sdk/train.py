@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from ._callable import make_module_callable
+from .calibrate import MIN_TOKENS, describe, refit_confidence, skills_batches
 from .config import PRESETS, VesperConfig
 from .data import (
     BlockSampler,
@@ -56,7 +57,6 @@ from .data import (
     split_blocks,
     train_tokenizer,
 )
-from .metacog import fit_platt
 from .model import VesperLM, VesperOutput
 from .tokenizer import TOKENIZER_NAME, VesperTokenizer
 
@@ -123,11 +123,12 @@ class TrainOptions:
     metahead_grad_to_trunk: bool = _opt(False, "let the MetaHead loss train the trunk too "
                                         "(default: the MetaHead reads a detached state)")
     metahead_weight: float = _opt(1.0, "weight of the MetaHead loss")
-    calibrate: bool = _opt(True, "at the end, fit the MetaHead's confidence calibration "
-                           "(Platt scaling) on held-out tokens: builtin:skills' calibration "
-                           "split, else the validation blocks")
-    calibration_examples: int = _opt(2000, "builtin:skills: chats drawn from the calibration "
-                                     "split for --calibrate")
+    calibrate: bool = _opt(True, "at the end, refit the MetaHead's confidence output on "
+                           "held-out tokens (Platt scaling plus a cross-validated correction "
+                           "from its activations): builtin:skills' calibration split, else "
+                           "the validation blocks")
+    calibration_examples: int = _opt(10_000, "builtin:skills: chats drawn from the "
+                                     "calibration split for --calibrate")
     # --- optimisation
     optimizer: str = _opt("velvet", "optimizer", choices=["velvet", "adamw"])
     lr: float = _opt(5e-4, "peak learning rate")
@@ -786,66 +787,34 @@ class Trainer:
         return metrics
 
     # --- calibration -----------------------------------------------------------------
-    def _calibration_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(inputs, labels, mask) batches of held-out tokens for the Platt fit."""
+    def _calibration_batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(inputs, labels, mask, group) batches of held-out tokens for the confidence fit:
+        builtin:skills' calibration split (grouped by question), else the validation
+        blocks (one group each)."""
         opts = self.opts
-        if opts.data != "builtin:skills":
-            blocks = self.val_blocks[:64 * opts.batch_size]
-            for i in range(0, len(blocks), opts.batch_size):
-                yield get_batch(self.cache, blocks[i:i + opts.batch_size], opts.seq_len)
+        if opts.data == "builtin:skills":
+            yield from skills_batches(self.tokenizer, opts.calibration_examples, opts.seed,
+                                      opts.seq_len, opts.batch_size)
             return
-        from . import skills
+        blocks = self.val_blocks[:64 * opts.batch_size]
+        for i in range(0, len(blocks), opts.batch_size):
+            x, y, m = get_batch(self.cache, blocks[i:i + opts.batch_size], opts.seq_len)
+            yield x, y, m, torch.arange(i, i + x.shape[0])[:, None].expand_as(y)
 
-        # Unseen problems, packed into blocks as the training data is.
-        ids: list[int] = []
-        mask: list[int] = []
-        for ex in skills.calibration(opts.calibration_examples, opts.seed):
-            enc = self.tokenizer.encode_chat(ex["messages"])
-            ids += enc.ids
-            mask += enc.loss_mask
-        span = opts.seq_len + 1
-        n = max(1, len(ids) // span) if len(ids) > 1 else 0
-        tokens = torch.tensor(ids[:n * span], dtype=torch.long).view(n, span)
-        targets = torch.tensor(mask[:n * span], dtype=torch.bool).view(n, span)
-        for i in range(0, n, opts.batch_size):
-            block = tokens[i:i + opts.batch_size]
-            yield block[:, :-1], block[:, 1:], targets[i:i + opts.batch_size, 1:]
-
-    @torch.no_grad()
     def calibrate(self) -> dict[str, float] | None:
-        """Fit the MetaHead's Platt scaling on held-out tokens (see ``calibrate``).
+        """Refit the MetaHead's confidence on held-out tokens (:mod:`vesper_sdk.calibrate`).
 
         Every rank computes the same fit from the same data, so no exchange is needed.
-        Returns the fitted (scale, bias) and the ECE before and after, or None when there
-        are too few tokens to fit on.
+        Returns the fit's figures, or None when there are too few tokens to fit on.
         """
-        model = self.raw_model
-        was_training = model.training
-        model.eval()
-        logits, correct = [], []
-        for x, y, m in self._calibration_batches():
-            x, y, m = x.to(self.device), y.to(self.device), m.to(self.device)
-            with self._autocast():
-                out = model(x)
-            right = metahead_targets(out.logits, y, self.tokenizer.eos_id).correct
-            logits.append(out.meta_logits[..., 0].float()[m].cpu())
-            correct.append(right[m].cpu())
-        model.train(was_training)
-        z = torch.cat(logits) if logits else torch.zeros(0)
-        c = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
-        if z.numel() < 100:
-            self.log(f"calibration skipped: only {z.numel()} held-out tokens (need 100)")
-            return None
-        old_scale, old_bias = model.metahead.calibration.tolist()
-        scale, bias = fit_platt(z.numpy(), c.numpy())
-        model.metahead.calibration.copy_(torch.tensor([scale, bias]))
-        before = expected_calibration_error(torch.sigmoid(z * old_scale + old_bias), c)
-        after = expected_calibration_error(torch.sigmoid(z * scale + bias), c)
-        self.log(f"MetaHead calibration on {z.numel():,} held-out tokens: confidence = "
-                 f"sigmoid({scale:.3f} * logit {bias:+.3f}); ECE {before:.4f} -> {after:.4f}")
-        return {"calibration_scale": scale, "calibration_bias": bias,
-                "calibration_tokens": float(z.numel()), "calibration_ece_before": before,
-                "calibration_ece_after": after}
+        fit = refit_confidence(self.raw_model, self._calibration_batches(),
+                               self.tokenizer.eos_id, self._autocast)
+        if fit is None:
+            self.log(f"calibration skipped: fewer than {MIN_TOKENS} held-out "
+                     "tokens")
+        else:
+            self.log(describe(fit))
+        return fit
 
     # --- one step --------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:

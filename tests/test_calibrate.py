@@ -1,0 +1,83 @@
+"""``vesper calibrate`` / ``vesper_sdk.calibrate``: refit the MetaHead confidence on held-out
+data, save atomically, change nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _fixtures_serve import make_tiny_model
+
+import vesper_sdk as vs
+from vesper_sdk import cli
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("calibrate") / "tiny")
+
+
+def test_vesper_calibrate_refits_only_the_confidence_row(model_dir, tmp_path, capsys):
+    out = tmp_path / "recalibrated"
+    assert cli.main(["calibrate", str(model_dir), "--examples", "400", "--out-dir", str(out),
+                     "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "MetaHead confidence refit on" in text and "cross-validation" in text
+    before = vs.VesperLM.from_pretrained(model_dir).state_dict()
+    after = vs.VesperLM.from_pretrained(out).state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    # The confidence row and bias of the output layer (a calibration other than the
+    # identity would be folded into them and reset).
+    assert {"metahead.out.bias", "metahead.out.weight"} <= set(changed) <= {
+        "metahead.calibration", "metahead.out.bias", "metahead.out.weight"}
+    assert torch.equal(before["metahead.out.weight"][1:], after["metahead.out.weight"][1:])
+    assert after["metahead.calibration"].tolist() == [1.0, 0.0]
+    assert (out / "tokenizer.json").is_file()
+    lm = vs.load(out, device="cpu")
+    toks = lm.generate_tokens(["What is 2+3?"], max_new_tokens=4, temperature=0.0)[0]
+    assert all(0.0 <= t.confidence <= 1.0 for t in toks)
+
+
+def test_calibrate_on_a_jsonl_file_groups_by_document(model_dir, tmp_path):
+    data = tmp_path / "heldout.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                           {"role": "assistant", "content": f"{2 * i} is the answer"}]}
+             for i in range(300)]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    fit = vs.calibrate(model_dir, str(data), out_dir=tmp_path / "m", examples=300,
+                       device="cpu")
+    assert fit["calibration_groups"] > 100 and fit["calibration_tokens"] >= 100
+    assert fit["calibration_cv_log_loss"] <= fit["calibration_cv_log_loss_platt"]
+
+
+def test_too_little_held_out_data_is_a_clear_error_and_writes_nothing(model_dir, tmp_path,
+                                                                      capsys):
+    data = tmp_path / "tiny.txt"
+    data.write_text("just a few words\n")
+    out = tmp_path / "never"
+    assert cli.main(["calibrate", str(model_dir), "--data", str(data), "--out-dir", str(out),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than 100 scored tokens" in err and "more held-out data" in err
+    assert not out.exists()
+
+
+def test_an_existing_platt_scaling_is_folded_in_before_the_refit(model_dir):
+    from vesper_sdk.calibrate import refit_confidence, skills_batches
+
+    tok = vs.VesperTokenizer.from_file(model_dir)
+    scaled = vs.VesperLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        scaled.metahead.calibration.copy_(torch.tensor([0.5, 0.3]))
+    folded = vs.VesperLM.from_pretrained(model_dir)
+    with torch.no_grad():  # the same confidence, written into the row instead
+        folded.metahead.out.weight[0] *= 0.5
+        folded.metahead.out.bias[0] = folded.metahead.out.bias[0] * 0.5 + 0.3
+    ids = torch.randint(0, tok.vocab_size, (2, 12))
+    torch.testing.assert_close(scaled(ids).confidence, folded(ids).confidence)
+    fits = [refit_confidence(m, skills_batches(tok, 300, 0, 64, 8), tok.eos_id)
+            for m in (scaled, folded)]
+    assert fits[0] == pytest.approx(fits[1])
+    torch.testing.assert_close(scaled(ids).confidence, folded(ids).confidence)
+    assert scaled.metahead.calibration.tolist() == [1.0, 0.0]
