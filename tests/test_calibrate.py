@@ -81,3 +81,15 @@ def test_an_existing_platt_scaling_is_folded_in_before_the_refit(model_dir):
     assert fits[0] == pytest.approx(fits[1])
     torch.testing.assert_close(scaled(ids).confidence, folded(ids).confidence)
     assert scaled.metahead.calibration.tolist() == [1.0, 0.0]
+
+
+def test_exports_and_quantized_folders_are_refused_with_the_way_round(model_dir, tmp_path):
+    import shutil
+
+    onnx_like = tmp_path / "onnx"
+    shutil.copytree(model_dir, onnx_like)
+    (onnx_like / "model.onnx").write_bytes(b"")
+    before = sorted((p.name, p.read_bytes()) for p in onnx_like.iterdir())
+    with pytest.raises(ValueError, match="calibrate the full-precision model folder"):
+        vs.calibrate(onnx_like, examples=10)
+    assert sorted((p.name, p.read_bytes()) for p in onnx_like.iterdir()) == before

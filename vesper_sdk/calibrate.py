@@ -156,6 +156,12 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
 
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else model_dir
+    config = model_dir / "config.json"
+    if (model_dir / "model.onnx").is_file() or (
+            config.is_file() and '"quantization"' in config.read_text()):
+        raise ValueError(f"{model_dir} is an ONNX export or a quantized folder: calibrate "
+                         "the full-precision model folder it came from, then export or "
+                         "quantize again (the confidence row travels with the weights)")
     dev = resolve_device(device)
     model = VesperLM.from_pretrained(model_dir, map_location=dev)
     tokenizer = VesperTokenizer.from_file(model_dir)
