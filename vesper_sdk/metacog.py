@@ -453,9 +453,9 @@ def fit_confidence(activations: Any, correct: Any, groups: Any, weight: Any, bia
     def fit(idx: np.ndarray, l2: float) -> Any:
         mu, sd = a[idx].mean(0), a[idx].std(0) + 1e-6
         if math.isinf(l2):  # Platt alone
-            x = np.stack([z[idx], np.ones(idx.size)], axis=1)
-            w = _fit_logistic(x, y[idx], np.full(2, 1e-6), np.array([1.0, 0.0]))
-            return lambda rows: w[0] * z[rows] + w[1], (w[0], w[1], np.zeros_like(w0), mu, sd)
+            scale, shift = fit_platt(z[idx], y[idx], l2=1e-6)
+            return (lambda rows: scale * z[rows] + shift,
+                    (scale, shift, np.zeros_like(w0), mu, sd))
         x = np.column_stack([z[idx], np.ones(idx.size), (a[idx] - mu) / sd])
         pen = np.concatenate([[1e-6, 1e-6], np.full(a.shape[1], l2)])
         w = _fit_logistic(x, y[idx], pen, np.concatenate([[1.0, 0.0], np.zeros(a.shape[1])]))
