@@ -1,0 +1,112 @@
+"""The export's lowering (vesper_sdk.export.lowering): the fused-op attention computes what
+the model's attention computes, the model is put back after the export, and the ONNX
+translations of softplus / logsumexp match torch where their naive forms overflow."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from test_quantize import make_model_dir, make_tokenizer
+
+import vesper_sdk as vs
+from vesper_sdk.export.lowering import LoweredAttention, lowered, translation_table
+from vesper_sdk.export.onnx_export import export_onnx
+from vesper_sdk.export.runner import make_session
+from vesper_sdk.model import Attention
+
+
+@pytest.fixture(scope="module")
+def model() -> vs.VesperLM:
+    torch.manual_seed(3)
+    cfg = vs.VesperConfig.from_preset("tiny", hidden_size=64, num_layers=2, num_heads=4,
+                                      ffn_hidden_size=128, vocab_size=97, max_seq_len=64)
+    return vs.VesperLM(cfg).eval()
+
+
+def _steps(model: vs.VesperLM, with_mask: bool) -> list[torch.Tensor]:
+    """Logits and caches of a left-padded prefill and two decode steps."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    out = model(ids, attention_mask=mask if with_mask else None, use_cache=True)
+    got = [out.logits, *[t for kv in out.past_key_values for t in kv]]
+    for _ in range(2):
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        out = model(nxt, attention_mask=mask if with_mask else None,
+                    past_key_values=out.past_key_values, use_cache=True)
+        got += [out.logits, out.confidence, *out.past_key_values[-1]]
+    return got
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["left-padded", "causal-only"])
+def test_lowered_attention_computes_what_the_model_attention_computes(model, with_mask):
+    with torch.no_grad():
+        ref = _steps(model, with_mask)
+        with lowered(model, opset=23):
+            assert all(isinstance(b.attn, LoweredAttention) for b in model.blocks)
+            got = _steps(model, with_mask)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == r.shape
+        assert (g - r).abs().max() <= 1e-5
+
+
+def test_model_is_put_back_after_lowering_even_when_the_export_fails(model):
+    originals = [b.attn for b in model.blocks]
+    with pytest.raises(RuntimeError, match="export failed"), lowered(model, opset=23):
+        raise RuntimeError("export failed")
+    assert [b.attn for b in model.blocks] == originals
+    assert all(type(b.attn) is Attention for b in model.blocks)
+    with lowered(model, opset=21):  # no fused operators below opset 23: nothing swapped
+        assert [b.attn for b in model.blocks] == originals
+
+
+class _Pointwise(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.softplus(x), F.softplus(x, beta=2.0), torch.logsumexp(x, dim=-1)
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_softplus_and_logsumexp_translations_match_torch_at_extremes(opset, tmp_path):
+    # exp(100) overflows fp32: the translations must not form it.
+    x = torch.tensor([[-100.0, -20.5, -3.0, -1e-4, 0.0, 1e-4, 3.0, 19.9, 20.5, 100.0],
+                      [88.0, 90.0, -90.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    program = torch.onnx.export(_Pointwise().eval(), (x,), dynamo=True, opset_version=opset,
+                                custom_translation_table=translation_table(opset),
+                                verbose=False)
+    path = tmp_path / "pointwise.onnx"
+    program.save(str(path))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not ops & {"Softplus", "ReduceLogSumExp"}
+    got = make_session(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    for g, r in zip(got, _Pointwise()(x), strict=True):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, r.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_opset_23_graph_uses_the_fused_operators_and_older_opsets_do_not(tmp_path):
+    model_dir = make_model_dir(tmp_path / "m", make_tokenizer())
+    counts = {}
+    for opset in (23, 18):
+        out = export_onnx(model_dir, tmp_path / f"o{opset}", opset=opset, verbose=False)
+        graph = onnx.load(str(out / "model.onnx")).graph
+        counts[opset] = collections.Counter(n.op_type for n in graph.node)
+        attention = [n for n in graph.node if n.op_type == "Attention"]
+        if opset == 23:
+            # Two rotations and one attention per layer, the cache inside the attention
+            # (past key/value in, present out): no Concat left on a past input.
+            assert counts[23]["RotaryEmbedding"] == 2 * 2 and len(attention) == 2
+            assert all(n.input[4].startswith("past_key_values.") for n in attention)
+            assert all(n.output[1].startswith("present.") for n in attention)
+            assert not any(n.op_type == "Concat" and n.input[0].startswith("past_key_values.")
+                           for n in graph.node)
+        else:
+            assert counts[18]["RotaryEmbedding"] == 0 and not attention
+    assert sum(counts[23].values()) < 0.7 * sum(counts[18].values())
