@@ -54,7 +54,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_ours(vocab: int, device: torch.device, dtype: torch.dtype) -> LLM:
+def build_ours(vocab: int, device: torch.device, dtype: torch.dtype,
+               compile: bool | None = None) -> LLM:
     torch.manual_seed(0)
     cfg = vs.VesperConfig.from_preset("small", vocab_size=vocab, max_seq_len=1024)
     model = vs.VesperLM(cfg).to(device=device, dtype=dtype)
@@ -62,8 +63,11 @@ def build_ours(vocab: int, device: torch.device, dtype: torch.dtype) -> LLM:
     # vocabulary decode to no text, which is still the full per-token text path.
     tok = vs.VesperTokenizer.train([f"sample text number {i} for the benchmark" for i in
                                     range(200)], vocab_size=300, min_frequency=1)
-    # Compiled on CUDA (vesper serve's default there; the figures say so), no effect on CPU.
-    return LLM(TorchBackend(model, compile=device.type == "cuda"), tok)
+    # Default: compiled on CUDA (vesper serve's default there; the figures say so), eager
+    # on the CPU (vs.load's default); the CPU run also times the compiled step.
+    if compile is None:
+        compile = device.type == "cuda"
+    return LLM(TorchBackend(model, compile=compile), tok)
 
 
 def build_onnx(lm: LLM, folder: Path) -> LLM:
@@ -126,9 +130,7 @@ def matvec_sweep(lm: LLM, parts_list: list[int], prompt_len: int, new_tokens: in
     rows = []
     for parts in parts_list:
         matvec.attach(model, parts)
-        products = [m for mod in model.modules() for m in (
-            getattr(mod, "matvec", None), getattr(mod, "matvec_b", None),
-            getattr(mod, "head_matvec", None)) if m is not None]
+        products = matvec.products(model)
         row: dict[str, Any] = {"parts": parts}
         if products:
             xs = [torch.randn(1, 1, p.in_features) for p in products]
@@ -168,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's, i.e. the cores)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="CPU: skip the compiled decode step (its warm-up compiles for ~20 s "
+                         "per batch size)")
     ap.add_argument("--onnx", action="store_true",
                     help="also export the same model to ONNX (fp32) and time it through "
                          "OnnxModel, the SDK's ONNX Runtime path (CPU only)")
@@ -189,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
 
     impls: dict[str, tuple[Any, Any]] = {"vesper": (build_ours(args.vocab_size, device, dtype),
                                                     run_ours)}
+    if device.type == "cpu" and not args.no_compile:
+        # Same weights (same seed), decode step compiled: `vesper generate --compile`.
+        impls["vesper-compiled"] = (build_ours(args.vocab_size, device, dtype, compile=True),
+                                    run_ours)
     tmp = None
     if args.onnx and device.type == "cpu":
         import tempfile
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             hf_error = f"transformers not installed ({exc}); pip install transformers"
             print(f"note: {hf_error}", file=sys.stderr)
     params = {name: sum(p.numel() for p in (obj.model if name == "vesper" else obj).parameters())
-              for name, (obj, _) in impls.items() if name != "vesper-onnx"}
+              for name, (obj, _) in impls.items() if name in ("vesper", "hf-gpt2")}
 
     gen = torch.Generator().manual_seed(0)
     times: dict[tuple[str, int], list[float]] = {}
@@ -226,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         if "hf-gpt2" in impls:
             row["ratio_best"] = row["vesper"]["tok_s_best"] / row["hf-gpt2"]["tok_s_best"]
             row["ratio_median"] = row["vesper"]["tok_s_median"] / row["hf-gpt2"]["tok_s_median"]
-            if "vesper-onnx" in impls:
-                row["ratio_onnx_best"] = (row["vesper-onnx"]["tok_s_best"]
-                                          / row["hf-gpt2"]["tok_s_best"])
+            for other in ("vesper-compiled", "vesper-onnx"):
+                if other in impls:
+                    row[f"ratio_{other.split('-')[1]}_best"] = (
+                        row[other]["tok_s_best"] / row["hf-gpt2"]["tok_s_best"])
         rows.append(row)
 
     head = (f"greedy decode, 'small' shape, vocab {args.vocab_size}, prompt {args.prompt_len}, "
@@ -243,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                           .rjust(22) for n in names)
         ratio = (f"  {row['ratio_best']:>5.2f}x ({row['ratio_median']:.2f}x)"
                  if "ratio_best" in row else "")
-        if "ratio_onnx_best" in row:
-            ratio += f"  onnx/hf {row['ratio_onnx_best']:.2f}x"
+        for other in ("compiled", "onnx"):
+            if f"ratio_{other}_best" in row:
+                ratio += f"  {other}/hf {row[f'ratio_{other}_best']:.2f}x"
         print(f"{row['batch']:>5}  {cells}{ratio}")
     print("parameters: " + ", ".join(f"{n} {p / 1e6:.1f} M" for n, p in params.items()))
     sweep = None

@@ -285,11 +285,12 @@ def generate_headline(result: dict[str, Any]) -> str:
         text = f"batch {row.get('batch')}: {ours['tok_s_best']:.0f} tok/s"
         if "tok_s_best" in hf:
             text += f" vs HF {hf['tok_s_best']:.0f} ({ours['tok_s_best'] / hf['tok_s_best']:.2f}x)"
-        onnx = row.get("vesper-onnx", {})
-        if "tok_s_best" in onnx:
-            text += f", via ONNX Runtime {onnx['tok_s_best']:.0f}"
-            if "tok_s_best" in hf:
-                text += f" ({onnx['tok_s_best'] / hf['tok_s_best']:.2f}x)"
+        for name, label in (("vesper-compiled", "compiled"), ("vesper-onnx", "via ONNX Runtime")):
+            other = row.get(name, {})
+            if "tok_s_best" in other:
+                text += f", {label} {other['tok_s_best']:.0f}"
+                if "tok_s_best" in hf:
+                    text += f" ({other['tok_s_best'] / hf['tok_s_best']:.2f}x)"
         parts.append(text)
     return "; ".join(parts)
 
@@ -397,7 +398,8 @@ register(BenchSpec(
     name="generate", module="vesper_sdk.benchmarks.generate",
     description="greedy decode tokens/s, ours (PyTorch; on CPU also ONNX Runtime) vs HF "
                 "transformers GPT-2",
-    args={"cpu": ["--repeats", "5", "--onnx"], "quick": ["--quick"], "cuda": []},
+    args={"cpu": ["--repeats", "5", "--onnx"], "quick": ["--quick", "--no-compile"],
+          "cuda": []},
     timeout_s={"cpu": 600, "quick": 300, "cuda": 150}, headline=generate_headline))
 register(BenchSpec(
     name="quantized", module="vesper_sdk.benchmarks.quantized",

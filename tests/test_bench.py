@@ -395,6 +395,7 @@ def test_generate_headline_names_every_path_and_its_ratio_to_hf():
     from vesper_sdk.benchmarks.suite import generate_headline
 
     row = {"batch": 1, "vesper": {"tok_s_best": 120.0}, "vesper-onnx": {"tok_s_best": 150.0},
-           "hf-gpt2": {"tok_s_best": 100.0}}
+           "vesper-compiled": {"tok_s_best": 140.0}, "hf-gpt2": {"tok_s_best": 100.0}}
     assert generate_headline({"rows": [row]}) == (
-        "batch 1: 120 tok/s vs HF 100 (1.20x), via ONNX Runtime 150 (1.50x)")
+        "batch 1: 120 tok/s vs HF 100 (1.20x), compiled 140 (1.40x), via ONNX Runtime 150 "
+        "(1.50x)")

@@ -130,13 +130,48 @@ def test_batched_generation_equals_each_prompt_alone(lm):
 
 
 def test_compile_applies_only_to_the_static_cache_step(model):
-    # On the CPU there is no static cache by default, so compile=True compiles nothing
-    # (a one-shot CLI run must not wait for the compiler); with the static step it does.
-    assert TorchBackend(copy.deepcopy(model), compile=True).compile is False
-    assert TorchBackend(copy.deepcopy(model), compile=True, static_cache=True).compile is True
+    # compile=True brings the static cache along (what gets compiled is its step); the
+    # default stays eager on the dynamic cache, so a one-shot run never waits.
+    plain = TorchBackend(copy.deepcopy(model))
+    assert plain.static_cache is False and plain.compile is False
+    compiled = TorchBackend(copy.deepcopy(model), compile=True)
+    assert compiled.static_cache is True and compiled.compile is True
+    assert TorchBackend(copy.deepcopy(model), compile=True, static_cache=False).compile is False
     assert TorchBackend(copy.deepcopy(model), static_cache=True).compile is False
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
         TorchBackend(copy.deepcopy(model), cuda_graph=True)
+
+
+def test_compiled_cpu_step_gives_the_eager_tokens_and_follows_weight_updates(model,
+                                                                              tokenizer):
+    eager_model, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
+    eager = LLM(eager_model, tokenizer)
+    backend = TorchBackend(compiled_model, compile=True)
+    compiled = LLM(backend, tokenizer)
+    prompts = ["the cat", "a small red river tree and the dog"]
+    before = assert_same_greedy(eager, compiled, prompts, 12, conf_tol=1e-4)
+    assert backend.compile is True  # it compiled (a failure would have turned this off)
+    # An in-place update (as an optimizer step makes) must reach the compiled step, whose
+    # threaded products hold a copy of the weights.
+    with torch.no_grad():
+        for m in (eager_model, compiled_model):
+            m.blocks[0].ffn.down.weight.mul_(-3.0)
+            m.embed.weight.add_(0.05)
+    assert assert_same_greedy(eager, compiled, prompts, 12, conf_tol=1e-4) != before
+
+
+def assert_same_greedy(a: LLM, b: LLM, prompts: list[str], new_tokens: int,
+                       conf_tol: float) -> list[list[int]]:
+    """Both LLMs decode the same greedy tokens (log-probs and confidence within tolerance);
+    returns the token ids."""
+    ra = a.generate_tokens(prompts, max_new_tokens=new_tokens, temperature=0.0)
+    rb = b.generate_tokens(prompts, max_new_tokens=new_tokens, temperature=0.0)
+    assert [ids_of(r) for r in ra] == [ids_of(r) for r in rb]
+    for row_a, row_b in zip(ra, rb, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert x.confidence == pytest.approx(y.confidence, abs=conf_tol)
+    return [ids_of(r) for r in ra]
 
 
 def test_static_cache_path_equals_dynamic_cache(model, tokenizer):
@@ -146,13 +181,7 @@ def test_static_cache_path_equals_dynamic_cache(model, tokenizer):
     static = LLM(backend, tokenizer)
     # Three rows run in a bucket of four (one padding row), with different lengths.
     prompts = ["the cat", "a small red river tree and the dog", "2+2="]
-    a = dynamic.generate_tokens(prompts, max_new_tokens=15, temperature=0.0)
-    b = static.generate_tokens(prompts, max_new_tokens=15, temperature=0.0)
-    assert [ids_of(r) for r in a] == [ids_of(r) for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        for x, y in zip(ra, rb, strict=True):
-            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
-            assert x.confidence == pytest.approx(y.confidence, abs=1e-5)
+    assert_same_greedy(dynamic, static, prompts, 15, conf_tol=1e-5)
     assert len(backend._pools[4]) == 1  # the buffers came back for the next generation
     # Two streams consumed in turn each get their own buffers.
     s1 = static.stream("the cat", max_new_tokens=10, temperature=0.0)

@@ -25,6 +25,22 @@ def test_split_matvec_equals_f_linear(out_features, in_features, parts, rows):
         torch.testing.assert_close(mv(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+def test_split_matvec_compiles_without_a_graph_break_to_the_same_numbers():
+    torch.manual_seed(0)
+    w = torch.randn(96, 40)
+    mv = SplitMatVec(w, 8)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(mv(x) if mv.applies(x) else F.linear(x, w)) * 2
+
+    compiled = torch.compile(f, fullgraph=True)  # fullgraph: a graph break would raise
+    with torch.no_grad():
+        for rows in (1, 3):
+            x = torch.randn(rows, 1, 40)
+            torch.testing.assert_close(compiled(x), torch.relu(F.linear(x, w)) * 2,
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_split_matvec_rejects_parts_that_do_not_divide_the_output():
     with pytest.raises(ValueError, match="divide"):
         SplitMatVec(torch.randn(10, 4), 4)
@@ -50,6 +66,7 @@ def tiny_model():
 def test_attach_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_model):
     ref = copy.deepcopy(tiny_model)
     n = matvec.attach(tiny_model, parts=4)
+    assert len(matvec.products(tiny_model)) == n
     # 2 layers x (qkv, o_proj, down, gate and up as FlyLoRA: [W; A] and B each)
     # + MetaHead fc and out + tied LM head.
     assert n == 2 * (3 + 2 * 2) + 2 + 1

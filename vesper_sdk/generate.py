@@ -267,6 +267,19 @@ def _static_decode_step(model: VesperLM, input_ids: torch.Tensor, position_ids: 
     return logits.float(), model.metahead.confidence(meta), torch.sigmoid(meta[..., 1])
 
 
+def _compile_options(device: torch.device) -> dict[str, Any]:
+    """torch.compile options for the decode step.
+
+    On the CPU, where the step is called once per token (no CUDA graph replays it),
+    checking the model's modules before each call took ~450 us of a ~6 ms step ('small'):
+    the guards on nn.Modules are skipped. The model object and its structure are fixed
+    for a backend's life; its weights are read at each call, and the one copy of them
+    (the threaded products) is checked by TorchBackend._call_step.
+    """
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    return {"guard_filter_fn": skip} if device.type == "cpu" and skip is not None else {}
+
+
 def _plain_layers(model: VesperLM) -> bool:
     """Dense model of plain torch layers (no MoE routing, no bitsandbytes): compilable."""
     if model.config.num_experts:
@@ -297,6 +310,10 @@ class TorchBackend:
     token (the decoding loop's mask only grows by ones). ``static_cache=True,
     compile=False`` runs the same step eagerly on any device (the tests compare it with
     the model's forward on CPU).
+
+    CPU with ``compile``: the same static-cache step, compiled (the threaded products
+    stay whole operators), attending the filled slots only; about 1.2x the eager
+    tokens/s on the 'small' shape here, after ~20 s of compiling.
     """
 
     def __init__(self, model: VesperLM, *, matvec_parts: int = matvec.DEFAULT_PARTS,
@@ -307,10 +324,12 @@ class TorchBackend:
         self.vocab_size = model.config.vocab_size
         self.max_seq_len = model.config.max_seq_len
         cuda = self.device.type == "cuda"
+        self.matvec_parts = matvec_parts
         if self.device.type == "cpu":
             matvec.attach(model, matvec_parts)
+        self._products = matvec.products(model)
         if static_cache is None:
-            static_cache = cuda and _plain_layers(model)
+            static_cache = (cuda or bool(compile)) and _plain_layers(model)
         self.static_cache = bool(static_cache)
         self.compile = bool(compile) and self.static_cache  # only the static step compiles
         self.cuda_graph = (self.static_cache and cuda) if cuda_graph is None else bool(
@@ -319,6 +338,7 @@ class TorchBackend:
             raise ValueError("cuda_graph=True needs a model on a CUDA device and "
                              "static_cache=True")
         self._step: Callable[..., Any] | None = None
+        self._step_lengths = False  # whether _step was made for calls with a length
         self._pools: dict[int, list[_StaticBuffers]] = {}
 
     @property
@@ -390,25 +410,40 @@ class TorchBackend:
                 self.cuda_graph, bufs.graph = False, None
         args = (input_ids, position_ids, torch.tensor([t], device=self.device),
                 bufs.key_mask, bufs.keys, bufs.values)
+        # Attending only the filled slots is cheaper than the whole capacity; a CUDA
+        # graph needs the fixed shapes of the whole capacity, nothing else does.
         if self.compile:
-            return self._call_step(args)
-        # Eagerly, attending only the filled slots is cheaper than the whole capacity.
+            return self._call_step(args, length=t + 1)
         return _static_decode_step(self.model, *args, length=t + 1)
 
-    def _call_step(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step at full capacity (fixed shapes): compiled when ``compile`` holds."""
-        if self._step is None:
+    def _call_step(self, args: tuple, length: int | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step, compiled when ``compile`` holds; ``length`` as in _static_decode_step.
+
+        The compiler sees lengths change and makes them symbolic after one recompile (its
+        automatic dynamic shapes), so a generation compiles about twice, not per token.
+        """
+        if self._products and any(p.is_stale() for p in self._products):
+            # Weights changed in place since the products copied them (the compiled
+            # step cannot see that): copy them again, which also recompiles.
+            matvec.attach(self.model, self.matvec_parts)
+            self._products = matvec.products(self.model)
+        if self._step is None or self._step_lengths != (length is not None):
+            # Fixed shapes for a CUDA graph (the whole capacity, length None).
             eager = functools.partial(_static_decode_step, self.model)
-            self._step = torch.compile(eager, dynamic=False) if self.compile else eager
+            self._step = torch.compile(eager, dynamic=None if length else False,
+                                       options=_compile_options(self.device)) \
+                if self.compile else eager
+            self._step_lengths = length is not None
         try:
-            return self._step(*args)
+            return self._step(*args, length=length)
         except Exception as exc:  # compiler failure: stay correct, go eager
             if not self.compile:
                 raise
             log.warning("torch.compile of the decode step failed (%s: %s); decoding "
                         "eagerly", type(exc).__name__, exc)
             self.compile, self._step = False, None
-            return self._call_step(args)
+            return self._call_step(args, length)
 
     def _replay(self, bufs: _StaticBuffers, input_ids: torch.Tensor,
                 position_ids: torch.Tensor, t: int,
@@ -957,9 +992,9 @@ def load(model_dir: str | Path, device: str | torch.device | None = "auto",
 
     Quantized folders (a ``quantization`` block in config.json) are rebuilt with their
     quantized layers; an exported folder (``model.onnx``) runs on ONNX Runtime;
-    ``device='auto'`` picks CUDA when present. ``compile=True`` compiles the CUDA decode
-    step with ``torch.compile`` (see :class:`TorchBackend`): worth it for a long-running
-    process, not for one answer.
+    ``device='auto'`` picks CUDA when present. ``compile=True`` compiles the decode step
+    with ``torch.compile`` (CUDA or CPU; see :class:`TorchBackend`): worth it for a
+    long-running process, not for one answer.
     """
     model_dir = Path(model_dir)
     if (model_dir / "model.onnx").is_file():
@@ -1028,8 +1063,8 @@ class GenerateOptions:
         "help": "print one JSON object per token instead of plain text"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     compile: bool = field(default=False, metadata={
-        "help": "torch.compile the CUDA decode step: faster tokens after a wait of tens of "
-                "seconds for the compiler (no effect on the CPU)"})
+        "help": "torch.compile the decode step: faster tokens (CPU ~1.2x, CUDA ~1.4x) "
+                "after a wait of tens of seconds for the compiler"})
 
 
 def cli(opts: GenerateOptions) -> int:
