@@ -9,8 +9,13 @@ the export each block's attention runs through two torch custom ops whose ONNX
 translation is exactly those operators; their torch implementations are the model's own
 math, and every export is still checked against the plain PyTorch model.
 
-Also here: ``softplus`` (ERA's second half) as ``Where(x > 20, x, Log(1 + Exp(x)))``:
-ONNX Runtime's own Softplus kernel takes ~7 us on 768 values where Exp/Log take ~2.
+Also here, at every opset: ``softplus`` (ERA's second half) and ``logsumexp`` (the
+MetaHead's features) as plain vectorised operators, where ONNX Runtime's own Softplus
+and ReduceLogSumExp kernels take several times as long (~7 vs ~2.4 us on 768 values,
+~10 vs ~2 us over a 2,880-token vocabulary).
+
+Measured on the bundled demo model, int4: 302 -> 248 graph nodes, greedy decode 3,348 ->
+4,312 tokens/s on this repo's 2-core CPU (GPT-2's bare loop: 1,256 in the same run).
 
 The model is never changed: ``lowered(model)`` swaps the attention modules for the
 export's duration and puts them back.
