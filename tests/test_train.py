@@ -6,6 +6,7 @@ import json
 import math
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,11 +16,12 @@ import vesper_sdk.train as train_mod
 from vesper_sdk import checkpoint as ckpt
 from vesper_sdk import cli
 from vesper_sdk.autoscale import LADDER, estimate_training_memory, plan
+from vesper_sdk.metacog import expected_calibration_error
 from vesper_sdk.model import VesperOutput
 from vesper_sdk.train import (
+    CalibrationMeter,
     LRSchedule,
     TrainingError,
-    expected_calibration_error,
     metahead_loss,
     metahead_targets,
 )
@@ -98,15 +100,24 @@ def test_metahead_loss_counts_masked_positions_only():
     assert torch.allclose(base, ref)
 
 
-def test_expected_calibration_error():
+def test_training_calibration_meter_equals_the_eval_ece_batch_by_batch():
+    # Training streams its ECE through CalibrationMeter; vesper eval uses metacog's. They
+    # must be the one measure: same bins (edges included), same formula.
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.rand(4, 500, generator=gen)
+    conf[0, :16] = torch.arange(16) / 15  # every bin edge, 0 and 1
+    correct = torch.rand(4, 500, generator=gen) < conf
+    mask = torch.rand(4, 500, generator=gen) < 0.8
+    meter = CalibrationMeter()
+    for i in range(4):  # four batches
+        meter.update(conf[i], correct[i], mask[i])
+    assert meter.ece() == pytest.approx(
+        expected_calibration_error(conf[mask], correct[mask]), abs=1e-12)
     conf = torch.full((10,), 0.85)
-    correct = torch.tensor([1] * 8 + [0] * 2)  # 80 % right at 85 % confidence
-    assert expected_calibration_error(conf, correct) == pytest.approx(0.05)
-    assert expected_calibration_error(torch.ones(4), torch.zeros(4)) == pytest.approx(1.0)
-    # Two bins, each perfectly calibrated -> 0.
-    conf = torch.tensor([0.25] * 4 + [0.75] * 4)
-    correct = torch.tensor([1, 0, 0, 0, 1, 1, 1, 0])
-    assert expected_calibration_error(conf, correct) == pytest.approx(0.0, abs=1e-12)
+    meter = CalibrationMeter()
+    meter.update(conf, torch.tensor([1] * 8 + [0] * 2).bool(), torch.ones(10, dtype=torch.bool))
+    assert meter.ece() == pytest.approx(0.05)  # 80 % right at 85 % confidence
+    assert np.isnan(CalibrationMeter().ece())
 
 
 def test_lr_schedules():

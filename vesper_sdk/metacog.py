@@ -227,18 +227,38 @@ class ReliabilityBins:
                 "confidence": clean(self.confidence), "accuracy": clean(self.accuracy)}
 
 
-def reliability_bins(confidence: Any, correct: Any, n_bins: int = 15) -> ReliabilityBins:
-    """Bin predictions by confidence into ``n_bins`` equal-width bins."""
+def bin_index(confidence: Any, n_bins: int) -> Any:
+    """The equal-width bin of each confidence: bin i holds ``(i/n, (i+1)/n]``, 0 joins bin 0
+    (right-closed bins, as in Guo et al. 2017). Works on numpy arrays and torch tensors
+    alike (float64 arithmetic either way), so every ECE in the SDK bins the same."""
+    if hasattr(confidence, "ceil"):  # a torch tensor (training's streaming meter)
+        return ((confidence * n_bins).ceil() - 1).clamp(0, n_bins - 1).long()
+    return np.clip(np.ceil(confidence * n_bins) - 1, 0, n_bins - 1).astype(np.int64)
+
+
+def ece_from_bin_sums(counts: Any, confidence_sums: Any, correct_sums: Any) -> float:
+    """ECE from per-bin sums: sum over bins of |correct - confidence| / total (= bin share
+    times |accuracy - mean confidence|); NaN when there are no predictions."""
+    counts, conf, corr = (np.asarray(a, dtype=np.float64)
+                          for a in (counts, confidence_sums, correct_sums))
+    total = counts.sum()
+    return float(np.abs(corr - conf).sum() / total) if total > 0 else float("nan")
+
+
+def _bin_sums(confidence: Any, correct: Any, n_bins: int) -> tuple[np.ndarray, ...]:
+    """(count, sum of confidence, sum of correct) per bin."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     conf, corr = _as_arrays(confidence, correct)
+    idx = bin_index(conf.astype(np.float64), n_bins)
+    return (np.bincount(idx, minlength=n_bins), np.bincount(idx, weights=conf, minlength=n_bins),
+            np.bincount(idx, weights=corr, minlength=n_bins))
+
+
+def reliability_bins(confidence: Any, correct: Any, n_bins: int = 15) -> ReliabilityBins:
+    """Bin predictions by confidence into ``n_bins`` equal-width bins (see bin_index)."""
+    counts, conf_sum, corr_sum = _bin_sums(confidence, correct, n_bins)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # side="left" on the inner edges: a confidence equal to an edge goes to the bin below
-    # (right-closed bins, as in Guo et al. 2017), and 0 joins the first bin.
-    idx = np.searchsorted(edges[1:-1], conf, side="left")
-    counts = np.bincount(idx, minlength=n_bins)
-    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
-    corr_sum = np.bincount(idx, weights=corr, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(counts > 0, conf_sum / np.maximum(counts, 1), np.nan)
         acc = np.where(counts > 0, corr_sum / np.maximum(counts, 1), np.nan)
@@ -250,13 +270,7 @@ def expected_calibration_error(confidence: Any, correct: Any, n_bins: int = 15) 
 
     ``confidence`` in [0, 1]; ``correct`` 0/1 (or bool). NaN for no predictions.
     """
-    bins = reliability_bins(confidence, correct, n_bins)
-    n = bins.counts.sum()
-    if n == 0:
-        return float("nan")
-    full = bins.counts > 0
-    gaps = np.abs(bins.accuracy[full] - bins.confidence[full])
-    return float((bins.counts[full] / n * gaps).sum())
+    return ece_from_bin_sums(*_bin_sums(confidence, correct, n_bins))
 
 
 def rankdata(values: Any) -> np.ndarray:

@@ -57,6 +57,7 @@ from .data import (
     split_blocks,
     train_tokenizer,
 )
+from .metacog import bin_index, ece_from_bin_sums
 from .model import VesperLM, VesperOutput
 from .tokenizer import TOKENIZER_NAME, VesperTokenizer
 
@@ -289,7 +290,9 @@ def metahead_loss(out: VesperOutput, labels: torch.Tensor, mask: torch.Tensor, e
 
 
 class CalibrationMeter:
-    """Expected calibration error of the MetaHead confidence (equal-width bins)."""
+    """Expected calibration error of the MetaHead confidence, summed as batches come (on
+    the device, in sums that all-reduce across processes); the bins and the formula are
+    metacog's, so it equals ``metacog.expected_calibration_error`` on the same values."""
 
     def __init__(self, bins: int = ECE_BINS, device: torch.device | str = "cpu") -> None:
         self.bins = bins
@@ -298,7 +301,7 @@ class CalibrationMeter:
     def update(self, confidence: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the positions where ``mask`` is true."""
         conf = confidence[mask].double()
-        idx = (conf * self.bins).long().clamp_(0, self.bins - 1)
+        idx = bin_index(conf, self.bins)
         ones = torch.ones_like(conf)
         self.stats[0].index_add_(0, idx, ones)
         self.stats[1].index_add_(0, idx, conf)
@@ -306,21 +309,7 @@ class CalibrationMeter:
 
     def ece(self) -> float:
         """sum over bins of (bin share) x |accuracy - mean confidence|; NaN when empty."""
-        n, conf, acc = self.stats
-        total = n.sum()
-        if total == 0:
-            return float("nan")
-        gap = (acc - conf).abs()  # |sum acc - sum conf| per bin = n_b * |acc_b - conf_b|
-        return float(gap.sum() / total)
-
-
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
-                               bins: int = ECE_BINS) -> float:
-    """ECE of probabilities ``confidence`` against 0/1 outcomes ``correct`` (any shape)."""
-    meter = CalibrationMeter(bins, confidence.device)
-    meter.update(confidence.reshape(-1), correct.reshape(-1).bool(),
-                 torch.ones(confidence.numel(), dtype=torch.bool, device=confidence.device))
-    return meter.ece()
+        return ece_from_bin_sums(*self.stats.cpu().numpy())
 
 
 # ============================================================================ schedule
@@ -1167,9 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["CalibrationMeter", "DataError", "LRSchedule", "MetaTargets", "TrainOptions",
-           "TrainResult", "Trainer", "TrainingError", "cli", "expected_calibration_error",
-           "lm_loss_sum", "metahead_loss", "metahead_targets", "run", "train",
-           "write_loss_curve"]
+           "TrainResult", "Trainer", "TrainingError", "cli", "lm_loss_sum", "metahead_loss",
+           "metahead_targets", "run", "train", "write_loss_curve"]
 
 
 if __name__ == "__main__":
