@@ -148,8 +148,10 @@ def test_compiled_cpu_step_gives_the_eager_tokens_and_follows_weight_updates(mod
     eager = LLM(eager_model, tokenizer)
     backend = TorchBackend(compiled_model, compile=True)
     compiled = LLM(backend, tokenizer)
-    prompts = ["the cat", "a small red river tree and the dog"]
+    # Three rows: a bucket of four with one padding row, rows of different lengths.
+    prompts = ["the cat", "a small red river tree and the dog", "2+2="]
     before = assert_same_greedy(eager, compiled, prompts, 12, conf_tol=1e-4)
+    assert assert_same_greedy(eager, compiled, prompts[:1], 12, conf_tol=1e-4) == before[:1]
     assert backend.compile is True  # it compiled (a failure would have turned this off)
     # An in-place update (as an optimizer step makes) must reach the compiled step, whose
     # threaded products hold a copy of the weights.
