@@ -1,4 +1,5 @@
-"""How VesperLM's attention lowers to ONNX's fused operators (opset 23 and later).
+"""How VesperLM's attention lowers to ONNX's fused operators (opset 23 and later, where the
+installed onnxscript writes them and ONNX Runtime runs them).
 
 Traced as it is, one attention layer becomes ~24 small ONNX nodes (reshape, transpose,
 the rotation's halves, the cache concatenations, SDPA); ONNX Runtime pays a fixed cost
@@ -24,6 +25,7 @@ export's duration and puts them back.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -33,6 +35,41 @@ from torch import nn
 from ..model import Attention, RotaryEmbedding, VesperLM
 
 LOWERED_MIN_OPSET = 23
+
+
+@functools.cache
+def _runtime_runs_fused_ops() -> bool:
+    """Whether onnxscript writes, and the installed ONNX Runtime runs, opset 23's
+    RotaryEmbedding and Attention (with a past cache): one tiny graph, once."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+        from onnxscript import opset23
+
+        if not (hasattr(opset23, "RotaryEmbedding") and hasattr(opset23, "Attention")):
+            return False
+        f = TensorProto.FLOAT
+        nodes = [helper.make_node("RotaryEmbedding", ["x", "c", "s"], ["r"], num_heads=1),
+                 helper.make_node("Attention", ["r", "r", "x", "", "p", "p"],
+                                  ["y", "pk", "pv"], q_num_heads=1, kv_num_heads=1)]
+        graph = helper.make_graph(
+            nodes, "probe", [helper.make_tensor_value_info(n, f, None) for n in "xcsp"],
+            [helper.make_tensor_value_info(n, f, None) for n in ("y", "pk", "pv")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        one = np.ones((1, 1, 2), np.float32)
+        session.run(None, {"x": one, "c": one[..., :1], "s": one[..., :1] * 0,
+                           "p": np.ones((1, 1, 1, 2), np.float32)})
+        return True
+    except Exception:  # an older onnxscript or ONNX Runtime: export without them
+        return False
+
+
+def fused_attention(opset: int) -> bool:
+    """Whether an export at ``opset`` maps attention onto the fused operators here."""
+    return opset >= LOWERED_MIN_OPSET and _runtime_runs_fused_ops()
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -106,7 +143,7 @@ def translation_table(opset: int) -> dict:
 
     table = {torch.ops.aten.softplus.default: softplus_onnx,
              torch.ops.aten.logsumexp.default: logsumexp_onnx}
-    if opset < LOWERED_MIN_OPSET:
+    if not fused_attention(opset):
         return table
     from onnxscript import opset23 as op
 
@@ -153,8 +190,9 @@ class LoweredAttention(nn.Module):
 
 @contextlib.contextmanager
 def lowered(model: VesperLM, opset: int) -> Iterator[VesperLM]:
-    """``model`` with its attention lowered for opset >= 23 (as it is below), restored after."""
-    if opset < LOWERED_MIN_OPSET:
+    """``model`` with its attention lowered where :func:`fused_attention` holds (as it is
+    otherwise), restored after."""
+    if not fused_attention(opset):
         yield model
         return
     originals = [block.attn for block in model.blocks]

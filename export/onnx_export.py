@@ -26,9 +26,11 @@ and the MoE router stay fp32 (see vesper_sdk.quantize for why).
 Opset: 23 by default, for its native RMSNormalization, RotaryEmbedding and Attention
 (with the KV cache as inputs and outputs) operators, which ``export.lowering`` maps the
 model's attention onto; on the bundled demo model the int4 graph has 248 nodes against
-435 at opset 21 and decodes 1.37x as fast (4,312 vs 3,144 tokens/s). It needs ONNX
-Runtime >= 1.22; ``--opset 18`` (fp32/int8) or 21 (int4, whose embedding is an INT4
-tensor) serve older runtimes.
+435 at opset 21 and decodes 1.37x as fast (4,312 vs 3,144 tokens/s). Where the installed
+onnxscript or ONNX Runtime lacks those two operators, the export keeps the plain ones
+(``onnx.fused_attention`` in config.json says which). It needs ONNX Runtime >= 1.22;
+``--opset 18`` (fp32/int8) or 21 (int4, whose embedding is an INT4 tensor) serve older
+runtimes.
 
 The folder also loads in Hugging Face Optimum (``ORTModelForCausalLM``) after
 ``vesper_sdk.export.register_optimum()``: same input/output names, same greedy tokens.
@@ -61,7 +63,7 @@ from torch import nn
 from ..atomic import atomic_write_folder
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, Linear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
-from .lowering import lowered, translation_table
+from .lowering import fused_attention, lowered, translation_table
 from .runner import ONNX_NAME, make_session
 
 DEFAULT_OPSET = 23
@@ -503,6 +505,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
         "opset": opset, "quantize": quantize, "use_cache": use_cache,
         "block_size": block_size if quantize == "int4" else None,
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "fused_attention": fused_attention(opset),  # export.lowering: RotaryEmbedding + Attention
         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
     }
     in_names, out_names = io_names(model.config.num_layers, use_cache)

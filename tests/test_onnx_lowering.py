@@ -5,6 +5,7 @@ translations of softplus / logsumexp match torch where their naive forms overflo
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -68,6 +69,25 @@ def test_model_is_put_back_after_lowering_even_when_the_export_fails(model):
         assert [b.attn for b in model.blocks] == originals
 
 
+def test_without_the_fused_operators_the_export_keeps_the_plain_ones(model, monkeypatch,
+                                                                     tmp_path):
+    # An ONNX Runtime (or onnxscript) without opset 23's Attention/RotaryEmbedding: the
+    # model is not lowered, the table has no fused ops, and the export still checks out.
+    from vesper_sdk.export import lowering
+
+    monkeypatch.setattr(lowering, "_runtime_runs_fused_ops", lambda: False)
+    assert not lowering.fused_attention(23)
+    with lowered(model, opset=23):
+        assert all(type(b.attn) is Attention for b in model.blocks)
+    assert torch.ops.vesper.rotary.default not in translation_table(23)
+    model_dir = make_model_dir(tmp_path / "m", make_tokenizer())
+    out = export_onnx(model_dir, tmp_path / "plain", verbose=False)
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert not {n.op_type for n in graph.node} & {"RotaryEmbedding"}
+    info = json.loads((out / "config.json").read_text())["onnx"]
+    assert info["opset"] == 23 and info["fused_attention"] is False
+
+
 class _Pointwise(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return F.softplus(x), F.softplus(x, beta=2.0), torch.logsumexp(x, dim=-1)
@@ -99,6 +119,8 @@ def test_opset_23_graph_uses_the_fused_operators_and_older_opsets_do_not(tmp_pat
         graph = onnx.load(str(out / "model.onnx")).graph
         counts[opset] = collections.Counter(n.op_type for n in graph.node)
         attention = [n for n in graph.node if n.op_type == "Attention"]
+        info = json.loads((out / "config.json").read_text())["onnx"]
+        assert info["fused_attention"] is (opset == 23)
         if opset == 23:
             # Two rotations and one attention per layer, the cache inside the attention
             # (past key/value in, present out): no Concat left on a past input.
