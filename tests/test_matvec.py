@@ -41,6 +41,11 @@ def test_split_matvec_compiles_without_a_graph_break_to_the_same_numbers():
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_attach_leaves_bf16_weights_to_f_linear(tiny_model):
+    assert matvec.attach(tiny_model.to(torch.bfloat16), parts=4) == 0
+    assert matvec.products(tiny_model) == []
+
+
 def test_split_matvec_rejects_parts_that_do_not_divide_the_output():
     with pytest.raises(ValueError, match="divide"):
         SplitMatVec(torch.randn(10, 4), 4)
