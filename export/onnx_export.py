@@ -63,7 +63,7 @@ from torch import nn
 from ..atomic import atomic_write_folder
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, Linear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
-from .lowering import fused_attention, lowered, translation_table
+from .lowering import fused_attention, lowered, paired_ffn_weights, translation_table
 from .runner import ONNX_NAME, make_session
 
 DEFAULT_OPSET = 23
@@ -191,11 +191,17 @@ def _digest(array: np.ndarray) -> str:
 def _weight_table(model: VesperLM) -> dict[str, tuple[str, str]]:
     """digest of W.T (how a linear weight appears as a MatMul initializer) -> (name, role).
 
-    Roles: ``quant`` (block linears, FlyLoRA base weights), ``keep`` (FlyLoRA A/B, the
-    MetaHead, the MoE router). Matching by value is robust to the exporter's renaming.
+    Roles: ``quant`` (block linears, FlyLoRA base weights, alone or as the lowered
+    export's gate/up pairs), ``keep`` (FlyLoRA A/B, the MetaHead, the MoE router).
+    Matching by value is robust to the exporter's renaming.
     """
     table: dict[str, tuple[str, str]] = {}
     for name, mod in model.named_modules():
+        pair = paired_ffn_weights(mod)
+        if pair is not None:  # the lowered export's gate+up pair (export.lowering)
+            table[_digest(pair["weight"].T.numpy())] = (f"{name}.gate_up.weight", "quant")
+            table[_digest(pair["lora_A"].T.numpy())] = (f"{name}.gate_up.lora_A", "keep")
+            table[_digest(pair["lora_B"].numpy())] = (f"{name}.gate_up.lora_B", "keep")
         if isinstance(mod, FlyLoRALinear):
             table[_digest(mod.weight.detach().T.numpy())] = (f"{name}.weight", "quant")
             table[_digest(mod.lora_A.detach().T.numpy())] = (f"{name}.lora_A", "keep")

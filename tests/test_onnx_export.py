@@ -124,9 +124,10 @@ def test_quantized_exports_are_smaller_and_close(exports, model_dir):
     ops4 = {n.op_type for n in g4.node}
     assert "MatMulInteger" in ops8 or "DynamicQuantizeMatMul" in ops8
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops4
-    # FlyLoRA's A/B and the MetaHead stay fp32 MatMuls.
+    # FlyLoRA's A/B (of each gate/up pair) and the MetaHead stay fp32 MatMuls.
     fp_matmul_weights = {n.input[1] for n in g4.node if n.op_type == "MatMul"}
-    assert "blocks.0.ffn.gate.lora_A.T" in fp_matmul_weights
+    assert {"blocks.0.ffn.gate_up.lora_A.T", "blocks.0.ffn.gate_up.lora_B.T"} <= \
+        fp_matmul_weights
     assert "metahead.fc.weight.T" in fp_matmul_weights
     model = vs.VesperLM.from_pretrained(model_dir).eval()
     for q, max_rel in (("int8", 0.1), ("int4", 0.35)):

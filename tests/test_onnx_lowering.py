@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from test_quantize import make_model_dir, make_tokenizer
 
 import vesper_sdk as vs
-from vesper_sdk.export.lowering import LoweredAttention, lowered, translation_table
+from vesper_sdk.export.lowering import (
+    LoweredAttention,
+    LoweredFeedForward,
+    lowered,
+    translation_table,
+)
 from vesper_sdk.export.onnx_export import export_onnx
 from vesper_sdk.export.runner import make_session
 from vesper_sdk.model import Attention
@@ -52,6 +57,7 @@ def test_lowered_attention_computes_what_the_model_attention_computes(model, wit
         ref = _steps(model, with_mask)
         with lowered(model, opset=23):
             assert all(isinstance(b.attn, LoweredAttention) for b in model.blocks)
+            assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
             got = _steps(model, with_mask)
     assert len(got) == len(ref)
     for g, r in zip(got, ref, strict=True):
@@ -60,13 +66,15 @@ def test_lowered_attention_computes_what_the_model_attention_computes(model, wit
 
 
 def test_model_is_put_back_after_lowering_even_when_the_export_fails(model):
-    originals = [b.attn for b in model.blocks]
+    originals = [(b.attn, b.ffn) for b in model.blocks]
     with pytest.raises(RuntimeError, match="export failed"), lowered(model, opset=23):
         raise RuntimeError("export failed")
-    assert [b.attn for b in model.blocks] == originals
+    assert [(b.attn, b.ffn) for b in model.blocks] == originals
     assert all(type(b.attn) is Attention for b in model.blocks)
-    with lowered(model, opset=21):  # no fused operators below opset 23: nothing swapped
-        assert [b.attn for b in model.blocks] == originals
+    with lowered(model, opset=21):  # no fused attention below opset 23; the FFN pairs
+        assert [b.attn for b in model.blocks] == [a for a, _ in originals]
+        assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
+    assert [(b.attn, b.ffn) for b in model.blocks] == originals
 
 
 def test_without_the_fused_operators_the_export_keeps_the_plain_ones(model, monkeypatch,
@@ -79,6 +87,7 @@ def test_without_the_fused_operators_the_export_keeps_the_plain_ones(model, monk
     assert not lowering.fused_attention(23)
     with lowered(model, opset=23):
         assert all(type(b.attn) is Attention for b in model.blocks)
+        assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
     assert torch.ops.vesper.rotary.default not in translation_table(23)
     model_dir = make_model_dir(tmp_path / "m", make_tokenizer())
     out = export_onnx(model_dir, tmp_path / "plain", verbose=False)
@@ -131,4 +140,6 @@ def test_opset_23_graph_uses_the_fused_operators_and_older_opsets_do_not(tmp_pat
                            for n in graph.node)
         else:
             assert counts[18]["RotaryEmbedding"] == 0 and not attention
+        # FlyLoRA's top-k in the graph, one TopK per gate/up pair (+1: the MetaHead's top-2).
+        assert counts[opset]["TopK"] == 2 + 1 and counts[opset]["ScatterElements"] == 2
     assert sum(counts[23].values()) < 0.7 * sum(counts[18].values())
