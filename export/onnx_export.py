@@ -25,8 +25,8 @@ and the MoE router stay fp32 (see vesper_sdk.quantize for why).
 
 Opset: 23 by default, for its native RMSNormalization, RotaryEmbedding and Attention
 (with the KV cache as inputs and outputs) operators, which ``export.lowering`` maps the
-model's attention onto; on the bundled demo model the int4 graph has 248 nodes against
-435 at opset 21 and decodes 1.37x as fast (4,312 vs 3,144 tokens/s). Where the installed
+model's attention onto (figures there: on the bundled demo model, int4, 302 -> 214
+graph nodes with its other lowerings, ~1.3x the decode speed). Where the installed
 onnxscript or ONNX Runtime lacks those two operators, the export keeps the plain ones
 (``onnx.fused_attention`` in config.json says which). It needs ONNX Runtime >= 1.22;
 ``--opset 18`` (fp32/int8) or 21 (int4, whose embedding is an INT4 tensor) serve older
