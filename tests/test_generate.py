@@ -536,6 +536,11 @@ def test_load_and_cli_generate(tmp_path, model, tokenizer, capsys):
     assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "hi", "--chat",
                      "--temperature", "0", "--max-new-tokens", "4", "--confidence"]) == 0
     assert "mean confidence" in capsys.readouterr().out
+    # --compile on the CPU: the same text, and a note that the first tokens wait.
+    assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "the cat", "--compile",
+                     "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == want + "\n" and "torch.compile" in printed.err
 
 
 def test_score_and_request_helpers(lm, model, tokenizer):

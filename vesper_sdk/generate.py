@@ -1071,6 +1071,10 @@ def cli(opts: GenerateOptions) -> int:
     """``vesper generate``: stream the answer to stdout."""
     prompt = opts.prompt if opts.prompt is not None else sys.stdin.read()
     lm = load(opts.model_dir, device=opts.device, compile=opts.compile)
+    if getattr(lm.backend, "compile", False):
+        # Said up front: otherwise the first token's wait looks like a hang.
+        print("note: --compile: the first tokens wait for torch.compile (tens of seconds the "
+              "first time; its cache makes later runs quicker)", file=sys.stderr, flush=True)
     regulator = None
     if opts.regulator or opts.retries:
         regulator = MetacognitiveRegulator(threshold=opts.threshold, retries=opts.retries)
