@@ -1258,9 +1258,11 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
                      dtype=dtype, compile=compile)
     state: VesperServer = app.state.vesper
     shown = f"[{host}]" if ":" in host else host
+    compiled = getattr(getattr(state.llm, "backend", None), "compile", False)
     print(f"serving '{state.model_name}' ({context_window(state.llm)}-token context) on "
-          f"http://{shown}:{port}/v1" + (" (API key required)" if api_key else ""),
-          flush=True)
+          f"http://{shown}:{port}/v1" + (" (API key required)" if api_key else "")
+          + ("; decode step compiled: the first batches wait for torch.compile"
+             if compiled else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
