@@ -220,8 +220,8 @@ class LoweredFeedForward(nn.Module):
     def __init__(self, inner: GLUFeedForward) -> None:
         super().__init__()
         self.inner = inner
-        for name, t in paired_ffn_weights(inner).items():
-            self.register_buffer(name, t.detach().clone())
+        for name, t in paired_ffn_weights(inner).items():  # fresh tensors (cat / stack)
+            self.register_buffer(name, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.inner.gate
