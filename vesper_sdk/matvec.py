@@ -40,7 +40,6 @@ def _split_product_meta(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], blocks.shape[0] * blocks.shape[2]))
 
 
-
 # The product as one operator that torch.compile keeps whole: traced through, inductor
 # turns the batched product into a loop of its own that runs on one thread ('small'
 # model, compiled CPU decode step: 61 tokens/s that way, ~160 with this operator).
@@ -74,7 +73,7 @@ class SplitMatVec:
         """Whether ``x`` is a decode-sized input this product serves (else use F.linear).
 
         Under torch.compile the weight's version is not checked (the compiler cannot read
-        it): whoever compiles checks :func:`stale` before each call instead.
+        it): whoever compiles checks :meth:`is_stale` before each call instead.
         """
         return (x.device == self.device and x.dtype == self.dtype
                 and x.numel() <= self.max_rows * self.in_features
