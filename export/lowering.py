@@ -217,10 +217,10 @@ class LoweredFeedForward(nn.Module):
     there were two of each (the demo model's int4 graph: 248 -> 214 nodes, decode +6 %).
     Same math as the two layers; the export's check compares it with PyTorch."""
 
-    def __init__(self, inner: GLUFeedForward) -> None:
+    def __init__(self, inner: GLUFeedForward, pair: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.inner = inner
-        for name, t in paired_ffn_weights(inner).items():  # fresh tensors (cat / stack)
+        for name, t in pair.items():  # paired_ffn_weights(inner): fresh cat / stack tensors
             self.register_buffer(name, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,8 +247,9 @@ def lowered(model: VesperLM, opset: int) -> Iterator[VesperLM]:
         for block in model.blocks:
             if fused:
                 block.attn = LoweredAttention(block.attn)
-            if paired_ffn_weights(block.ffn) is not None:
-                block.ffn = LoweredFeedForward(block.ffn)
+            pair = paired_ffn_weights(block.ffn)
+            if pair is not None:
+                block.ffn = LoweredFeedForward(block.ffn, pair)
         yield model
     finally:
         for block, (attn, ffn) in zip(model.blocks, originals, strict=True):
