@@ -18,12 +18,13 @@ import vesper_sdk as vs
 from vesper_sdk.export.lowering import (
     LoweredAttention,
     LoweredFeedForward,
+    LoweredMetaHead,
     lowered,
     translation_table,
 )
 from vesper_sdk.export.onnx_export import export_onnx
 from vesper_sdk.export.runner import make_session
-from vesper_sdk.model import Attention
+from vesper_sdk.model import Attention, MetaHead, logit_features
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def test_lowered_attention_computes_what_the_model_attention_computes(model, wit
         with lowered(model, opset=23):
             assert all(isinstance(b.attn, LoweredAttention) for b in model.blocks)
             assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
+            assert isinstance(model.metahead, LoweredMetaHead)
             got = _steps(model, with_mask)
     assert len(got) == len(ref)
     for g, r in zip(got, ref, strict=True):
@@ -71,6 +73,7 @@ def test_model_is_put_back_after_lowering_even_when_the_export_fails(model):
         raise RuntimeError("export failed")
     assert [(b.attn, b.ffn) for b in model.blocks] == originals
     assert all(type(b.attn) is Attention for b in model.blocks)
+    assert type(model.metahead) is MetaHead
     with lowered(model, opset=21):  # no fused attention below opset 23; the FFN pairs
         assert [b.attn for b in model.blocks] == [a for a, _ in originals]
         assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
@@ -145,3 +148,38 @@ def test_opset_23_graph_uses_the_fused_operators_and_older_opsets_do_not(tmp_pat
         assert counts[opset]["TopK"] == 2 + 1 and counts[opset]["GatherElements"] == 2
         assert counts[opset]["ScatterElements"] == 0
     assert sum(counts[23].values()) < 0.7 * sum(counts[18].values())
+
+
+class _Features(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.vesper.logit_features(x)
+
+
+def test_logit_features_translation_matches_the_model_with_ties_and_large_logits(tmp_path):
+    # Rows: a tie for the top (margin 0), logits far past exp's fp32 range, one peaked row,
+    # a flat one (entropy log V), ordinary ones; batch and sequence axes as in the model.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 50, generator=gen) * 4
+    x[0, 0, [3, 7]] = 30.0
+    x[0, 1] += 500.0
+    x[0, 2, 11] = 200.0
+    x[1, 0] = 1.5
+    program = torch.onnx.export(_Features().eval(), (x,), dynamo=True, opset_version=18,
+                                custom_translation_table=translation_table(18),
+                                verbose=False)
+    path = tmp_path / "features.onnx"
+    program.save(str(path))
+    assert {n.op_type for n in onnx.load(str(path)).graph.node} >= {"TopK", "Exp"}
+    got = make_session(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert got.shape == (2, 3, 3) and np.isfinite(got).all()
+    assert got[0, 0, 1] == 0.0  # the tie: top-1 minus top-2
+    np.testing.assert_allclose(got[1, 0, 2], np.log(50), rtol=1e-6)
+    # Against the same features in float64 (at +500, fp32's own logsumexp is off by 2e-5:
+    # the translation, which shifts by the top-1 first, is closer than the model).
+    z = x.double()
+    lse = torch.logsumexp(z, -1)
+    top2 = z.topk(2, dim=-1).values
+    entropy = lse - (z.softmax(-1) * z).sum(-1)
+    exact = torch.stack((top2[..., 0] - lse, top2[..., 0] - top2[..., 1], entropy), -1)
+    np.testing.assert_allclose(got, exact.numpy(), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(logit_features(x).numpy(), exact.numpy(), atol=1e-4)
