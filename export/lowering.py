@@ -65,17 +65,20 @@ def _runtime_runs_fused_ops() -> bool:
         if not (hasattr(opset23, "RotaryEmbedding") and hasattr(opset23, "Attention")):
             return False
         f = TensorProto.FLOAT
-        nodes = [helper.make_node("RotaryEmbedding", ["x", "c", "s"], ["r"], num_heads=1),
+        nodes = [helper.make_node("RotaryEmbedding", ["x", "c", "s", "i"], ["r"],
+                                  num_heads=1),
                  helper.make_node("Attention", ["r", "r", "x", "", "p", "p"],
                                   ["y", "pk", "pv"], q_num_heads=1, kv_num_heads=1)]
         graph = helper.make_graph(
-            nodes, "probe", [helper.make_tensor_value_info(n, f, None) for n in "xcsp"],
+            nodes, "probe", [*(helper.make_tensor_value_info(n, f, None) for n in "xcsp"),
+                             helper.make_tensor_value_info("i", TensorProto.INT64, None)],
             [helper.make_tensor_value_info(n, f, None) for n in ("y", "pk", "pv")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
         session = ort.InferenceSession(model.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
         one = np.ones((1, 1, 2), np.float32)
-        session.run(None, {"x": one, "c": one[..., :1], "s": one[..., :1] * 0,
+        session.run(None, {"x": one, "c": one[0, :, :1], "s": one[0, :, :1] * 0,
+                           "i": np.zeros((1, 1), np.int64),
                            "p": np.ones((1, 1, 1, 2), np.float32)})
         return True
     except Exception:  # an older onnxscript or ONNX Runtime: export without them
@@ -89,17 +92,17 @@ def fused_attention(opset: int) -> bool:
 
 # ----------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("vesper::rotary", mutates_args=())
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-           ) -> torch.Tensor:
-    """RoPE on x [B,S,H*D] with cos/sin [B,S,D/2] (the table of these positions)."""
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor,
+           num_heads: int) -> torch.Tensor:
+    """RoPE on x [B,S,H*D] at position_ids [B,S], from the whole cos/sin table [T,D/2]."""
     b, s, hd = x.shape
     x4 = x.view(b, s, num_heads, hd // num_heads)
-    out = RotaryEmbedding.rotate(x4, (cos.unsqueeze(2), sin.unsqueeze(2)))
-    return out.reshape(b, s, hd)
+    table = (cos[position_ids].unsqueeze(2), sin[position_ids].unsqueeze(2))
+    return RotaryEmbedding.rotate(x4, table).reshape(b, s, hd)
 
 
 @rotary.register_fake
-def _(x, cos, sin, num_heads):
+def _(x, cos, sin, position_ids, num_heads):
     return torch.empty_like(x)
 
 
@@ -190,8 +193,10 @@ def translation_table(opset: int) -> dict:
         return table
     from onnxscript import opset23 as op
 
-    def rotary_onnx(x: FLOAT, cos: FLOAT, sin: FLOAT, num_heads: int) -> FLOAT:
-        return op.RotaryEmbedding(x, cos, sin, num_heads=num_heads)
+    def rotary_onnx(x: FLOAT, cos: FLOAT, sin: FLOAT, position_ids: INT64, num_heads: int,
+                    ) -> FLOAT:
+        # The operator looks the positions up in the table itself: no gathers before it.
+        return op.RotaryEmbedding(x, cos, sin, position_ids, num_heads=num_heads)
 
     def cached_attention_onnx(q: FLOAT, k: FLOAT, v: FLOAT, mask, past_k: FLOAT,
                               past_v: FLOAT, num_heads: int):
@@ -205,22 +210,36 @@ def translation_table(opset: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- modules
+class LoweredRope(nn.Module):
+    """``RotaryEmbedding`` whose ``table`` hands the whole cos/sin table and the positions
+    to :class:`LoweredAttention`, for ONNX's RotaryEmbedding to look them up."""
+
+    def __init__(self, inner: RotaryEmbedding) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def table(self, position_ids: torch.Tensor, dtype: torch.dtype,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.inner.cos.to(dtype), self.inner.sin.to(dtype), position_ids
+
+
 class LoweredAttention(nn.Module):
-    """``Attention`` as the two custom ops above; same parameters, same results."""
+    """``Attention`` as the two custom ops above; same parameters, same results. Reads
+    ``rope`` as :class:`LoweredRope` gives it."""
 
     def __init__(self, inner: Attention) -> None:
         super().__init__()
         self.inner = inner
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None,
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         a = self.inner
         b, s, d = x.shape
         q, k, v = a.qkv(x).split(d, dim=-1)
-        cos, sin = (t[:, 0] for t in rope)  # [B,1,S,D/2] -> [B,S,D/2]
-        q = torch.ops.vesper.rotary(q, cos, sin, a.num_heads)
-        k = torch.ops.vesper.rotary(k, cos, sin, a.num_heads)
+        cos, sin, position_ids = rope
+        q = torch.ops.vesper.rotary(q, cos, sin, position_ids, a.num_heads)
+        k = torch.ops.vesper.rotary(k, cos, sin, position_ids, a.num_heads)
         if past is None:
             past = (x.new_zeros(b, a.num_heads, 0, a.head_dim),) * 2
         if mask is None:
@@ -303,10 +322,12 @@ def lowered(model: VesperLM, opset: int) -> Iterator[VesperLM]:
     and its attention where :func:`fused_attention` holds; restored afterwards."""
     fused = fused_attention(opset)
     originals = [(block.attn, block.ffn) for block in model.blocks]
-    metahead = model.metahead
+    metahead, rope = model.metahead, model.rope
     try:
         if metahead.use_logits:
             model.metahead = LoweredMetaHead(metahead)
+        if fused:
+            model.rope = LoweredRope(rope)
         for block in model.blocks:
             if fused:
                 block.attn = LoweredAttention(block.attn)
@@ -315,6 +336,6 @@ def lowered(model: VesperLM, opset: int) -> Iterator[VesperLM]:
                 block.ffn = LoweredFeedForward(block.ffn, pair)
         yield model
     finally:
-        model.metahead = metahead
+        model.metahead, model.rope = metahead, rope
         for block, (attn, ffn) in zip(model.blocks, originals, strict=True):
             block.attn, block.ffn = attn, ffn

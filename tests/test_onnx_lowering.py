@@ -19,12 +19,13 @@ from vesper_sdk.export.lowering import (
     LoweredAttention,
     LoweredFeedForward,
     LoweredMetaHead,
+    LoweredRope,
     lowered,
     translation_table,
 )
 from vesper_sdk.export.onnx_export import export_onnx
 from vesper_sdk.export.runner import make_session
-from vesper_sdk.model import Attention, MetaHead, logit_features
+from vesper_sdk.model import Attention, MetaHead, RotaryEmbedding, logit_features
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,7 @@ def test_lowered_attention_computes_what_the_model_attention_computes(model, wit
             assert all(isinstance(b.attn, LoweredAttention) for b in model.blocks)
             assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
             assert isinstance(model.metahead, LoweredMetaHead)
+            assert isinstance(model.rope, LoweredRope)
             got = _steps(model, with_mask)
     assert len(got) == len(ref)
     for g, r in zip(got, ref, strict=True):
@@ -73,7 +75,7 @@ def test_model_is_put_back_after_lowering_even_when_the_export_fails(model):
         raise RuntimeError("export failed")
     assert [(b.attn, b.ffn) for b in model.blocks] == originals
     assert all(type(b.attn) is Attention for b in model.blocks)
-    assert type(model.metahead) is MetaHead
+    assert type(model.metahead) is MetaHead and type(model.rope) is RotaryEmbedding
     with lowered(model, opset=21):  # no fused attention below opset 23; the FFN pairs
         assert [b.attn for b in model.blocks] == [a for a, _ in originals]
         assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
