@@ -508,14 +508,16 @@ class VesperLM(nn.Module):
         mask = None
         if attention_mask is not None or past_len:
             # Boolean [B,1,S,T]: key j visible to query i if j is real and not in the future.
+            # Built by broadcasting [S,T] against [B,1,1,T]: no unsqueeze or expand beyond
+            # what the shapes need (each one is a node in an exported graph).
             q_pos = torch.arange(past_len, total, device=input_ids.device)[:, None]
-            k_pos = torch.arange(total, device=input_ids.device)[None, :]
-            allowed = (k_pos <= q_pos)[None, None]
+            k_pos = torch.arange(total, device=input_ids.device)
+            allowed = k_pos <= q_pos
             if attention_mask is not None:
-                allowed = allowed & attention_mask.bool()[:, None, None, :]
                 # A padded query sees only itself, so no softmax row is empty (NaN).
-                allowed = allowed | (k_pos == q_pos)[None, None]
-            mask = allowed.expand(b, 1, s, total)
+                mask = (allowed & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+            else:
+                mask = allowed.expand(b, 1, s, total)
 
         x = self.embed(input_ids)
         rope = self.rope.table(position_ids, x.dtype)
