@@ -564,16 +564,18 @@ def greedy_tokens_per_s(backend: Any, prompt: Sequence[int], new_tokens: int) ->
     """Greedy decode speed of a DecodeBackend, batch 1, KV cache, prompt excluded."""
     dev = backend.device
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=dev)
-    mask = torch.ones_like(ids)
-    pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0)
-    out = backend.forward(ids, mask, pos, None)
+    n = ids.shape[1]
+    # The whole mask once, a growing view of it per step (as LLM's decode loop does).
+    mask = torch.ones((1, n + new_tokens), dtype=torch.long, device=dev)
+    pos = torch.arange(n, device=dev).unsqueeze(0)
+    out = backend.forward(ids, mask[:, :n], pos, None)
     past = out.past_key_values
+    pos = pos[:, -1:]
     start = time.perf_counter()
-    for _ in range(new_tokens):
+    for t in range(n + 1, n + new_tokens + 1):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True).to(dev)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        pos = pos[:, -1:] + 1
-        out = backend.forward(nxt, mask, pos, past)
+        pos = pos + 1
+        out = backend.forward(nxt, mask[:, :t], pos, past)
         past = out.past_key_values
     return new_tokens / (time.perf_counter() - start)
 
