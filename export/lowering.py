@@ -220,11 +220,13 @@ class LoweredRope(nn.Module):
 
     def __init__(self, inner: RotaryEmbedding) -> None:
         super().__init__()
-        self.inner = inner
+        # The same tensors under the same names (model.rope.cos / .sin in the graph).
+        self.register_buffer("cos", inner.cos, persistent=False)
+        self.register_buffer("sin", inner.sin, persistent=False)
 
     def table(self, position_ids: torch.Tensor, dtype: torch.dtype,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.inner.cos.to(dtype), self.inner.sin.to(dtype), position_ids
+        return self.cos.to(dtype), self.sin.to(dtype), position_ids
 
 
 class LoweredAttention(nn.Module):
@@ -310,14 +312,17 @@ class LoweredMetaHead(nn.Module):
     """``MetaHead`` whose logit features are one custom op (ONNX: :func:`translation_table`'s
     ``logit_features_onnx``); same parameters, same results."""
 
+    confidence = MetaHead.confidence  # over this module's calibration: inner's tensor
+
     def __init__(self, inner: MetaHead) -> None:
         super().__init__()
-        self.inner = inner
-        self.confidence = inner.confidence
+        # inner's own layers and buffer under their own names (model.metahead.fc.* ...).
+        self.fc, self.out = inner.fc, inner.out
+        self.register_buffer("calibration", inner.calibration)
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         feats = torch.ops.vesper.logit_features(logits.float()).to(h.dtype)
-        return self.inner.out(F.gelu(self.inner.fc(torch.cat((h, feats), dim=-1))))
+        return self.out(F.gelu(self.fc(torch.cat((h, feats), dim=-1))))
 
 
 @contextlib.contextmanager

@@ -33,7 +33,10 @@ def model() -> vs.VesperLM:
     torch.manual_seed(3)
     cfg = vs.VesperConfig.from_preset("tiny", hidden_size=64, num_layers=2, num_heads=4,
                                       ffn_hidden_size=128, vocab_size=97, max_seq_len=64)
-    return vs.VesperLM(cfg).eval()
+    model = vs.VesperLM(cfg).eval()
+    # A fitted Platt scaling, so the lowered MetaHead's confidence must apply it too.
+    model.metahead.calibration.copy_(torch.tensor([1.3, -0.2]))
+    return model
 
 
 def _steps(model: vs.VesperLM, with_mask: bool) -> list[torch.Tensor]:
