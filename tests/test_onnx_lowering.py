@@ -34,9 +34,23 @@ def model() -> vs.VesperLM:
     cfg = vs.VesperConfig.from_preset("tiny", hidden_size=64, num_layers=2, num_heads=4,
                                       ffn_hidden_size=128, vocab_size=97, max_seq_len=64)
     model = vs.VesperLM(cfg).eval()
-    # A fitted Platt scaling, so the lowered MetaHead's confidence must apply it too.
-    model.metahead.calibration.copy_(torch.tensor([1.3, -0.2]))
+    _as_if_trained(model)
     return model
+
+
+def _as_if_trained(model: vs.VesperLM) -> None:
+    """FlyLoRA B starts at zero and the balance bias at zero: give both values, so the
+    lowered FFN's chosen ranks and gathered rows of B matter; and a fitted Platt scaling,
+    so the lowered MetaHead's confidence must apply it too."""
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, t in model.named_buffers():
+            if name.endswith("balance_bias"):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.05)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        model.metahead.calibration.copy_(torch.tensor([1.3, -0.2]))
 
 
 def _steps(model: vs.VesperLM, with_mask: bool) -> list[torch.Tensor]:
@@ -188,3 +202,22 @@ def test_logit_features_translation_matches_the_model_with_ties_and_large_logits
     exact = torch.stack((top2[..., 0] - lse, top2[..., 0] - top2[..., 1], entropy), -1)
     np.testing.assert_allclose(got, exact.numpy(), rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(logit_features(x).numpy(), exact.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_lowered_ffn_pair_computes_the_two_flylora_layers(alpha):
+    torch.manual_seed(5)
+    cfg = vs.VesperConfig.from_preset("tiny", hidden_size=64, num_layers=1, num_heads=4,
+                                      ffn_hidden_size=128, vocab_size=97, max_seq_len=64,
+                                      flylora_alpha=alpha)
+    model = vs.VesperLM(cfg).eval()
+    _as_if_trained(model)
+    ffn = model.blocks[0].ffn
+    assert ffn.gate.scaling == alpha
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        ref = ffn(x)
+        with lowered(model, opset=18):
+            got = model.blocks[0].ffn(x)
+            assert isinstance(model.blocks[0].ffn, LoweredFeedForward)
+    assert ref.abs().max() > 0 and (got - ref).abs().max() <= 1e-5
