@@ -362,6 +362,12 @@ def quantized_headline(result: dict[str, Any]) -> str:
                          + (f"{delta:+.1f}% ppl, " if delta is not None else "")
                          + f"{r.get('size_ratio', 0):.2f}x size, "
                          + f"{_short(r['decode_tok_s'])} tok/s")
+    # The target's figure: ONNX int4 against GPT-2 of the same shape, both ways compared.
+    int4 = next((r for r in _rows(result) if r.get("variant") == "onnx-int4"), None)
+    if int4 and "speedup_vs_gpt2_generate" in int4:
+        parts.append(f"onnx-int4 vs HF GPT-2: {int4['speedup_vs_gpt2_generate']:.2f}x "
+                     f"generate() through the API, {int4['speedup_vs_gpt2_loop']:.2f}x "
+                     "bare loops")
     return "; ".join(parts)
 
 

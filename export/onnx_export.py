@@ -8,7 +8,7 @@ One graph serves prefill and decode: inputs ``input_ids`` [B,S], ``attention_mas
 [B,P+S], ``position_ids`` [B,S] and ``past_key_values.{i}.key/value`` [B,H,P,D] with P >= 0
 (P = 0 at prefill); outputs ``logits`` [B,S,V], ``confidence`` and ``stop`` [B,S] (the
 MetaHead) and ``present.{i}.key/value`` [B,H,P+S,D]. Batch and sequence axes are dynamic;
-FlyLoRA's top-k rank selection (TopK + ScatterElements) is inside the graph.
+FlyLoRA's top-k rank selection (TopK, then a Gather of the chosen ranks) is inside the graph.
 
 The graph comes from ``torch.onnx.export(dynamo=True)``: the TorchScript exporter has no
 ``aten::rms_norm`` below opset 23, while the dynamo exporter handles RMSNorm, SDPA with a
@@ -25,8 +25,8 @@ and the MoE router stay fp32 (see vesper_sdk.quantize for why).
 
 Opset: 23 by default, for its native RMSNormalization, RotaryEmbedding and Attention
 (with the KV cache as inputs and outputs) operators, which ``export.lowering`` maps the
-model's attention onto (figures there: on the bundled demo model, int4, 302 -> 214
-graph nodes with its other lowerings, ~1.3x the decode speed). Where the installed
+model's attention onto (figures there: on the bundled demo model, int4, 302 -> 179
+graph nodes with its other lowerings, ~1.4x the decode speed). Where the installed
 onnxscript or ONNX Runtime lacks those two operators, the export keeps the plain ones
 (``onnx.fused_attention`` in config.json says which). It needs ONNX Runtime >= 1.22;
 ``--opset 18`` (fp32/int8) or 21 (int4, whose embedding is an INT4 tensor) serve older

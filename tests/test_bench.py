@@ -399,3 +399,18 @@ def test_generate_headline_names_every_path_and_its_ratio_to_hf():
     assert generate_headline({"rows": [row]}) == (
         "batch 1: 120 tok/s vs HF 100 (1.20x), compiled 140 (1.40x), via ONNX Runtime 150 "
         "(1.50x)")
+
+
+def test_quantized_headline_gives_the_int4_ratios_to_gpt2_both_ways():
+    from vesper_sdk.benchmarks.suite import quantized_headline
+
+    rows = [{"variant": "fp32", "perplexity": 2.0, "size_mb": 12.0, "decode_tok_s": 900.0},
+            {"variant": "onnx-int4", "perplexity": 2.01, "perplexity_delta_pct": 0.5,
+             "size_ratio": 0.25, "decode_tok_s": 4800.0, "speedup_vs_gpt2_generate": 4.61,
+             "speedup_vs_gpt2_loop": 3.59}]
+    headline = quantized_headline({"rows": rows})
+    assert headline.endswith("onnx-int4 vs HF GPT-2: 4.61x generate() through the API, "
+                             "3.59x bare loops")
+    # Without transformers there is no baseline, and the headline says nothing of one.
+    del rows[1]["speedup_vs_gpt2_generate"]
+    assert "GPT-2" not in quantized_headline({"rows": rows})
