@@ -152,8 +152,8 @@ def _(logits):
 def translation_table(opset: int) -> dict:
     """torch op -> onnxscript function, for ``torch.onnx.export(custom_translation_table=)``.
 
-    softplus and logsumexp at every supported opset (18+); the fused rotary and attention
-    operators from opset 23, where they exist.
+    softplus, logsumexp and the MetaHead's logit features at every supported opset (18+);
+    the fused rotary and attention operators from opset 23, where they exist.
     """
     from onnxscript import FLOAT, INT64
     from onnxscript import opset18 as op18
