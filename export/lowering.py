@@ -45,12 +45,12 @@ from torch import nn
 
 from ..model import (
     Attention,
-    FlyLoRALinear,
     GLUFeedForward,
     MetaHead,
     RotaryEmbedding,
     VesperLM,
     logit_features,
+    paired_ffn_weights,
 )
 
 LOWERED_MIN_OPSET = 23
@@ -101,7 +101,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: 
     """RoPE on x [B,S,H*D] at position_ids [B,S], from the whole cos/sin table [T,D/2]."""
     b, s, hd = x.shape
     x4 = x.view(b, s, num_heads, hd // num_heads)
-    table = (cos[position_ids].unsqueeze(2), sin[position_ids].unsqueeze(2))
+    wide = RotaryEmbedding.widen(cos[position_ids], sin[position_ids])
+    table = (wide[0].unsqueeze(2), wide[1].unsqueeze(2))
     return RotaryEmbedding.rotate(x4, table).reshape(b, s, hd)
 
 
@@ -256,25 +257,6 @@ class LoweredAttention(nn.Module):
         return a.o_proj(y), (key, value)
 
 
-def paired_ffn_weights(ffn: nn.Module) -> dict[str, torch.Tensor] | None:
-    """A GLU feed-forward's gate and up FlyLoRA layers stacked as one pair: base weight
-    [2F, in], A [2r, in], balance bias [2, r], B transposed with the two stacked as rows
-    [2r, F]; None when the module is not such a feed-forward (plain layers, MoE,
-    bitsandbytes)."""
-    if not isinstance(ffn, GLUFeedForward):
-        return None
-    g, u = ffn.gate, ffn.up
-    if not (isinstance(g, FlyLoRALinear) and isinstance(u, FlyLoRALinear)
-            and isinstance(g.weight, torch.Tensor) and isinstance(u.weight, torch.Tensor)
-            and (g.rank, g.topk, g.scaling) == (u.rank, u.topk, u.scaling)):
-        return None
-    with torch.no_grad():
-        return {"weight": torch.cat([g.weight, u.weight]),
-                "lora_A": torch.cat([g.lora_A, u.lora_A]),
-                "balance_bias": torch.stack([g.balance_bias, u.balance_bias]),
-                "lora_B": torch.cat([g.lora_B.t(), u.lora_B.t()]).contiguous()}
-
-
 class LoweredFeedForward(nn.Module):
     """``GLUFeedForward`` whose gate and up FlyLoRA layers run as one stacked pair: one
     base product, one A product, one top-k over [2, r] and one batched product with the
@@ -282,7 +264,8 @@ class LoweredFeedForward(nn.Module):
 
     The chosen rows are gathered rather than the others masked to zero: one Gather
     instead of the zeros/ScatterElements/Mul chain, and a product over k rows, not r.
-    Same math as the two layers; the export's check compares it with PyTorch.
+    The math is the model's own :meth:`GLUFeedForward.paired` (CPU decoding runs it
+    too); the export's check compares the graph with PyTorch.
     Measured on the demo model's int4 graph (this repo's 2-core CPU): the pair took it
     from 248 to 214 nodes and decode +6 %; gathering, to 202 nodes.
     """
@@ -296,16 +279,8 @@ class LoweredFeedForward(nn.Module):
         self.register_buffer("row_offset", torch.tensor([[0], [inner.gate.rank]]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.inner.gate
-        r, f = g.rank, g.out_features
-        base = F.linear(x, self.weight)
-        ax = F.linear(x, self.lora_A).unflatten(-1, (2, r))  # [..., 2, r]
-        idx = (ax.abs() + self.balance_bias).topk(g.topk, dim=-1).indices  # [..., 2, k]
-        rows = F.embedding(idx + self.row_offset, self.lora_B)  # [..., 2, k, F]
-        lora = torch.matmul(ax.gather(-1, idx).unsqueeze(-2), rows).flatten(-3)
-        h = base + (lora if g.scaling == 1.0 else lora * g.scaling)
-        gate, up = h.split(f, dim=-1)
-        return self.inner.down(self.inner.act(gate) * up)
+        return self.inner.paired(F.linear(x, self.weight), F.linear(x, self.lora_A),
+                                 self.balance_bias, self.lora_B, self.row_offset)
 
 
 class LoweredMetaHead(nn.Module):

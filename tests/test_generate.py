@@ -129,15 +129,14 @@ def test_batched_generation_equals_each_prompt_alone(lm):
     assert texts == ["".join(t.text for t in row) for row in batched]
 
 
-def test_compile_applies_only_to_the_static_cache_step(model):
-    # compile=True brings the static cache along (what gets compiled is its step); the
-    # default stays eager on the dynamic cache, so a one-shot run never waits.
+def test_cpu_decodes_over_the_static_cache_and_compiles_only_when_asked(model):
+    # The default decodes eagerly over the static cache, so a one-shot run never waits
+    # for a compiler; what compile=True compiles is that step.
     plain = TorchBackend(copy.deepcopy(model))
-    assert plain.static_cache is False and plain.compile is False
+    assert plain.static_cache is True and plain.compile is False
     compiled = TorchBackend(copy.deepcopy(model), compile=True)
     assert compiled.static_cache is True and compiled.compile is True
     assert TorchBackend(copy.deepcopy(model), compile=True, static_cache=False).compile is False
-    assert TorchBackend(copy.deepcopy(model), static_cache=True).compile is False
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
         TorchBackend(copy.deepcopy(model), cuda_graph=True)
 
@@ -148,7 +147,7 @@ def test_compiled_cpu_step_gives_the_eager_tokens_and_follows_weight_updates(mod
     eager = LLM(eager_model, tokenizer)
     backend = TorchBackend(compiled_model, compile=True)
     compiled = LLM(backend, tokenizer)
-    # Three rows: a bucket of four with one padding row, rows of different lengths.
+    # Three rows of different lengths (left padding), then one alone (none).
     prompts = ["the cat", "a small red river tree and the dog", "2+2="]
     before = assert_same_greedy(eager, compiled, prompts, 12, conf_tol=1e-4)
     assert assert_same_greedy(eager, compiled, prompts[:1], 12, conf_tol=1e-4) == before[:1]
@@ -177,15 +176,15 @@ def assert_same_greedy(a: LLM, b: LLM, prompts: list[str], new_tokens: int,
 
 
 def test_static_cache_path_equals_dynamic_cache(model, tokenizer):
-    """The CUDA-graph decode step (run eagerly here) matches VesperLM.forward."""
-    dynamic = LLM(copy.deepcopy(model), tokenizer)
+    """The static-cache decode step (the CPU default) matches VesperLM.forward's cache."""
+    dynamic = LLM(TorchBackend(copy.deepcopy(model), static_cache=False), tokenizer)
     backend = TorchBackend(copy.deepcopy(model), static_cache=True, compile=False)
     static = LLM(backend, tokenizer)
-    # Three rows run in a bucket of four (one padding row), with different lengths.
+    # Three rows of different lengths: left padding, so the step takes the key mask.
     prompts = ["the cat", "a small red river tree and the dog", "2+2="]
     assert_same_greedy(dynamic, static, prompts, 15, conf_tol=1e-5)
-    assert len(backend._pools[4]) == 1  # the buffers came back for the next generation
-    # Two streams consumed in turn each get their own buffers.
+    assert len(backend._pools[3]) == 1  # the buffers came back for the next generation
+    # Two streams (no padding, no mask) consumed in turn each get their own buffers.
     s1 = static.stream("the cat", max_new_tokens=10, temperature=0.0)
     s2 = static.stream("2+2=", max_new_tokens=10, temperature=0.0)
     pairs = list(zip(s1, s2, strict=True))

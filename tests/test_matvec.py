@@ -68,13 +68,25 @@ def tiny_model():
     return vs.VesperLM(cfg).eval()
 
 
+def _as_if_trained(model: vs.VesperLM) -> vs.VesperLM:
+    """Non-zero FlyLoRA B and balance bias (a fresh model has zeros: no LoRA branch)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in model.flylora_layers():
+            layer.lora_B.normal_(0, 0.5)
+            layer.balance_bias.normal_(0, 0.1)
+    return model
+
+
 def test_attach_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_model):
+    _as_if_trained(tiny_model)
     ref = copy.deepcopy(tiny_model)
     n = matvec.attach(tiny_model, parts=4)
     assert len(matvec.products(tiny_model)) == n
-    # 2 layers x (qkv, o_proj, down, gate and up as FlyLoRA: [W; A] and B each)
-    # + MetaHead fc and out + tied LM head.
-    assert n == 2 * (3 + 2 * 2) + 2 + 1
+    # 2 layers x (qkv, o_proj, down, the gate/up FlyLoRA pair) + MetaHead fc and out
+    # + tied LM head.
+    assert n == 2 * (3 + 1) + 2 + 1
+    assert all(b.ffn.gate.matvec is None for b in tiny_model.blocks)  # the pair serves it
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         prefill = tiny_model(ids, use_cache=True)
@@ -96,17 +108,33 @@ def test_attach_zero_parts_detaches(tiny_model):
     assert all(getattr(m, "matvec", None) is None for m in tiny_model.modules())
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_ffn_pair_equals_the_two_flylora_layers(alpha):
+    torch.manual_seed(0)
+    cfg = vs.VesperConfig.from_preset("tiny", vocab_size=96, hidden_size=64, num_layers=1,
+                                      num_heads=4, ffn_hidden_size=128, flylora_alpha=alpha)
+    ffn = _as_if_trained(vs.VesperLM(cfg).eval()).blocks[0].ffn
+    x = torch.randn(3, 1, 64)
+    with torch.no_grad():
+        want = ffn(x)
+        matvec.attach(ffn, parts=4)
+        assert ffn.pair is not None and ffn.pair.applies(x)
+        torch.testing.assert_close(ffn(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_weight_updated_in_place_falls_back_to_its_current_values(tiny_model):
+    _as_if_trained(tiny_model)
     matvec.attach(tiny_model, parts=4)
     layer = tiny_model.blocks[0].attn.qkv
-    gate = tiny_model.blocks[0].ffn.gate
+    ffn = tiny_model.blocks[0].ffn
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
-        assert layer.matvec.applies(x) and gate.matvec.applies(x)
+        assert layer.matvec.applies(x) and ffn.pair.applies(x)
         layer.weight.add_(1.0)  # what an optimizer step does
-        gate.weight.mul_(2.0)
-        assert not layer.matvec.applies(x) and not gate.matvec.applies(x)
+        ffn.up.lora_B.mul_(2.0)
+        assert not layer.matvec.applies(x) and not ffn.pair.applies(x)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
-        want = F.linear(x, gate.weight) + F.linear(
-            gate.rank_mask(x)[0] * gate.rank_mask(x)[1], gate.lora_B)
-        torch.testing.assert_close(gate(x), want)
+        gate, up = ffn.gate, ffn.up
+        want = ffn.down(ffn.act(gate(x)) * (F.linear(x, up.weight) + F.linear(
+            up.rank_mask(x)[0] * up.rank_mask(x)[1], up.lora_B)))
+        torch.testing.assert_close(ffn(x), want)

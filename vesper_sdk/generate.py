@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from . import matvec
 from .metacog import MetacognitiveRegulator, as_regulator, join_flags
@@ -176,14 +177,21 @@ class DecodeBackend(Protocol):
 
 # ----------------------------------------------------------------------------- torch backend
 class _StaticBuffers:
-    """Preallocated K/V buffers [B,H,C,D] per layer and a key mask [B,C] for one batch size."""
+    """Preallocated K/V buffers [B,H,C,D] per layer and a key mask [B,C] for one batch size.
 
-    def __init__(self, model: VesperLM, batch: int, capacity: int) -> None:
+    ``zeroed``: a step over the whole capacity (a CUDA graph) reads every slot, so they
+    start at zero (masked out, but finite); one over the filled slots only never reads
+    the rest, which then takes no memory until written.
+    """
+
+    def __init__(self, model: VesperLM, batch: int, capacity: int, zeroed: bool = True,
+                 ) -> None:
         cfg = model.config
         shape = (batch, cfg.num_heads, capacity, cfg.head_dim)
         dev, dt = model.device, model.dtype
-        self.keys = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
+        new = torch.zeros if zeroed else torch.empty
+        self.keys = [new(shape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
+        self.values = [new(shape, device=dev, dtype=dt) for _ in range(cfg.num_layers)]
         self.key_mask = torch.zeros((batch, capacity), dtype=torch.bool, device=dev)
         # The decode step recorded as a CUDA graph over these buffers (their addresses are
         # baked into it), on the first step that uses them: see TorchBackend._replay.
@@ -212,8 +220,10 @@ class _StaticCache:
     """
 
     def __init__(self, buffers: _StaticBuffers, rows: int, length: int,
-                 pool: list[_StaticBuffers]) -> None:
+                 pool: list[_StaticBuffers], padded: bool = True) -> None:
         self.buffers, self.rows, self.length = buffers, rows, length
+        # Whether any row has padding in its cache (else no row needs a key mask).
+        self.padded = padded
         weakref.finalize(self, pool.append, buffers)
 
 
@@ -237,29 +247,33 @@ def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _static_decode_step(model: VesperLM, input_ids: torch.Tensor, position_ids: torch.Tensor,
                         write_index: torch.Tensor, key_mask: torch.Tensor,
                         keys: list[torch.Tensor], values: list[torch.Tensor],
-                        length: int | None = None,
+                        length: int | None = None, padded: bool = True,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode step over a static cache, built from the model's own modules.
 
     Equal to ``VesperLM.forward`` for one new token (tests check this on CPU); the only
     difference is where K/V go: written in place at ``write_index`` (and that slot of
     ``key_mask`` switched on) instead of concatenated, so every shape is fixed and the
-    step can run as a CUDA graph. ``length`` (eager steps only) attends over the first
-    ``length`` slots instead of all.
+    step can run as a CUDA graph. ``length`` (steps not recorded as a graph) attends
+    over the first ``length`` slots instead of all, through SDPA, with ``key_mask`` only
+    where some row is ``padded``.
     """
     x = model.embed(input_ids)
     b, s, _ = x.shape
-    cut = slice(None, length)
     # Every row sees the new token, padding rows of the bucket too (no empty softmax).
     key_mask.index_fill_(1, write_index, True)
-    attn_mask = key_mask[:, None, None, cut]
+    attn_mask = key_mask[:, None, None, :length] if padded or length is None else None
     rope = model.rope.table(position_ids, x.dtype)
     for i, block in enumerate(model.blocks):
         attn = block.attn
         q, k, v = attn.project_qkv(block.attn_norm(x), rope)
         keys[i].index_copy_(2, write_index, k)
         values[i].index_copy_(2, write_index, v)
-        y = _one_query_attention(q, keys[i][:, :, cut], values[i][:, :, cut], attn_mask)
+        if length is None:
+            y = _one_query_attention(q, keys[i], values[i], attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, keys[i].narrow(2, 0, length),
+                                               values[i].narrow(2, 0, length), attn_mask)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(b, s, -1))
         h = block.ffn(block.ffn_norm(x))
         x = x + (h[0] if isinstance(h, tuple) else h)
@@ -291,10 +305,12 @@ def _plain_layers(model: VesperLM) -> bool:
 class TorchBackend:
     """DecodeBackend over a VesperLM (fp32, bf16 or bitsandbytes-quantized layers).
 
-    CPU (the default path): ``VesperLM.forward`` with its KV cache; every dense weight
-    also gets a threaded matrix-vector product for the decode steps
+    CPU: every dense weight gets a threaded matrix-vector product for the decode steps
     (:mod:`vesper_sdk.matvec`, ``matvec_parts`` column blocks; 0 leaves the model
-    untouched). That copy doubles the memory the weights take.
+    untouched; the gate and up FlyLoRA layers of a feed-forward share one). That copy
+    doubles the memory the weights take. Dense models of plain layers decode over a
+    static KV cache (below), eagerly, attending only the filled slots: no cache is
+    concatenated per token, and a batch without padding takes no mask.
 
     CUDA (dense models of plain layers): decode steps run over a preallocated static KV
     cache (``max_seq_len`` long, batch rounded up to a power of two). With
@@ -307,9 +323,9 @@ class TorchBackend:
     H200. Whatever fails (compiling, then recording) is logged as a warning and
     decoding carries on without it. The prefill always runs the model's own forward.
     The static cache keeps the padding the prefill's mask gave and attends every decoded
-    token (the decoding loop's mask only grows by ones). ``static_cache=True,
-    compile=False`` runs the same step eagerly on any device (the tests compare it with
-    the model's forward on CPU).
+    token (the decoding loop's mask only grows by ones). ``static_cache=False`` decodes
+    with ``VesperLM.forward`` and its growing cache instead (bitsandbytes and MoE models
+    always do; the tests compare the two).
 
     CPU with ``compile``: the same static-cache step, compiled (the threaded products
     stay whole operators), attending the filled slots only; about 1.2x the eager
@@ -329,7 +345,7 @@ class TorchBackend:
             matvec.attach(model, matvec_parts)
         self._products = matvec.products(model)
         if static_cache is None:
-            static_cache = (cuda or bool(compile)) and _plain_layers(model)
+            static_cache = self.device.type in ("cuda", "cpu") and _plain_layers(model)
         self.static_cache = bool(static_cache)
         self.compile = bool(compile) and self.static_cache  # only the static step compiles
         self.cuda_graph = (self.static_cache and cuda) if cuda_graph is None else bool(
@@ -369,17 +385,19 @@ class TorchBackend:
     # --- static cache (CUDA graphs) -------------------------------------------------
     def _to_static(self, past: Any, attention_mask: torch.Tensor) -> _StaticCache:
         b, _, t, _ = past[0][0].shape
-        bucket = _bucket(b)
+        # CUDA graphs are recorded per buffer set: batch sizes share them in powers of two.
+        bucket = _bucket(b) if self.cuda_graph else b
         pool = self._pools.setdefault(bucket, [])
         # A buffer set still held by an unfinished generation is not in the pool, so two
         # interleaved streams never share one.
-        bufs = pool.pop() if pool else _StaticBuffers(self.model, bucket, self.max_seq_len)
+        bufs = pool.pop() if pool else _StaticBuffers(self.model, bucket, self.max_seq_len,
+                                                      zeroed=self.cuda_graph)
         for (k, v), kb, vb in zip(past, bufs.keys, bufs.values, strict=True):
             kb[:b, :, :t].copy_(k)
             vb[:b, :, :t].copy_(v)
         bufs.key_mask.zero_()
         bufs.key_mask[:b, :t] = attention_mask.bool()
-        return _StaticCache(bufs, b, t, pool)
+        return _StaticCache(bufs, b, t, pool, padded=not bool(attention_mask.all()))
 
     def _static_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                         cache: _StaticCache) -> StepOutput:
@@ -394,12 +412,12 @@ class TorchBackend:
             fill = input_ids.new_zeros(bucket - b, 1)
             input_ids = torch.cat([input_ids, fill])
             position_ids = torch.cat([position_ids, fill])
-        logits, conf, stop = self._run_static(bufs, input_ids, position_ids, t)
+        logits, conf, stop = self._run_static(bufs, input_ids, position_ids, t, cache.padded)
         cache.length = t + 1
         return StepOutput(logits[:b], conf[:b], stop[:b], cache)
 
     def _run_static(self, bufs: _StaticBuffers, input_ids: torch.Tensor,
-                    position_ids: torch.Tensor, t: int,
+                    position_ids: torch.Tensor, t: int, padded: bool,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.cuda_graph:
             try:
@@ -413,12 +431,13 @@ class TorchBackend:
         # Attending only the filled slots is cheaper than the whole capacity; a CUDA
         # graph needs the fixed shapes of the whole capacity, nothing else does.
         if self.compile:
-            return self._call_step(args, length=t + 1)
-        return _static_decode_step(self.model, *args, length=t + 1)
+            return self._call_step(args, length=t + 1, padded=padded)
+        return _static_decode_step(self.model, *args, length=t + 1, padded=padded)
 
-    def _call_step(self, args: tuple, length: int | None = None,
+    def _call_step(self, args: tuple, length: int | None = None, padded: bool = True,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step, compiled when ``compile`` holds; ``length`` as in _static_decode_step.
+        """The step, compiled when ``compile`` holds; ``length`` and ``padded`` as in
+        _static_decode_step.
 
         The compiler sees lengths change and makes them symbolic after one recompile (its
         automatic dynamic shapes), so a generation compiles about twice, not per token.
@@ -436,14 +455,14 @@ class TorchBackend:
                 if self.compile else eager
             self._step_lengths = length is not None
         try:
-            return self._step(*args, length=length)
+            return self._step(*args, length=length, padded=padded)
         except Exception as exc:  # compiler failure: stay correct, go eager
             if not self.compile:
                 raise
             log.warning("torch.compile of the decode step failed (%s: %s); decoding "
                         "eagerly", type(exc).__name__, exc)
             self.compile, self._step = False, None
-            return self._call_step(args, length)
+            return self._call_step(args, length, padded)
 
     def _replay(self, bufs: _StaticBuffers, input_ids: torch.Tensor,
                 position_ids: torch.Tensor, t: int,

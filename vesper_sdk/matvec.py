@@ -10,7 +10,9 @@ spreads the blocks over the threads. On this repo's 2-core CPU, 'small' model, b
 (the [in, out] layout) 98 tokens/s at 27 GB/s; 2-8 blocks 129-132 tokens/s at 34-37 GB/s.
 
 :func:`attach` gives every dense projection of a :class:`~vesper_sdk.model.VesperLM`
-(attention, feed-forward, FlyLoRA layers, MetaHead, LM head) a :class:`SplitMatVec`. The
+(attention, feed-forward, FlyLoRA layers, MetaHead, LM head) a :class:`SplitMatVec`; the
+gate and up FlyLoRA layers of a feed-forward share one :class:`PairProduct` (one product
+and one top-k for the two, their LoRA branches from the k chosen rows of B). The
 layers use it only for small inputs (at most ``max_rows`` rows) on the CPU with autograd
 off, so prefill and training keep ``F.linear``. The blocks are a copy of the weights
 taken when attached, so the model's memory for its weights doubles; once a weight is
@@ -19,6 +21,8 @@ updated in place (its version counter moves) its layer goes back to ``F.linear``
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -32,6 +36,8 @@ def _split_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     parts, in_features, width = blocks.shape
     rows = x.reshape(1, -1, in_features).expand(parts, -1, -1)
     y = torch.bmm(rows, blocks)  # [parts, rows, out / parts]
+    if rows.shape[1] == 1:  # batch-1 decode: [parts, 1, w] already is the output's order
+        return y.view(*x.shape[:-1], parts * width)
     # Contiguous whatever layout bmm picked: the compiler is promised exactly that.
     return y.transpose(0, 1).reshape(*x.shape[:-1], parts * width).contiguous()
 
@@ -53,7 +59,7 @@ class SplitMatVec:
     """``x @ weight.T`` for a few rows of x, as one batched product over column blocks."""
 
     def __init__(self, weight: torch.Tensor, parts: int, max_rows: int = DEFAULT_MAX_ROWS,
-                 source: torch.Tensor | None = None) -> None:
+                 sources: Sequence[torch.Tensor] = ()) -> None:
         out_features, in_features = weight.shape
         if parts < 1 or out_features % parts:
             raise ValueError(f"parts={parts} must be >= 1 and divide the {out_features} "
@@ -61,10 +67,11 @@ class SplitMatVec:
         self.in_features, self.out_features = in_features, out_features
         self.parts, self.max_rows = parts, max_rows
         self.dtype, self.device = weight.dtype, weight.device
-        # The copy is only good while the weight is unchanged: any in-place update (an
-        # optimizer step, load_state_dict) bumps the tensor's version counter.
-        self.source = weight if source is None else source
-        self.version = self.source._version
+        # The copy is only good while the weights it came from are unchanged: any in-place
+        # update (an optimizer step, load_state_dict) bumps a tensor's version counter.
+        self.sources = tuple(sources) or (weight,)
+        self.version = self._version_sum()
+        self.max_numel = max_rows * in_features
         with torch.no_grad():
             self.blocks = (weight.detach().t().reshape(in_features, parts, -1)
                            .permute(1, 0, 2).contiguous())  # [parts, in, out / parts]
@@ -75,14 +82,18 @@ class SplitMatVec:
         Under torch.compile the weight's version is not checked (the compiler cannot read
         it): whoever compiles checks :meth:`is_stale` before each call instead.
         """
-        return (x.device == self.device and x.dtype == self.dtype
-                and x.numel() <= self.max_rows * self.in_features
-                and not torch.is_grad_enabled()
+        # Checked per product and token: the cheapest tests first (~1 us in all).
+        return (x.dtype == self.dtype and x.numel() <= self.max_numel
+                and not torch.is_grad_enabled() and x.device == self.device
                 and (torch.compiler.is_compiling() or not self.is_stale()))
 
     def is_stale(self) -> bool:
-        """Whether the weight changed in place since the blocks were copied from it."""
-        return self.source._version != self.version
+        """Whether the weights changed in place since the blocks were copied from them."""
+        return self._version_sum() != self.version
+
+    def _version_sum(self) -> int:
+        # Version counters only grow, so their sum moves as soon as any one does.
+        return sum(t._version for t in self.sources)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -90,11 +101,46 @@ class SplitMatVec:
         return _split_product(x, self.blocks)
 
 
+class PairProduct:
+    """A GLU feed-forward's FlyLoRA gate and up layers as one decode product.
+
+    ``pair(x)`` gives (both base outputs [..., 2F], both A x [..., 2r]) in one pass over
+    [gate; up; A_gate; A_up]; :meth:`GLUFeedForward.paired` takes them with ``tables``
+    (the stacked balance bias, B rows and row offsets). Stale, like its product, once any
+    of the two layers' tensors changes in place.
+    """
+
+    def __init__(self, ffn: nn.Module, parts: int, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        from .model import paired_ffn_weights
+
+        pair = paired_ffn_weights(ffn)
+        if pair is None:
+            raise ValueError("PairProduct needs a GLUFeedForward of two FlyLoRA layers")
+        g, u = ffn.gate, ffn.up
+        sources = [t for layer in (g, u) for t in (
+            layer.weight, layer.lora_A, layer.lora_B, layer.balance_bias)]
+        weight = torch.cat([pair["weight"], pair["lora_A"]])
+        self.product = SplitMatVec(weight, _parts_for(weight.shape[0], parts), max_rows,
+                                   sources)
+        self.split = (pair["weight"].shape[0], pair["lora_A"].shape[0])
+        offset = torch.tensor([[0], [g.rank]], device=weight.device)
+        self.tables = (pair["balance_bias"], pair["lora_B"], offset)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return self.product.applies(x)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        base, ax = self.product(x).split(self.split, dim=-1)
+        return base, ax
+
+
 def products(model: nn.Module) -> list[SplitMatVec]:
     """Every product :func:`attach` gave ``model`` (e.g. to check them with ``is_stale``)."""
+    pairs = [getattr(module, "pair", None) for module in model.modules()]
     return [p for module in model.modules() for p in (
         getattr(module, "matvec", None), getattr(module, "matvec_b", None),
-        getattr(module, "head_matvec", None)) if p is not None]
+        getattr(module, "head_matvec", None)) if p is not None] + [
+        p.product for p in pairs if isinstance(p, PairProduct)]
 
 
 def _parts_for(out_features: int, parts: int) -> int:
@@ -111,24 +157,35 @@ def attach(model: nn.Module, parts: int = DEFAULT_PARTS,
     kernels; bf16 goes faster through F.linear's oneDNN kernels: 'small', batch 1, 117
     tokens/s that way against 104 with the blocks). ``parts=0`` removes them all.
     """
-    from .model import FlyLoRALinear, Linear, VesperLM
+    from .model import FlyLoRALinear, GLUFeedForward, Linear, VesperLM, paired_ffn_weights
 
-    def make(weight: torch.Tensor | None, source: torch.Tensor | None = None,
+    def usable(weight: torch.Tensor | None) -> bool:
+        return (parts > 0 and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
+                and weight.dim() == 2 and weight.dtype == torch.float32)
+
+    def make(weight: torch.Tensor | None, sources: Sequence[torch.Tensor] = (),
              ) -> SplitMatVec | None:
-        usable = (isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
-                  and weight.dim() == 2 and weight.dtype == torch.float32)
-        if parts <= 0 or not usable:
+        if not usable(weight):
             return None
-        return SplitMatVec(weight, _parts_for(weight.shape[0], parts), max_rows, source)
+        return SplitMatVec(weight, _parts_for(weight.shape[0], parts), max_rows, sources)
 
     count = 0
+    paired: set[int] = set()  # FlyLoRA layers served by their feed-forward's pair
     for module in model.modules():
+        if isinstance(module, GLUFeedForward):
+            pair = paired_ffn_weights(module)
+            module.pair = None
+            if pair is not None and usable(pair["weight"]):
+                module.pair = PairProduct(module, parts, max_rows)
+                paired.update((id(module.gate), id(module.up)))
+                count += 1
         if isinstance(module, FlyLoRALinear):
             # A quantized FlyLoRA layer keeps its base in a bitsandbytes module instead.
             weight = getattr(module, "weight", None)
             module.matvec = module.matvec_b = None
-            if isinstance(weight, torch.Tensor) and weight.dtype == module.lora_A.dtype:
-                module.matvec = make(torch.cat([weight.detach(), module.lora_A]), weight)
+            if (isinstance(weight, torch.Tensor) and weight.dtype == module.lora_A.dtype
+                    and id(module) not in paired):
+                module.matvec = make(torch.cat([weight.detach(), module.lora_A]), [weight])
                 module.matvec_b = make(module.lora_B)
             count += (module.matvec is not None) + (module.matvec_b is not None)
         elif isinstance(module, Linear):

@@ -24,7 +24,7 @@ from .atomic import atomic_write_folder
 from .config import ConfigError, VesperConfig
 
 if TYPE_CHECKING:
-    from .matvec import SplitMatVec
+    from .matvec import PairProduct, SplitMatVec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -85,7 +85,7 @@ class ERA(nn.Module):
         self.gamma = gamma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x) + self.gamma * F.softplus(x)
+        return torch.add(F.gelu(x), F.softplus(x), alpha=self.gamma)
 
 
 def _balance_step(load: torch.Tensor) -> torch.Tensor:
@@ -193,7 +193,11 @@ class FlyLoRALinear(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE with a cached cos/sin table indexed by absolute position."""
+    """RoPE with a cached cos/sin table indexed by absolute position.
+
+    ``cos`` / ``sin`` [T, D/2] are the angles' table (what ONNX's RotaryEmbedding takes);
+    the rotation reads them widened to D by :meth:`widen`.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
@@ -202,19 +206,31 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        cos_wide, sin_wide = self.widen(self.cos, self.sin)
+        self.register_buffer("cos_wide", cos_wide, persistent=False)
+        self.register_buffer("sin_wide", sin_wide, persistent=False)
+
+    @staticmethod
+    def widen(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., D/2] tables -> (cos cos, -sin sin) [..., D], as :meth:`rotate` takes them."""
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
     def table(self, position_ids: torch.Tensor, dtype: torch.dtype,
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [B,1,S,D/2] for position_ids [B,S]: looked up once per forward."""
-        return (self.cos[position_ids].unsqueeze(1).to(dtype),
-                self.sin[position_ids].unsqueeze(1).to(dtype))
+        """(cos, sin) [B,1,S,D] for position_ids [B,S]: looked up once per forward."""
+        return (self.cos_wide[position_ids].unsqueeze(1).to(dtype),
+                self.sin_wide[position_ids].unsqueeze(1).to(dtype))
 
     @staticmethod
     def rotate(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate pairs (first half, second half) of x [..., B, H, S, D] by the table."""
+        """Rotate pairs (first half, second half) of x [..., B, H, S, D] by the table.
+
+        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) as x * (cos, cos) + (x2, x1) *
+        (-sin, sin): three operations where the halves took eight (each one a fixed
+        cost in a decode step, a node in an exported graph).
+        """
         cos, sin = table
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # x [B,H,S,D], position_ids [B,S].
@@ -253,7 +269,16 @@ class Attention(nn.Module):
 
 
 class GLUFeedForward(nn.Module):
-    """down(ERA(gate(x)) * up(x)), gate and up as FlyLoRA layers."""
+    """down(ERA(gate(x)) * up(x)), gate and up as FlyLoRA layers.
+
+    Decoding on the CPU and in ONNX graphs, the gate and up FlyLoRA layers run as one
+    stacked pair (:func:`paired_ffn_weights`, :meth:`paired`): one product for both base
+    outputs and both A x, one top-k over [2, r], one product with the k chosen rows of
+    each B, where there were two of each and a mask over all r rows.
+    """
+
+    # The pair's decode product (vesper_sdk.matvec.attach), for a few rows on the CPU.
+    pair: PairProduct | None = None
 
     def __init__(self, cfg: VesperConfig) -> None:
         super().__init__()
@@ -271,7 +296,49 @@ class GLUFeedForward(nn.Module):
         self.act = ERA(cfg.era_gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pair is not None and self.pair.applies(x):
+            base, ax = self.pair(x)
+            return self.paired(base, ax, *self.pair.tables)
         return self.down(self.act(self.gate(x)) * self.up(x))
+
+    def paired(self, base: torch.Tensor, ax: torch.Tensor, balance_bias: torch.Tensor,
+               lora_B: torch.Tensor, row_offset: torch.Tensor) -> torch.Tensor:
+        """The output from the stacked pair's products (see :func:`paired_ffn_weights`).
+
+        base [..., 2F] (gate's then up's base output), ax [..., 2r] (both A x),
+        balance_bias [2, r], lora_B [2r, F] (both B transposed, stacked), row_offset
+        [[0], [r]] (where up's rows start in it). The same math as the two layers, with
+        the chosen rows of B gathered rather than the others masked to zero.
+        """
+        g = self.gate
+        ax = ax.unflatten(-1, (2, g.rank))
+        idx = (ax.abs() + balance_bias).topk(g.topk, dim=-1).indices  # [..., 2, k]
+        rows = F.embedding(idx + row_offset, lora_B)  # [..., 2, k, F]
+        lora = torch.matmul(ax.gather(-1, idx).unsqueeze(-2), rows).flatten(-3)
+        h = base + (lora if g.scaling == 1.0 else lora * g.scaling)
+        gate, up = h.split(g.out_features, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+def paired_ffn_weights(ffn: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A GLU feed-forward's gate and up FlyLoRA layers stacked as one pair: base weight
+    [2F, in], A [2r, in], balance bias [2, r], B transposed with the two stacked as rows
+    [2r, F] (fresh tensors); None when the module is not such a feed-forward (plain
+    layers, MoE, bitsandbytes). :meth:`GLUFeedForward.paired` computes with them."""
+    if not isinstance(ffn, GLUFeedForward):
+        return None
+    g, u = ffn.gate, ffn.up
+    if not (isinstance(g, FlyLoRALinear) and isinstance(u, FlyLoRALinear)
+            # a bitsandbytes layer keeps its base weight in a quantized module instead
+            and isinstance(getattr(g, "weight", None), torch.Tensor)
+            and isinstance(getattr(u, "weight", None), torch.Tensor)
+            and (g.rank, g.topk, g.scaling) == (u.rank, u.topk, u.scaling)):
+        return None
+    with torch.no_grad():
+        return {"weight": torch.cat([g.weight, u.weight]),
+                "lora_A": torch.cat([g.lora_A, u.lora_A]),
+                "balance_bias": torch.stack([g.balance_bias, u.balance_bias]),
+                "lora_B": torch.cat([g.lora_B.t(), u.lora_B.t()]).contiguous()}
 
 
 class MoEFeedForward(nn.Module):
