@@ -479,6 +479,32 @@ def test_stream_batch_rows_do_not_mix(lm, tokenizer):
     assert top_lp >= rows[2][0].logprob - 1e-6
 
 
+def test_static_cache_drops_finished_rows(lm):
+    backend = lm.backend
+    assert backend.static_cache and not backend.cuda_graph
+    kept_rows: list[int] = []
+    original = backend.reorder_cache
+
+    def spy(past, index):
+        new = original(past, index)
+        kept_rows.append(new.rows)
+        return new
+
+    backend.reorder_cache = spy
+    try:
+        reqs = [GenerationRequest(prompt=p, max_new_tokens=n, temperature=0.0)
+                for p, n in (("the cat", 3), ("a small red river tree", 8), ("2+2=", 5))]
+        rows: list[list[int]] = [[], [], []]
+        for i, tok in lm.stream_batch(reqs):
+            rows[i].append(tok.id)
+    finally:
+        del backend.reorder_cache
+    assert kept_rows == [2, 1]  # after the 3rd token, then after the 5th
+    for r, req in zip(rows, reqs, strict=True):
+        assert r == ids_of(list(lm.stream(req.prompt, max_new_tokens=req.max_new_tokens,
+                                          temperature=0.0)))
+
+
 def test_stream_batch_cancellation(lm):
     stop_after = threading.Event()
     count = {"n": 0}

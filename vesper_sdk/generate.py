@@ -376,14 +376,25 @@ class TorchBackend:
         return StepOutput(logits, out.confidence, out.stop, past)
 
     def reorder_cache(self, past: Any, index: torch.Tensor) -> Any:
-        """Keep only the batch rows in ``index`` (None for the static cache: fixed shapes)."""
-        if isinstance(past, _StaticCache):
-            return None
+        """Keep only the batch rows in ``index`` (None under CUDA graphs: fixed shapes, so
+        finished rows stay, fed padding). Rare (when rows finish); each step after it
+        then carries only the live rows, which on a CPU at large batch is compute."""
         index = index.to(self.device)
+        if isinstance(past, _StaticCache):
+            if self.cuda_graph:
+                return None
+            t, bufs = past.length, past.buffers
+            kept = [(k[:, :, :t].index_select(0, index), v[:, :, :t].index_select(0, index))
+                    for k, v in zip(bufs.keys, bufs.values, strict=True)]
+            return self._fill_static(kept, bufs.key_mask[:, :t].index_select(0, index))
         return tuple((k.index_select(0, index), v.index_select(0, index)) for k, v in past)
 
     # --- static cache (CUDA graphs) -------------------------------------------------
     def _to_static(self, past: Any, attention_mask: torch.Tensor) -> _StaticCache:
+        return self._fill_static(past, attention_mask.bool())
+
+    def _fill_static(self, past: Any, key_mask: torch.Tensor) -> _StaticCache:
+        """A static cache holding ``past`` (per layer (k, v) [B,H,T,D]), key mask [B,T]."""
         b, _, t, _ = past[0][0].shape
         # CUDA graphs are recorded per buffer set: batch sizes share them in powers of two.
         bucket = _bucket(b) if self.cuda_graph else b
@@ -396,8 +407,8 @@ class TorchBackend:
             kb[:b, :, :t].copy_(k)
             vb[:b, :, :t].copy_(v)
         bufs.key_mask.zero_()
-        bufs.key_mask[:b, :t] = attention_mask.bool()
-        return _StaticCache(bufs, b, t, pool, padded=not bool(attention_mask.all()))
+        bufs.key_mask[:b, :t] = key_mask
+        return _StaticCache(bufs, b, t, pool, padded=not bool(key_mask.all()))
 
     def _static_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                         cache: _StaticCache) -> StepOutput:
