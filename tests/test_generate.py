@@ -183,7 +183,6 @@ def test_static_cache_path_equals_dynamic_cache(model, tokenizer):
     # Three rows of different lengths: left padding, so the step takes the key mask.
     prompts = ["the cat", "a small red river tree and the dog", "2+2="]
     assert_same_greedy(dynamic, static, prompts, 15, conf_tol=1e-5)
-    assert len(backend._pools[3]) == 1  # the buffers came back for the next generation
     # Two streams (no padding, no mask) consumed in turn each get their own buffers.
     s1 = static.stream("the cat", max_new_tokens=10, temperature=0.0)
     s2 = static.stream("2+2=", max_new_tokens=10, temperature=0.0)

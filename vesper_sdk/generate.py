@@ -214,17 +214,19 @@ class _DecodeGraph:
 class _StaticCache:
     """The cache object a static-cache generation passes around: buffers + filled length.
 
-    ``rows`` real rows sit at the top of ``buffers`` (whose batch is a power of two, so
-    that CUDA graphs are recorded once per bucket, not once per batch size); the
-    buffers go back to the backend's pool when the generation lets go of this object.
+    ``rows`` real rows sit at the top of ``buffers``. Under CUDA graphs (a graph per
+    buffer set) their batch is a power of two, so that graphs are recorded once per
+    bucket, not once per batch size, and they go back to the backend's ``pool`` when
+    the generation lets go of this object; otherwise they are freed with it.
     """
 
     def __init__(self, buffers: _StaticBuffers, rows: int, length: int,
-                 pool: list[_StaticBuffers], padded: bool = True) -> None:
+                 pool: list[_StaticBuffers] | None = None, padded: bool = True) -> None:
         self.buffers, self.rows, self.length = buffers, rows, length
         # Whether any row has padding in its cache (else no row needs a key mask).
         self.padded = padded
-        weakref.finalize(self, pool.append, buffers)
+        if pool is not None:
+            weakref.finalize(self, pool.append, buffers)
 
 
 def _bucket(n: int) -> int:
@@ -396,13 +398,17 @@ class TorchBackend:
     def _fill_static(self, past: Any, key_mask: torch.Tensor) -> _StaticCache:
         """A static cache holding ``past`` (per layer (k, v) [B,H,T,D]), key mask [B,T]."""
         b, _, t, _ = past[0][0].shape
-        # CUDA graphs are recorded per buffer set: batch sizes share them in powers of two.
-        bucket = _bucket(b) if self.cuda_graph else b
-        pool = self._pools.setdefault(bucket, [])
-        # A buffer set still held by an unfinished generation is not in the pool, so two
-        # interleaved streams never share one.
-        bufs = pool.pop() if pool else _StaticBuffers(self.model, bucket, self.max_seq_len,
-                                                      zeroed=self.cuda_graph)
+        if self.cuda_graph:
+            # Graphs are recorded per buffer set: batch sizes share them in powers of two,
+            # and the sets are kept for reuse. A set still held by an unfinished generation
+            # is not in the pool, so two interleaved streams never share one.
+            pool: list[_StaticBuffers] | None = self._pools.setdefault(_bucket(b), [])
+            bufs = pool.pop() if pool else _StaticBuffers(self.model, _bucket(b),
+                                                          self.max_seq_len)
+        else:
+            # Fresh buffers, untouched beyond what this generation writes, freed with it:
+            # kept per batch size, a server's cache would grow to every size it has seen.
+            pool, bufs = None, _StaticBuffers(self.model, b, self.max_seq_len, zeroed=False)
         for (k, v), kb, vb in zip(past, bufs.keys, bufs.values, strict=True):
             kb[:b, :, :t].copy_(k)
             vb[:b, :, :t].copy_(v)
