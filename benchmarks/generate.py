@@ -8,7 +8,9 @@ new tokens over the wall time of the whole call (prefill included). Ours runs th
 API path (requests, sampling code, UTF-8 text assembly), HF its ``model.generate`` with
 ``do_sample=False, use_cache=True``. Runs alternate between the two implementations and
 the best of ``--repeats`` is kept (the median is reported too): on a shared machine
-other processes slow some runs down, never speed one up.
+other processes slow some runs down, never speed one up. Ratios are given best to best,
+and as the median over rounds of the ratio of a round's two runs ("paired"), which a
+slow phase of the machine moves least.
 
     python benchmarks/generate.py --device cpu
     python benchmarks/generate.py --device cuda --json results.json
@@ -235,10 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         if "hf-gpt2" in impls:
             row["ratio_best"] = row["vesper"]["tok_s_best"] / row["hf-gpt2"]["tok_s_best"]
             row["ratio_median"] = row["vesper"]["tok_s_median"] / row["hf-gpt2"]["tok_s_median"]
+            # Each round's two runs are seconds apart: the median of their ratios is the
+            # figure a slow phase of a shared machine moves least.
+            hf = times[("hf-gpt2", b)]
+            row["ratio_paired_median"] = statistics.median(
+                h / v for v, h in zip(times[("vesper", b)], hf, strict=True))
             for other in ("vesper-compiled", "vesper-onnx"):
                 if other in impls:
                     row[f"ratio_{other.split('-')[1]}_best"] = (
                         row[other]["tok_s_best"] / row["hf-gpt2"]["tok_s_best"])
+                    row[f"ratio_{other.split('-')[1]}_paired_median"] = statistics.median(
+                        h / v for v, h in zip(times[(other, b)], hf, strict=True))
         rows.append(row)
 
     head = (f"greedy decode, 'small' shape, vocab {args.vocab_size}, prompt {args.prompt_len}, "
@@ -251,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         cells = "  ".join(f"{row[n]['tok_s_best']:>10.1f} ({row[n]['tok_s_median']:>7.1f})"
                           .rjust(22) for n in names)
-        ratio = (f"  {row['ratio_best']:>5.2f}x ({row['ratio_median']:.2f}x)"
-                 if "ratio_best" in row else "")
+        ratio = (f"  {row['ratio_best']:>5.2f}x ({row['ratio_median']:.2f}x, "
+                 f"paired {row['ratio_paired_median']:.2f}x)" if "ratio_best" in row else "")
         for other in ("compiled", "onnx"):
             if f"ratio_{other}_best" in row:
-                ratio += f"  {other}/hf {row[f'ratio_{other}_best']:.2f}x"
+                ratio += (f"  {other}/hf {row[f'ratio_{other}_best']:.2f}x "
+                          f"(paired {row[f'ratio_{other}_paired_median']:.2f}x)")
         print(f"{row['batch']:>5}  {cells}{ratio}")
     print("parameters: " + ", ".join(f"{n} {p / 1e6:.1f} M" for n, p in params.items()))
     sweep = None

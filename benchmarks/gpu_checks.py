@@ -350,8 +350,9 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
     """The CUDA decode paths give the model's own greedy tokens, and how fast each runs.
 
     Reference: ``TorchBackend(static_cache=False)``, i.e. ``VesperLM.forward`` with its
-    concatenating KV cache. Each variant decodes a batch of 3 (bucket 4, one padding
-    row) and a batch of 1, greedy; tokens must match exactly, confidences to 1e-3.
+    concatenating KV cache. Each variant decodes a batch of 3 (left-padded; under CUDA
+    graphs a bucket of 4, one padding row) and a batch of 1, greedy; tokens must match
+    exactly, confidences to 1e-3.
     ``tok_s``: batch 1, 128 new tokens through ``LLM.stream_batch``, after a warm-up.
     """
     import vesper_sdk as vs
