@@ -110,12 +110,9 @@ class PairProduct:
     of the two layers' tensors changes in place.
     """
 
-    def __init__(self, ffn: nn.Module, parts: int, max_rows: int = DEFAULT_MAX_ROWS) -> None:
-        from .model import paired_ffn_weights
-
-        pair = paired_ffn_weights(ffn)
-        if pair is None:
-            raise ValueError("PairProduct needs a GLUFeedForward of two FlyLoRA layers")
+    def __init__(self, ffn: nn.Module, pair: dict[str, torch.Tensor], parts: int,
+                 max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        """``pair``: ``paired_ffn_weights(ffn)``, the stacked tensors of ``ffn``'s layers."""
         g, u = ffn.gate, ffn.up
         sources = [t for layer in (g, u) for t in (
             layer.weight, layer.lora_A, layer.lora_B, layer.balance_bias)]
@@ -176,7 +173,7 @@ def attach(model: nn.Module, parts: int = DEFAULT_PARTS,
             pair = paired_ffn_weights(module)
             module.pair = None
             if pair is not None and usable(pair["weight"]):
-                module.pair = PairProduct(module, parts, max_rows)
+                module.pair = PairProduct(module, pair, parts, max_rows)
                 paired.update((id(module.gate), id(module.up)))
                 count += 1
         if isinstance(module, FlyLoRALinear):
