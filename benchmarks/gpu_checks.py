@@ -337,13 +337,21 @@ def check_bnb(device: str, small: bool) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------- decode
 def _decode_variants(device: str) -> dict[str, dict[str, Any]]:
-    """TorchBackend settings to hold against the model's own forward (the reference)."""
+    """TorchBackend settings to hold against the model's own forward (the reference);
+    ``pipeline`` goes to the LLM instead. The last three are candidates for the defaults
+    (not yet measured on a GPU): the FFN pair, the loop a step ahead, and both."""
     if not device.startswith("cuda"):  # no graphs off CUDA; the static step eagerly
-        return {"static eager": {"static_cache": True}}
+        return {"static eager": {"static_cache": True},
+                "static eager, FFN pair": {"matvec_parts": 0, "pair_ffn": True},
+                "static eager, pipelined": {"pipeline": True}}
     return {"graph + compile (vesper serve)": {"compile": True},
             "graph, eager step (default)": {},
             "compile, no graph": {"cuda_graph": False, "compile": True},
-            "static eager": {"cuda_graph": False}}
+            "static eager": {"cuda_graph": False},
+            "graph + compile, FFN pair": {"compile": True, "pair_ffn": True},
+            "graph + compile, pipelined": {"compile": True, "pipeline": True},
+            "graph + compile, FFN pair, pipelined": {"compile": True, "pair_ffn": True,
+                                                     "pipeline": True}}
 
 
 def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
@@ -401,8 +409,10 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
     for name, kw in _decode_variants(device).items():
         row: dict[str, Any] = {"check": "decode", "variant": name}
         try:
-            backend = TorchBackend(copy.deepcopy(base).to(device), matvec_parts=0, **kw)
-            lm = LLM(backend, tok)
+            settings = {"matvec_parts": 0, **kw}
+            pipeline = settings.pop("pipeline", False)
+            backend = TorchBackend(copy.deepcopy(base).to(device), **settings)
+            lm = LLM(backend, tok, pipeline=pipeline)
             got = [run(lm, prompts, 48), run(lm, prompts[:1], 48)]
             row["same_tokens"] = all(g[0] == w[0] for g, w in zip(got, want, strict=True))
             row["conf_max_diff"] = max(abs(a - b) for g, w in zip(got, want, strict=True)
@@ -411,9 +421,12 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
             # What really ran: a failed compile or recording falls back with a warning.
             row["graph"], row["compiled"] = backend.cuda_graph, backend.compile
             cuda = device.startswith("cuda")
+            row["pair_ffn"] = backend.pair_ffn and any(
+                getattr(m, "pair", None) is not None for m in backend.model.modules())
             row["ok"] = bool(row["same_tokens"] and row["conf_max_diff"] < 1e-3
                              and row["graph"] == kw.get("cuda_graph", cuda)
-                             and row["compiled"] == kw.get("compile", False))
+                             and row["compiled"] == kw.get("compile", False)
+                             and row["pair_ffn"] == kw.get("pair_ffn", False))
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["trace"] = traceback.format_exc().splitlines()[-3:]

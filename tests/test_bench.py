@@ -386,8 +386,11 @@ def test_gpu_checks_script_runs_its_checks_on_cpu(tmp_path):
     assert report["ok"] and report["checks"]["kernel"]["cases"] >= 12
     assert report["checks"]["optimizer"]["rows"][0]["impl"] == "triton"
     decode = report["checks"]["decode"]["rows"]
-    assert [r["variant"] for r in decode] == ["dynamic cache (reference)", "static eager"]
-    assert decode[1]["same_tokens"] and decode[1]["conf_max_diff"] < 1e-3
+    assert [r["variant"] for r in decode] == [
+        "dynamic cache (reference)", "static eager", "static eager, FFN pair",
+        "static eager, pipelined"]
+    assert all(r["same_tokens"] and r["conf_max_diff"] < 1e-3 for r in decode[1:])
+    assert [r["pair_ffn"] for r in decode[1:]] == [False, True, False]
     assert gpu_checks.main(["--device", "cpu", "--checks", "nope"]) == 2
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vesper_sdk as vs
-from vesper_sdk import cli
+from vesper_sdk import cli, matvec
 from vesper_sdk.generate import (
     LLM,
     GenerationRequest,
@@ -159,6 +159,26 @@ def test_compiled_cpu_step_gives_the_eager_tokens_and_follows_weight_updates(mod
             m.blocks[0].ffn.down.weight.mul_(-3.0)
             m.embed.weight.add_(0.05)
     assert assert_same_greedy(eager, compiled, prompts, 12, conf_tol=1e-4) != before
+
+
+def test_stacked_ffn_pairs_decode_the_same_tokens_and_follow_weight_updates(model,
+                                                                           tokenizer):
+    """``pair_ffn`` (what a GPU would run: one F.linear per pair), eager and compiled."""
+    prompts = ["the cat", "a small red river tree and the dog", "2+2="]
+    for compile in (False, True):
+        ref_model, m = copy.deepcopy(model), copy.deepcopy(model)
+        ref = LLM(TorchBackend(ref_model, static_cache=False, matvec_parts=0), tokenizer)
+        backend = TorchBackend(m, matvec_parts=0, pair_ffn=True, compile=compile)
+        paired = [b.ffn.pair for b in m.blocks]
+        assert all(isinstance(p.product, matvec.DenseProduct) for p in paired)
+        before = assert_same_greedy(ref, LLM(backend, tokenizer), prompts, 12, 1e-5)
+        with torch.no_grad():  # an in-place update the stacked copies must follow
+            for mm in (ref_model, m):
+                mm.blocks[0].ffn.up.lora_B.mul_(-3.0)
+                mm.blocks[1].ffn.gate.weight.add_(0.05)
+        after = assert_same_greedy(ref, LLM(backend, tokenizer), prompts, 12, 1e-5)
+        assert after != before
+        assert all(b.ffn.pair is not p for b, p in zip(m.blocks, paired, strict=True))
 
 
 def assert_same_greedy(a: LLM, b: LLM, prompts: list[str], new_tokens: int,
@@ -524,6 +544,82 @@ def test_stream_batch_cancellation(lm):
     assert ids_of(rows[0]) == ids_of(list(lm.stream("the cat", max_new_tokens=12,
                                                     temperature=0.0)))
     assert rows[1][-1].finish_reason is None  # a cancelled row gets no end marker
+
+
+def mixed_requests(stop: str) -> list[GenerationRequest]:
+    """Fresh requests that end every way a row can: length, stop string, cancellation,
+    no room; greedy, sampled, penalised, with top log-probs and a retrying regulator."""
+    seen = {"n": 0}
+
+    def cancel_after_five() -> bool:
+        seen["n"] += 1  # checked once per step of this row
+        return seen["n"] > 5
+
+    return [
+        GenerationRequest(prompt="the cat", max_new_tokens=10, temperature=0.0),
+        GenerationRequest(prompt="2+3=", max_new_tokens=30, temperature=0.0, stop=stop),
+        GenerationRequest(prompt="a small red river tree", max_new_tokens=14,
+                          temperature=0.9, top_p=0.8, seed=5, top_logprobs=3),
+        GenerationRequest(prompt="é", max_new_tokens=9, temperature=1.2, top_k=5, seed=5,
+                          repetition_penalty=1.3),
+        GenerationRequest(prompt="the dog", max_new_tokens=12, temperature=0.0,
+                          cancelled=cancel_after_five),
+        GenerationRequest(prompt="the sun", max_new_tokens=6, temperature=0.8, seed=2,
+                          regulator=MetacognitiveRegulator(retries=2, threshold=0.99)),
+        GenerationRequest(prompt="the", max_new_tokens=0),
+    ]
+
+
+@pytest.mark.parametrize("static_cache", [True, False], ids=["static", "dynamic"])
+def test_pipelined_decoding_launches_a_step_ahead_and_gives_the_same_tokens(
+        model, tokenizer, static_cache):
+    backend = TorchBackend(copy.deepcopy(model), static_cache=static_cache)
+    plain, ahead = LLM(backend, tokenizer), LLM(backend, tokenizer, pipeline=True)
+    stop = plain.generate("2+3=", max_new_tokens=30, temperature=0.0)[6:9]
+
+    def run(lm: LLM) -> tuple[list[list[tuple]], list[float]]:
+        rows: list[list[tuple]] = [[] for _ in range(7)]
+        floats: list[float] = []
+        for i, t in lm.stream_batch(mixed_requests(stop)):
+            rows[i].append((t.id, t.text, t.regulated, t.finish_reason,
+                            t.top_logprobs is not None))
+            floats += [t.logprob, t.confidence]
+        return rows, floats
+
+    expected, values = run(plain)
+    got, got_values = run(ahead)
+    assert got == expected and got_values == pytest.approx(values, abs=1e-5)
+    assert 0 < len(expected[4]) < 12 and expected[4][-1][3] is None  # cancelled
+    assert expected[1][-1][3] == "stop" and expected[6] == []
+    # The step after a token is already running when that token reaches the caller.
+    calls = {"n": 0}
+    original = backend.forward
+
+    def counting(*args):
+        calls["n"] += 1
+        return original(*args)
+
+    backend.forward = counting
+    try:
+        for lm, launched in ((plain, 1), (ahead, 2)):
+            calls["n"] = 0
+            stream = lm.stream("the cat", max_new_tokens=4, temperature=0.0)
+            next(stream)
+            assert calls["n"] == launched  # the prefill (and the next step, ahead)
+            assert len(list(stream)) == 3
+            assert calls["n"] == 4  # never past the budget: no step for a 5th token
+    finally:
+        del backend.forward
+
+
+def test_pipelined_decoding_ends_at_eos_with_the_step_ahead_unused(tokenizer):
+    a, b = tokenizer.encode("the")[0], tokenizer.encode(" cat")[0]
+    backend = ScriptedBackend(tokenizer.vocab_size, [[a, b, tokenizer.eos_id, a, a],
+                                                     [b, b, b, b, b]])
+    lm = LLM(backend, tokenizer, pipeline=True)
+    rows = lm.generate_tokens(["x", "y"], max_new_tokens=5, temperature=0.0)
+    assert ids_of(rows[0]) == [a, b, tokenizer.eos_id]
+    assert rows[0][-1].finish_reason == "eos" and ids_of(rows[1]) == [b] * 5
 
 
 def test_request_validation_and_prompt_limits(lm):

@@ -109,7 +109,10 @@ def test_attach_zero_parts_detaches(tiny_model):
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_ffn_pair_equals_the_two_flylora_layers(alpha):
+@pytest.mark.parametrize("product", ["blocks", "dense"])
+def test_ffn_pair_equals_the_two_flylora_layers(alpha, product):
+    """The pair (CPU column blocks, or the one F.linear a GPU runs) gives the two FlyLoRA
+    layers' output, eagerly (topk) and compiled (ranks chosen by counting, B masked)."""
     torch.manual_seed(0)
     cfg = vs.VesperConfig.from_preset("tiny", vocab_size=96, hidden_size=64, num_layers=1,
                                       num_heads=4, ffn_hidden_size=128, flylora_alpha=alpha)
@@ -117,9 +120,16 @@ def test_ffn_pair_equals_the_two_flylora_layers(alpha):
     x = torch.randn(3, 1, 64)
     with torch.no_grad():
         want = ffn(x)
-        matvec.attach(ffn, parts=4)
+        if product == "blocks":
+            matvec.attach(ffn, parts=4)
+        else:
+            assert matvec.attach_pairs(ffn) == 1
+            assert isinstance(ffn.pair.product, matvec.DenseProduct)
+            assert all(m.matvec is None for m in (ffn.gate, ffn.up, ffn.down))
         assert ffn.pair is not None and ffn.pair.applies(x)
         torch.testing.assert_close(ffn(x), want, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(ffn.forward, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_weight_updated_in_place_falls_back_to_its_current_values(tiny_model):

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,12 @@ class StepOutput:
     stop: torch.Tensor  # [B,S] probability that the response ends here
     past_key_values: Any  # the backend's own cache object, passed back unchanged
 
+    def select_rows(self, index: torch.Tensor, past: Any) -> StepOutput:
+        """The rows in ``index`` of this step, with ``past`` (the cache kept to them)."""
+        return StepOutput(self.logits.index_select(0, index),
+                          self.confidence.index_select(0, index),
+                          self.stop.index_select(0, index), past)
+
 
 class DecodeBackend(Protocol):
     """What the decoding loop needs from a model: PyTorch, quantized or ONNX Runtime.
@@ -209,6 +215,7 @@ class _DecodeGraph:
         self.args = (self.ids, self.pos, self.write, bufs.key_mask, bufs.keys, bufs.values)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, ...] = ()
+        self.epoch = -1  # TorchBackend._epoch when recorded: its products' copies then
 
 
 class _StaticCache:
@@ -332,20 +339,28 @@ class TorchBackend:
     CPU with ``compile``: the same static-cache step, compiled (the threaded products
     stay whole operators), attending the filled slots only; about 1.2x the eager
     tokens/s on the 'small' shape here, after ~20 s of compiling.
+
+    ``pair_ffn`` (off by default until measured on a GPU; on a CPU the threaded
+    products pair them already, unless ``matvec_parts=0``): each feed-forward's gate and
+    up FlyLoRA layers decode as one stacked pair (:func:`matvec.attach_pairs`), fewer
+    kernels per step for a stacked copy of their weights. Copies are checked
+    against their weights at each generation; a changed weight is copied again and the
+    CUDA graphs recorded over the old copy are recorded anew.
     """
 
     def __init__(self, model: VesperLM, *, matvec_parts: int = matvec.DEFAULT_PARTS,
                  static_cache: bool | None = None, compile: bool = False,
-                 cuda_graph: bool | None = None) -> None:
+                 cuda_graph: bool | None = None, pair_ffn: bool = False) -> None:
         self.model = model.eval()
         self.config = model.config
         self.vocab_size = model.config.vocab_size
         self.max_seq_len = model.config.max_seq_len
         cuda = self.device.type == "cuda"
         self.matvec_parts = matvec_parts
-        if self.device.type == "cpu":
-            matvec.attach(model, matvec_parts)
-        self._products = matvec.products(model)
+        # The CPU's threaded products pair them already (matvec_parts > 0).
+        self.pair_ffn = pair_ffn and not (self.device.type == "cpu" and matvec_parts > 0)
+        self._epoch = 0  # bumped whenever the products are copied again
+        self._attach()
         if static_cache is None:
             static_cache = self.device.type in ("cuda", "cpu") and _plain_layers(model)
         self.static_cache = bool(static_cache)
@@ -363,12 +378,31 @@ class TorchBackend:
     def device(self) -> torch.device:
         return self.model.device
 
+    def _attach(self) -> None:
+        """(Re)make the decode products: the CPU's threaded ones, or the GPU's pairs."""
+        if self.device.type == "cpu":
+            matvec.attach(self.model, self.matvec_parts)
+        if self.pair_ffn:
+            matvec.attach_pairs(self.model)
+        self._products = matvec.products(self.model)
+        self._epoch += 1
+
+    def _refresh_if_stale(self) -> None:
+        """Copy the products again if a weight changed in place since they were made (a
+        stale product leaves its layer to F.linear; a compiled step or a CUDA graph
+        would read the old copy): a new step is then compiled, new graphs recorded."""
+        if self._products and any(p.is_stale() for p in self._products):
+            self._attach()
+            self._step = None
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past_key_values: Any) -> StepOutput:
         """One step; see :class:`DecodeBackend`."""
         if isinstance(past_key_values, _StaticCache):
             return self._static_forward(input_ids, position_ids, past_key_values)
+        if past_key_values is None:  # a new generation: are the products' copies current?
+            self._refresh_if_stale()
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=True)
         past = out.past_key_values
@@ -459,11 +493,9 @@ class TorchBackend:
         The compiler sees lengths change and makes them symbolic after one recompile (its
         automatic dynamic shapes), so a generation compiles about twice, not per token.
         """
-        if self._products and any(p.is_stale() for p in self._products):
-            # Weights changed in place since the products copied them (the compiled
-            # step cannot see that): copy them again, which also recompiles.
-            matvec.attach(self.model, self.matvec_parts)
-            self._products = matvec.products(self.model)
+        # Weights changed in place since the products copied them (the compiled step
+        # cannot see that): copy them again and recompile.
+        self._refresh_if_stale()
         if self._step is None or self._step_lengths != (length is not None):
             # Fixed shapes for a CUDA graph (the whole capacity, length None).
             eager = functools.partial(_static_decode_step, self.model)
@@ -490,7 +522,7 @@ class TorchBackend:
         g.ids.copy_(input_ids)
         g.pos.copy_(position_ids)
         g.write.fill_(t)
-        if g.graph is None:
+        if g.graph is None or g.epoch != self._epoch:
             self._record(g)
         assert g.graph is not None
         g.graph.replay()
@@ -511,7 +543,7 @@ class TorchBackend:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self._call_step(g.args)
-        g.graph, g.outputs = graph, tuple(outputs)
+        g.graph, g.outputs, g.epoch = graph, tuple(outputs), self._epoch
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -615,10 +647,18 @@ class LLM:
     ``LLM(model_or_backend, tokenizer)`` wraps a ``VesperLM`` (through
     :class:`TorchBackend`) or any :class:`DecodeBackend` (ONNX Runtime, ...): the same
     decoding loop, sampling and regulator run over all of them.
+
+    ``pipeline=True`` launches each decode step before the previous step's tokens are
+    turned into text, so that on an asynchronous device (CUDA) the host's share of a
+    token (copying its values out, decoding, stop strings) overlaps the device's next
+    step. The tokens are the same; when every row ends, the step launched ahead is
+    thrown away. Off by default: the gain has not yet been measured on a GPU
+    (``benchmarks/gpu_checks.py --checks decode`` times it); on the CPU nothing is
+    asynchronous, so it only adds that wasted step.
     """
 
     def __init__(self, model: VesperLM | DecodeBackend, tokenizer: VesperTokenizer,
-                 model_dir: str | Path | None = None) -> None:
+                 model_dir: str | Path | None = None, pipeline: bool = False) -> None:
         backend = TorchBackend(model) if isinstance(model, VesperLM) else model
         if tokenizer.vocab_size > backend.vocab_size:
             raise ModelFolderError(
@@ -630,6 +670,7 @@ class LLM:
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self._special = frozenset(tokenizer.special_ids)
         self._bytes: dict[int, bytes] = {}
+        self.pipeline = pipeline
 
     @property
     def device(self) -> torch.device:
@@ -844,10 +885,19 @@ class LLM:
             past = out.past_key_values
             pos = pos[:, -1:] + 1
             state = _BatchState(self, rows, dev)
+            choice = state.choose(out)
         t = p_len
         while True:
+            ahead = None
+            if self.pipeline and state.may_continue():
+                # Launch the next step before this one's tokens reach the host: the device
+                # computes while the host decodes text. Wasted if every row ends here.
+                with torch.inference_mode():
+                    t += 1
+                    ahead = backend.forward(state.next_input(), mask[:, :t], pos, past)
+                    past, pos = ahead.past_key_values, pos + 1
             with torch.inference_mode():
-                emitted = state.step(out)
+                emitted = state.emit(choice)
             yield from emitted
             if not state.any_live():
                 return
@@ -860,14 +910,26 @@ class LLM:
                         keep_dev = keep.to(dev)
                         mask, pos = mask.index_select(0, keep_dev), pos.index_select(0, keep_dev)
                         state.compact(keep)
-                t += 1
-                out = backend.forward(state.next_input(), mask[:, :t], pos, past)
-                past = out.past_key_values
-                pos = pos + 1
+                        if ahead is not None:  # computed for the rows before compaction
+                            ahead = ahead.select_rows(keep_dev, past)
+                if ahead is None:
+                    t += 1
+                    ahead = backend.forward(state.next_input(), mask[:, :t], pos, past)
+                    past, pos = ahead.past_key_values, pos + 1
+                choice = state.choose(ahead)
 
     def __repr__(self) -> str:
         what = self.config if self.config is not None else self.backend
         return f"LLM({self.model_dir or 'in memory'}, {what!r})"
+
+
+class _Choice(NamedTuple):
+    """One step's token choice (:meth:`_BatchState.choose`), before it becomes Tokens."""
+
+    decisions: list[Any]  # per row: the regulator's decision, or None
+    host: list[list[Any]] | torch.Tensor  # ids, logprobs, confidences, stop probabilities
+    ready: torch.cuda.Event | None  # recorded after ``host``'s copy from the device
+    top: list[Any] | None  # per row: (ids, logprobs) of its top_logprobs
 
 
 class _BatchState:
@@ -901,6 +963,10 @@ class _BatchState:
     def any_finished(self) -> bool:
         return any(r.finished for r in self.rows)
 
+    def may_continue(self) -> bool:
+        """Whether a row may need a token after the one chosen last (its budget allows)."""
+        return any(not r.finished and r.n + 1 < r.budget for r in self.rows)
+
     def compact_index(self) -> torch.Tensor | None:
         """Indices of unfinished rows when some row has finished, else None."""
         if not self.any_finished():
@@ -921,8 +987,13 @@ class _BatchState:
         assert self.next_ids is not None
         return self.next_ids[:, None]
 
-    def step(self, out: StepOutput) -> list[tuple[_Row, Token]]:
-        """Choose every row's next token from ``out`` and turn it into Tokens."""
+    def choose(self, out: StepOutput) -> _Choice:
+        """Choose every row's next token from ``out`` (the next step's input, on the
+        device); :meth:`emit` turns the choice into Tokens.
+
+        On CUDA, the values the host needs travel in one copy that :meth:`emit` waits for,
+        so the next step can be launched in between (``LLM.pipeline``).
+        """
         rows = self.rows
         logits = out.logits[:, -1, :]
         if logits.dtype != torch.float32:
@@ -967,10 +1038,17 @@ class _BatchState:
         # One log_softmax, not logsumexp and a subtraction: ~5 vs ~15 us a step on the CPU.
         logprobs = logits.log_softmax(-1)
         lp = logprobs.gather(1, chosen[:, None])[:, 0]
+        ready: torch.cuda.Event | None = None
+        host: list[list[Any]] | torch.Tensor
         if logits.device.type == "cpu":  # already on the host: no stack to build
             host = [chosen.tolist(), lp.tolist(), conf_t.tolist(), stop_t.tolist()]
-        else:  # one transfer to the host for the whole step
-            host = torch.stack([chosen.to(lp.dtype), lp, conf_t, stop_t]).tolist()
+        else:  # one transfer to the host for the whole step; on CUDA, emit waits for it
+            cuda = logits.device.type == "cuda"
+            host = torch.stack([chosen.to(lp.dtype), lp, conf_t, stop_t]).to(
+                "cpu", non_blocking=cuda)
+            if cuda:
+                ready = torch.cuda.Event()
+                ready.record()
         top: list[Any] | None = None
         if self.any_top:
             vals, idx = torch.topk(logprobs, self.any_top, dim=-1)
@@ -983,8 +1061,16 @@ class _BatchState:
                 torch.full_like(chosen, self.llm.tokenizer.pad_id))
         else:  # no host-to-device copy on the common step
             self.next_ids = chosen
+        return _Choice(decisions, host, ready, top)
+
+    def emit(self, choice: _Choice) -> list[tuple[_Row, Token]]:
+        """The Tokens of a :meth:`choose` (waiting for its values to reach the host)."""
+        rows, decisions, top = self.rows, choice.decisions, choice.top
+        if choice.ready is not None:
+            choice.ready.synchronize()
+        host = choice.host
+        ids_h, lp_h, conf_h, stop_h = host.tolist() if isinstance(host, torch.Tensor) else host
         emitted: list[tuple[_Row, Token]] = []
-        ids_h, lp_h, conf_h, stop_h = host
         for i, r in enumerate(rows):
             if r.finished:
                 continue

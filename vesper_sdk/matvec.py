@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_PARTS = 8
@@ -55,26 +56,19 @@ _LIB.impl("split_matvec", _split_product, "CPU")
 _LIB.impl("split_matvec", _split_product_meta, "Meta")
 
 
-class SplitMatVec:
-    """``x @ weight.T`` for a few rows of x, as one batched product over column blocks."""
+class _Product:
+    """``x @ weight.T`` from a copy of ``weight``, for decode-sized inputs only."""
 
-    def __init__(self, weight: torch.Tensor, parts: int, max_rows: int = DEFAULT_MAX_ROWS,
-                 sources: Sequence[torch.Tensor] = ()) -> None:
-        out_features, in_features = weight.shape
-        if parts < 1 or out_features % parts:
-            raise ValueError(f"parts={parts} must be >= 1 and divide the {out_features} "
-                             "output features")
-        self.in_features, self.out_features = in_features, out_features
-        self.parts, self.max_rows = parts, max_rows
+    def __init__(self, weight: torch.Tensor, max_rows: int,
+                 sources: Sequence[torch.Tensor]) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.max_rows = max_rows
         self.dtype, self.device = weight.dtype, weight.device
         # The copy is only good while the weights it came from are unchanged: any in-place
         # update (an optimizer step, load_state_dict) bumps a tensor's version counter.
         self.sources = tuple(sources) or (weight,)
         self.version = self._version_sum()
-        self.max_numel = max_rows * in_features
-        with torch.no_grad():
-            self.blocks = (weight.detach().t().reshape(in_features, parts, -1)
-                           .permute(1, 0, 2).contiguous())  # [parts, in, out / parts]
+        self.max_numel = max_rows * self.in_features
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is a decode-sized input this product serves (else use F.linear).
@@ -95,10 +89,39 @@ class SplitMatVec:
         # Version counters only grow, so their sum moves as soon as any one does.
         return sum(t._version for t in self.sources)
 
+
+class SplitMatVec(_Product):
+    """``x @ weight.T`` for a few rows of x, as one batched product over column blocks."""
+
+    def __init__(self, weight: torch.Tensor, parts: int, max_rows: int = DEFAULT_MAX_ROWS,
+                 sources: Sequence[torch.Tensor] = ()) -> None:
+        out_features, in_features = weight.shape
+        if parts < 1 or out_features % parts:
+            raise ValueError(f"parts={parts} must be >= 1 and divide the {out_features} "
+                             "output features")
+        super().__init__(weight, max_rows, sources)
+        self.parts = parts
+        with torch.no_grad():
+            self.blocks = (weight.detach().t().reshape(in_features, parts, -1)
+                           .permute(1, 0, 2).contiguous())  # [parts, in, out / parts]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.ops.vesper.split_matvec(x, self.blocks)
         return _split_product(x, self.blocks)
+
+
+class DenseProduct(_Product):
+    """``F.linear`` over a stacked copy of several weights: one kernel where there were
+    several (what a GPU decode step, bound by its kernel count, gains from a pair)."""
+
+    def __init__(self, weight: torch.Tensor, max_rows: int = DEFAULT_MAX_ROWS,
+                 sources: Sequence[torch.Tensor] = ()) -> None:
+        super().__init__(weight, max_rows, sources)
+        self.weight = weight.detach().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class PairProduct:
@@ -112,13 +135,15 @@ class PairProduct:
 
     def __init__(self, ffn: nn.Module, pair: dict[str, torch.Tensor], parts: int,
                  max_rows: int = DEFAULT_MAX_ROWS) -> None:
-        """``pair``: ``paired_ffn_weights(ffn)``, the stacked tensors of ``ffn``'s layers."""
+        """``pair``: ``paired_ffn_weights(ffn)``, the stacked tensors of ``ffn``'s layers;
+        ``parts=0``: a :class:`DenseProduct` (one ``F.linear``, any device) instead of
+        the CPU's column blocks."""
         g, u = ffn.gate, ffn.up
         sources = [t for layer in (g, u) for t in (
             layer.weight, layer.lora_A, layer.lora_B, layer.balance_bias)]
         weight = torch.cat([pair["weight"], pair["lora_A"]])
-        self.product = SplitMatVec(weight, _parts_for(weight.shape[0], parts), max_rows,
-                                   sources)
+        self.product: _Product = DenseProduct(weight, max_rows, sources) if parts == 0 else \
+            SplitMatVec(weight, _parts_for(weight.shape[0], parts), max_rows, sources)
         self.split = (pair["weight"].shape[0], pair["lora_A"].shape[0])
         offset = torch.tensor([[0], [g.rank]], device=weight.device)
         self.tables = (pair["balance_bias"], pair["lora_B"], offset)
@@ -131,7 +156,7 @@ class PairProduct:
         return base, ax
 
 
-def products(model: nn.Module) -> list[SplitMatVec]:
+def products(model: nn.Module) -> list[_Product]:
     """Every product :func:`attach` gave ``model`` (e.g. to check them with ``is_stale``)."""
     pairs = [getattr(module, "pair", None) for module in model.modules()]
     return [p for module in model.modules() for p in (
@@ -191,4 +216,24 @@ def attach(model: nn.Module, parts: int = DEFAULT_PARTS,
         if isinstance(module, VesperLM) and module.config.tie_embeddings:
             module.head_matvec = make(module.embed.weight)
             count += module.head_matvec is not None
+    return count
+
+
+def attach_pairs(model: nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
+    """Give each GLU feed-forward of FlyLoRA layers a :class:`PairProduct` of one
+    ``F.linear`` (a :class:`DenseProduct`, any device and dtype); returns how many.
+
+    For a GPU decode step, whose time goes by its kernel count: the gate and up layers'
+    four products (two base, two A) become one, and their two top-k and B products one
+    each. The stacked copy adds the gate and up weights' memory again.
+    ``attach(model, parts=0)`` removes them.
+    """
+    from .model import GLUFeedForward, paired_ffn_weights
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, GLUFeedForward):
+            pair = paired_ffn_weights(module)
+            module.pair = None if pair is None else PairProduct(module, pair, 0, max_rows)
+            count += module.pair is not None
     return count

@@ -95,6 +95,27 @@ def _balance_step(load: torch.Tensor) -> torch.Tensor:
     return torch.sign(load.mean(-1, keepdim=True) - load) * active
 
 
+def _count_top_k() -> bool:
+    """Whether to pick top-k ranks by :func:`top_k_by_counting` rather than ``topk``.
+
+    Compiled, the counting is pointwise work that the compiler fuses into its
+    neighbours, where topk (+ scatter) are separate sort kernels (on an H200, 18 % of a
+    decode step's GPU time). Eagerly, and in an ONNX graph (one TopK node against a
+    dozen), topk is the fewer operations.
+    """
+    return torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
+
+
+def top_k_by_counting(score: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask [..., r] of the k highest scores, as ``topk`` chooses them: a rank is in
+    when fewer than k ranks beat it (higher score, or equal at a lower index)."""
+    r = torch.arange(score.shape[-1], device=score.device)
+    lower = r.unsqueeze(0) < r.unsqueeze(1)  # [i, j]: j < i
+    beats = score.unsqueeze(-2) > score.unsqueeze(-1)  # [..., i, j]: j beats i
+    ties = (score.unsqueeze(-2) == score.unsqueeze(-1)) & lower
+    return ((beats | ties).sum(-1) < k).to(score.dtype)
+
+
 class FlyLoRALinear(nn.Module):
     """A linear layer plus FlyLoRA's implicit rank-wise mixture of experts.
 
@@ -141,22 +162,10 @@ class FlyLoRALinear(nn.Module):
 
     def _top_ranks(self, ax: torch.Tensor) -> torch.Tensor:
         score = ax.detach().abs().float() + self.balance_bias
-        if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
-            # The same k ranks by counting, for each rank, the ranks that beat it (ties
-            # to the lower index): pointwise work that the compiler fuses into its
-            # neighbours, where topk + scatter are separate sort kernels (on an H200,
-            # 18 % of a decode step's GPU time). Eagerly, and in an ONNX graph (one TopK
-            # node against a dozen), topk is the fewer operations.
-            beats = score.unsqueeze(-2) > score.unsqueeze(-1)  # [..., i, j]: j beats i
-            ties = (score.unsqueeze(-2) == score.unsqueeze(-1)) & self._lower_index()
-            return ((beats | ties).sum(-1) < self.topk).to(score.dtype)
+        if _count_top_k():
+            return top_k_by_counting(score, self.topk)
         idx = score.topk(self.topk, dim=-1).indices
         return torch.zeros_like(score).scatter_(-1, idx, 1.0)
-
-    def _lower_index(self) -> torch.Tensor:
-        """[r, r] bool: j < i (a tie goes to the lower index)."""
-        r = torch.arange(self.rank, device=self.balance_bias.device)
-        return r.unsqueeze(0) < r.unsqueeze(1)
 
     # Decode products (vesper_sdk.matvec): one over [weight; lora_A], which gives the base
     # output and A x in one pass over memory, and one over lora_B.
@@ -312,9 +321,15 @@ class GLUFeedForward(nn.Module):
         """
         g = self.gate
         ax = ax.unflatten(-1, (2, g.rank))
-        idx = (ax.abs() + balance_bias).topk(g.topk, dim=-1).indices  # [..., 2, k]
-        rows = F.embedding(idx + row_offset, lora_B)  # [..., 2, k, F]
-        lora = torch.matmul(ax.gather(-1, idx).unsqueeze(-2), rows).flatten(-3)
+        score = ax.abs() + balance_bias
+        if _count_top_k():  # compiled: a mask and the whole of each B, no sort kernels
+            mask = top_k_by_counting(score, g.topk)
+            lora = torch.matmul((ax * mask).unsqueeze(-2), lora_B.view(2, g.rank, -1))
+        else:
+            idx = score.topk(g.topk, dim=-1).indices  # [..., 2, k]
+            rows = F.embedding(idx + row_offset, lora_B)  # [..., 2, k, F]
+            lora = torch.matmul(ax.gather(-1, idx).unsqueeze(-2), rows)
+        lora = lora.flatten(-3)  # [..., 2, 1, F] -> [..., 2F]
         h = base + (lora if g.scaling == 1.0 else lora * g.scaling)
         gate, up = h.split(g.out_features, dim=-1)
         return self.down(self.act(gate) * up)
