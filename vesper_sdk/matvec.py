@@ -17,7 +17,11 @@ layers use it only for small inputs (at most ``max_rows`` rows) on the CPU with 
 off, so prefill and training keep ``F.linear``. The blocks are a copy of the weights
 taken when attached, so the model's memory for its weights doubles; once a weight is
 updated in place (its version counter moves) its layer goes back to ``F.linear`` until
-:func:`attach` runs again (``attach(model, parts=0)`` detaches).
+:func:`attach` runs again (``attach(model, parts=0)`` detaches; ``TorchBackend`` runs it
+again at the next generation).
+
+:func:`attach_pairs` gives the feed-forwards the same pair over one ``F.linear``
+(:class:`DenseProduct`) instead, on any device: for a GPU decode step, fewer kernels.
 """
 
 from __future__ import annotations

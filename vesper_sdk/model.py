@@ -280,10 +280,11 @@ class Attention(nn.Module):
 class GLUFeedForward(nn.Module):
     """down(ERA(gate(x)) * up(x)), gate and up as FlyLoRA layers.
 
-    Decoding on the CPU and in ONNX graphs, the gate and up FlyLoRA layers run as one
-    stacked pair (:func:`paired_ffn_weights`, :meth:`paired`): one product for both base
-    outputs and both A x, one top-k over [2, r], one product with the k chosen rows of
-    each B, where there were two of each and a mask over all r rows.
+    Decoding on the CPU, in ONNX graphs and (``TorchBackend(pair_ffn=True)``) on a GPU,
+    the gate and up FlyLoRA layers run as one stacked pair (:func:`paired_ffn_weights`,
+    :meth:`paired`): one product for both base outputs and both A x, one top-k over
+    [2, r], one product with the k chosen rows of each B, where there were two of each
+    and a mask over all r rows.
     """
 
     # The pair's decode product (vesper_sdk.matvec.attach), for a few rows on the CPU.
@@ -317,7 +318,8 @@ class GLUFeedForward(nn.Module):
         base [..., 2F] (gate's then up's base output), ax [..., 2r] (both A x),
         balance_bias [2, r], lora_B [2r, F] (both B transposed, stacked), row_offset
         [[0], [r]] (where up's rows start in it). The same math as the two layers, with
-        the chosen rows of B gathered rather than the others masked to zero.
+        the chosen rows of B gathered rather than the others masked to zero (compiled,
+        masked after all: ranks by :func:`top_k_by_counting`, one batched product).
         """
         g = self.gate
         ax = ax.unflatten(-1, (2, g.rank))
