@@ -887,15 +887,21 @@ class LLM:
             state = _BatchState(self, rows, dev)
             choice = state.choose(out)
         t = p_len
+
+        def launch() -> StepOutput:  # the next step, from the tokens chosen last
+            nonlocal t, past, pos
+            t += 1
+            step = backend.forward(state.next_input(), mask[:, :t], pos, past)
+            past, pos = step.past_key_values, pos + 1
+            return step
+
         while True:
             ahead = None
             if self.pipeline and state.may_continue():
                 # Launch the next step before this one's tokens reach the host: the device
                 # computes while the host decodes text. Wasted if every row ends here.
                 with torch.inference_mode():
-                    t += 1
-                    ahead = backend.forward(state.next_input(), mask[:, :t], pos, past)
-                    past, pos = ahead.past_key_values, pos + 1
+                    ahead = launch()
             with torch.inference_mode():
                 emitted = state.emit(choice)
             yield from emitted
@@ -912,11 +918,7 @@ class LLM:
                         state.compact(keep)
                         if ahead is not None:  # computed for the rows before compaction
                             ahead = ahead.select_rows(keep_dev, past)
-                if ahead is None:
-                    t += 1
-                    ahead = backend.forward(state.next_input(), mask[:, :t], pos, past)
-                    past, pos = ahead.past_key_values, pos + 1
-                choice = state.choose(ahead)
+                choice = state.choose(ahead if ahead is not None else launch())
 
     def __repr__(self) -> str:
         what = self.config if self.config is not None else self.backend
