@@ -1,7 +1,7 @@
 """ONNX export and the ONNX Runtime runner, installed as ``vesper_sdk.export``.
 
 >>> from vesper_sdk.export import export_onnx, OnnxModel
->>> export_onnx("runs/a", "runs/a-onnx", quantize="int4")
+>>> export_onnx("runs/a/model", "runs/a-onnx", quantize="int4")
 >>> OnnxModel("runs/a-onnx").generate("Hello", max_new_tokens=16)
 
 Names resolve on first use, so ``import vesper_sdk.export`` does not import onnx,

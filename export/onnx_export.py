@@ -1,8 +1,8 @@
 """Export a VesperLM model folder to ONNX, optionally INT8/INT4, verified with ONNX Runtime.
 
 >>> import vesper_sdk as vs
->>> vs.export_onnx("runs/a", "runs/a-onnx")                    # fp32
->>> vs.export_onnx("runs/a", "runs/a-int4", quantize="int4")    # MatMulNBits, 4-bit blocks
+>>> vs.export_onnx("runs/a/model", "runs/a-onnx")                  # fp32
+>>> vs.export_onnx("runs/a/model", "runs/a-int4", quantize="int4")  # MatMulNBits, 4-bit blocks
 
 One graph serves prefill and decode: inputs ``input_ids`` [B,S], ``attention_mask``
 [B,P+S], ``position_ids`` [B,S] and ``past_key_values.{i}.key/value`` [B,H,P,D] with P >= 0
@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_folder
+from ..config import run_folder_hint
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, Linear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
 from .lowering import fused_attention, lowered, paired_ffn_weights, translation_table
@@ -459,7 +460,8 @@ def _validate_request(model_dir: Path, out_dir: Path, opset: int, quantize: str 
     if not config_path.is_file():
         raise ModelFolderError(
             f"{model_dir} is not a VesperLM model folder: {CONFIG_NAME} is missing. "
-            "Pass the folder written by `vesper train` or model.save_pretrained")
+            "Pass the folder written by `vesper train` or model.save_pretrained."
+            + run_folder_hint(model_dir))
     try:
         quant = json.loads(config_path.read_text()).get("quantization")
     except (json.JSONDecodeError, AttributeError):
@@ -588,8 +590,8 @@ class ExportOptions:
     Runtime is compared with PyTorch on random prompts before the folder appears.
 
     Examples:
-      vesper-export --onnx runs/a -o runs/a-onnx
-      vesper export runs/a -o runs/a-int4 --quantize int4 --block-size 32
+      vesper-export --onnx runs/a/model -o runs/a-onnx
+      vesper export runs/a/model -o runs/a-int4 --quantize int4 --block-size 32
     """
 
     model_dir: str = field(metadata={"positional": True, "help": "model folder to export"})

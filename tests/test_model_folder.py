@@ -63,6 +63,24 @@ def test_missing_config_names_the_file(tmp_path):
         vs.VesperLM.from_pretrained(tmp_path / "m")
 
 
+def test_a_training_runs_folder_points_to_its_model_folder(tmp_path):
+    # `vesper train --out-dir runs/a` writes the model to runs/a/model: passing runs/a
+    # is the likely slip, and every loader names the folder meant.
+    from vesper_sdk.export import export_onnx
+
+    make_model().save_pretrained(tmp_path / "run" / "model")
+    hint = f"Did you mean {tmp_path / 'run' / 'model'}"
+    for load in (vs.VesperLM.from_pretrained, vs.load,
+                 lambda d: vs.quantize(d, method="int8", out_dir=tmp_path / "q"),
+                 lambda d: export_onnx(d, tmp_path / "o")):
+        with pytest.raises((ModelFolderError, FileNotFoundError), match=hint):
+            load(tmp_path / "run")
+    with pytest.raises(ValueError, match=hint):
+        vs.train("builtin:skills", tmp_path / "ft", init_from=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="is not a folder"):
+        vs.train("builtin:skills", tmp_path / "ft", init_from=str(tmp_path / "nope"))
+
+
 def test_missing_weights_names_the_file(tmp_path):
     make_model().save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()

@@ -154,7 +154,8 @@ class VesperConfig:
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{path} is missing: a VesperLM model folder needs config.json "
-                "(write one with model.save_pretrained(dir) or `vesper train`)"
+                "(write one with model.save_pretrained(dir) or `vesper train`)."
+                + run_folder_hint(path.parent)
             ) from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}); the file is damaged, "
@@ -197,3 +198,13 @@ class VesperConfig:
         shape = f"{self.hidden_size}/{self.num_layers}/{self.num_heads}, ffn {self.ffn_hidden_size}"
         return (f"VesperConfig({self.preset or 'custom'}: {shape}, vocab {self.vocab_size}, "
                 f"~{self.num_parameters() / 1e6:.1f}M params)")
+
+
+def run_folder_hint(folder: str | Path) -> str:
+    """" Did you mean FOLDER/model? ..." when ``folder`` is a training run's output folder
+    (``vesper train --out-dir D`` writes the model folder to D/model), else ""."""
+    inner = Path(folder) / "model"
+    if (inner / "config.json").is_file():
+        return (f" Did you mean {inner}? (`vesper train --out-dir D` writes the model "
+                "folder to D/model)")
+    return ""

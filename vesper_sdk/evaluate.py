@@ -39,8 +39,8 @@ class EvalOptions:
     """Perplexity and MetaHead calibration (ECE, AUROC vs. the max-softmax baseline).
 
     Examples:
-      vesper eval runs/a --data builtin:skills
-      vesper eval runs/a --data heldout.jsonl --out-dir runs/a/eval
+      vesper eval runs/a/model --data builtin:skills
+      vesper eval runs/a/model --data heldout.jsonl --out-dir runs/a/eval
     """
 
     model_dir: str = field(metadata={"help": "model folder to evaluate", "positional": True})

@@ -6,7 +6,7 @@ backend's KV cache. Every token comes out as a :class:`Token` with its log-proba
 the MetaHead's confidence and stop probability, and what the metacognitive regulator
 (``vesper_sdk.metacog``) did at that position.
 
->>> lm = vesper_sdk.load("runs/a")
+>>> lm = vesper_sdk.load("runs/a/model")
 >>> lm.generate("2+3=", max_new_tokens=8, temperature=0.0)
 >>> for tok in lm.stream("Hello", max_new_tokens=32):
 ...     print(tok.text, tok.confidence, tok.regulated)
@@ -1155,9 +1155,9 @@ class GenerateOptions:
     """Generate text from a model folder, showing each token's confidence.
 
     Examples:
-      vesper generate runs/a --prompt "2+3=" --temperature 0
-      vesper generate runs/a --chat --prompt "What is 7*6?" --regulator --retries 2
-      echo "Once upon a time" | vesper generate runs/a --max-new-tokens 64 --json
+      vesper generate runs/a/model --prompt "2+3=" --temperature 0
+      vesper generate runs/a/model --chat --prompt "What is 7*6?" --regulator --retries 2
+      echo "Once upon a time" | vesper generate runs/a/model --max-new-tokens 64 --json
     """
 
     model_dir: str = field(metadata={"help": "model folder (config.json, model.safetensors, "

@@ -1,8 +1,8 @@
 """Weight quantization of VesperLM with bitsandbytes: LLM.int8 (``int8``), ``nf4`` and ``fp4``.
 
 >>> import vesper_sdk as vs
->>> vs.quantize("runs/a", method="nf4", out_dir="runs/a-nf4")   # a new model folder
->>> lm = vs.load("runs/a-nf4")                                   # rebuilt, ready to generate
+>>> vs.quantize("runs/a/model", method="nf4", out_dir="runs/a-nf4")  # a new model folder
+>>> lm = vs.load("runs/a-nf4")                                  # rebuilt, ready to generate
 
 What is quantized, and why the rest is not:
 
@@ -48,7 +48,7 @@ from torch import nn
 
 from ._callable import make_module_callable
 from .atomic import atomic_write_file, atomic_write_folder
-from .config import ConfigError, VesperConfig
+from .config import ConfigError, VesperConfig, run_folder_hint
 from .model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -292,7 +292,8 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFolderError(
             f"{model_dir} is not a VesperLM model folder: {CONFIG_NAME} is missing. "
-            "Pass the folder written by `vesper train` or model.save_pretrained")
+            "Pass the folder written by `vesper train` or model.save_pretrained."
+            + run_folder_hint(model_dir))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -787,8 +788,8 @@ class QuantizeOptions:
     perplexity, file size and greedy decode tokens/s, beside HF GPT-2 of the same shape.
 
     Examples:
-      vesper quantize runs/a --method nf4 -o runs/a-nf4
-      vesper quantize --report runs/a --data heldout.jsonl --json-out report.json
+      vesper quantize runs/a/model --method nf4 -o runs/a-nf4
+      vesper quantize --report runs/a/model --data heldout.jsonl --json-out report.json
     """
 
     model_dir: str = field(metadata={"positional": True,
@@ -803,7 +804,8 @@ class QuantizeOptions:
     report: bool = field(default=False, metadata={
         "help": "print the fp32/bnb/ONNX comparison table instead of quantizing"})
     data: str | None = field(default=None, metadata={
-        "help": "held-out texts for --report perplexity: .txt, .jsonl or builtin:skills"})
+        "help": "held-out texts for --report perplexity: .txt, .jsonl or builtin:skills "
+                "(default: builtin:skills, its held-out chats)"})
     json_out: str = field(default="quantize_report.json", metadata={
         "help": "where --report writes its JSON"})
     max_tokens: int = field(default=8192, metadata={

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from ._callable import make_module_callable
 from .calibrate import MIN_TOKENS, describe, refit_confidence, skills_batches
-from .config import PRESETS, VesperConfig
+from .config import PRESETS, VesperConfig, run_folder_hint
 from .data import (
     BlockSampler,
     DataError,
@@ -200,6 +200,13 @@ class TrainOptions:
         need(self.finetune == "full" or self.init_from is not None,
              "finetune='flylora' adapts an existing model: pass init_from=MODEL_DIR")
         need(self.data is not None, "data is required: a file, a folder or 'builtin:skills'")
+        if self.init_from is not None:
+            init = Path(self.init_from)
+            need(init.is_dir(), f"init_from {init} is not a folder: pass the model folder of "
+                                "a trained model (e.g. runs/a/model)")
+            need((init / "config.json").is_file(),
+                 f"init_from {init} is not a model folder: config.json is missing."
+                 + run_folder_hint(init))
 
     def to_json(self) -> dict[str, Any]:
         """The options as JSON (in-memory data is recorded as ``"<python data>"``)."""
