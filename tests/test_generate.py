@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import random
 import threading
@@ -661,6 +662,18 @@ def test_load_and_cli_generate(tmp_path, model, tokenizer, capsys):
                      "--temperature", "0", "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr()
     assert printed.out == want + "\n" and "torch.compile" in printed.err
+
+
+def test_cli_generate_refuses_an_empty_standard_input(tmp_path, model, tokenizer, capsys,
+                                                       monkeypatch):
+    copy.deepcopy(model).save_pretrained(tmp_path / "m")
+    tokenizer.save(tmp_path / "m")
+    monkeypatch.setattr("sys.stdin", io.StringIO(" \n"))
+    assert cli.main(["generate", str(tmp_path / "m")]) == 2
+    assert "no prompt" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat"))
+    assert cli.main(["generate", str(tmp_path / "m"), "--temperature", "0",
+                     "--max-new-tokens", "4"]) == 0
 
 
 def test_score_and_request_helpers(lm, model, tokenizer):

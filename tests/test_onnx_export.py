@@ -252,6 +252,10 @@ def test_vesper_export_cli(model_dir, exports, tmp_path, capsys):
                         "--opset", "9"]) == 2
     assert "opset 9 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):  # its help: its own name, and the flag it is spelt with
+        export_main(["--help"])
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: vesper-export") and "--onnx" in shown
 
 
 def test_lazy_top_level_names():

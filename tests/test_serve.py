@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -385,6 +386,26 @@ def test_refuses_public_bind_without_key(tmp_path: Path, capsys, monkeypatch) ->
 
     assert main(["serve", str(tmp_path / "missing"), "--host", "0.0.0.0"]) == 2
     assert "without an API key" in capsys.readouterr().err
+
+
+def test_a_port_that_cannot_be_bound_is_refused_before_the_model_loads(
+        tmp_path: Path, capsys) -> None:
+    from vesper_sdk.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            srv.check_port("127.0.0.1", port)
+        # A missing model folder is not what is reported: the port is checked first.
+        assert main(["serve", str(tmp_path / "missing"), "--port", str(port)]) == 2
+        assert "another --port" in capsys.readouterr().err
+    srv.check_port("127.0.0.1", port)  # free again
+    assert main(["serve", str(tmp_path / "missing"), "--port", "99999"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot resolve --host"):
+        srv.check_port("no-such-host.invalid", 8000)
 
 
 def test_vs_serve_is_callable_whatever_the_import_order() -> None:

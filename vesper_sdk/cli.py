@@ -63,13 +63,15 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"help": help_text}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        aliases: list[str] = []
         if f.metadata.get("positional"):
             names = [f.name]
             if default is not None or optional:
                 kwargs["nargs"] = "?"
                 kwargs["default"] = default
         else:
-            names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
+            names = ["--" + f.name.replace("_", "-")]
+            aliases = list(f.metadata.get("aliases", []))
             kwargs["dest"] = f.name
             kwargs["default"] = default
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -86,7 +88,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = str
         if default not in (None, "", False) and tp is not bool and help_text:
             kwargs["help"] = f"{help_text} (default: {default})"
-        parser.add_argument(*names, **kwargs)
+        if tp is bool and aliases:
+            # A --no- form for the main name only: not four spellings of one switch.
+            kwargs["help"] = f"{kwargs['help']} (also {', '.join(aliases)})"
+            parser.add_argument(*names, **kwargs)
+            parser.add_argument(*aliases, dest=f.name, action="store_true",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
+        parser.add_argument(*names, *aliases, **kwargs)
 
 
 def options_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -95,12 +104,14 @@ def options_from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**values)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, prog: str | None = None,
+                 ) -> argparse.ArgumentParser:
     """The ``vesper`` parser; with ``only``, just that command's module is imported.
 
     Importing every job (torch, onnxruntime, gradio, fastapi ...) takes seconds, so
     ``main`` builds the full options of the one command it runs and lists the others
-    by their descriptions.
+    by their descriptions. ``prog`` names that command in its usage line (e.g.
+    ``vesper-export`` for the alias of ``vesper export``).
     """
     from . import __version__
 
@@ -125,17 +136,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                         "Install the matching extra, e.g. "
                                         "pip install 'vesper-sdk[all]'")
             continue
+        extra = {"prog": prog} if prog and name == only else {}
         p = sub.add_parser(name, help=description, description=(cls.__doc__ or description),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **extra)
         add_dataclass_arguments(p, cls)
+        if name == "export":  # `vesper-export --onnx DIR ...`, as the examples spell it
+            p.add_argument("--onnx", action="store_true",
+                           help="export to ONNX (the one format; optional)")
         p.set_defaults(_module=module, _cls=cls)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=command if command in COMMANDS else "")
+    parser = build_parser(only=command if command in COMMANDS else "", prog=prog)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -158,9 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def export_main(argv: Sequence[str] | None = None) -> int:
     """``vesper-export --onnx MODEL_DIR -o OUT_DIR ...``: the same as ``vesper export``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--onnx" in argv:
-        argv.remove("--onnx")
-    return main(["export", *argv])
+    return main(["export", *argv], prog="vesper-export")
 
 
 if __name__ == "__main__":

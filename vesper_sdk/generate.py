@@ -1196,7 +1196,15 @@ class GenerateOptions:
 
 def cli(opts: GenerateOptions) -> int:
     """``vesper generate``: stream the answer to stdout."""
-    prompt = opts.prompt if opts.prompt is not None else sys.stdin.read()
+    prompt = opts.prompt
+    if prompt is None:
+        if sys.stdin.isatty():  # else a bare `vesper generate DIR` looks like a hang
+            print("reading the prompt from standard input (end it with Ctrl-D), or pass "
+                  "--prompt TEXT", file=sys.stderr, flush=True)
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise ValueError("no prompt: standard input was empty. Pass --prompt TEXT or pipe "
+                           "text in (--prompt '' starts from nothing on purpose)")
     lm = load(opts.model_dir, device=opts.device, compile=opts.compile)
     if getattr(lm.backend, "compile", False):
         # Said up front: otherwise the first token's wait looks like a hang.

@@ -35,6 +35,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -1238,6 +1239,27 @@ def check_bind(host: str, api_key: str | None) -> None:
             "bind to 127.0.0.1")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port out of range, or one this host cannot listen on, before the model
+    loads (uvicorn would report either only after it, with three tracebacks)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range: pass --port between 1 and 65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except OSError as exc:
+        raise ValueError(f"cannot resolve --host {host} ({exc.strerror or exc}): pass an "
+                         "address such as 127.0.0.1 or 0.0.0.0") from None
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            # As uvicorn binds: a port left in TIME_WAIT by a previous server is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass "
+                         "another --port, or stop what is using this one") from None
+
+
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, *, model_name: str | None = None, device: str = "auto",
           dtype: str = "auto", max_batch_size: int = 32, max_queue: int = 256,
@@ -1252,6 +1274,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, api_key)  # before the (slow) model load
+    check_port(host, port)
     app = create_app(model_dir, api_key=api_key, model_name=model_name,
                      max_batch_size=max_batch_size, max_queue=max_queue,
                      request_timeout=request_timeout, regulator=regulator, device=device,
@@ -1281,8 +1304,8 @@ def cli(opts: ServeOptions) -> int:
     return 0
 
 
-__all__ = ["APIError", "BatchScheduler", "Metrics", "ServeOptions", "check_bind", "cli",
-           "context_window", "create_app", "is_loopback", "load_backend", "serve"]
+__all__ = ["APIError", "BatchScheduler", "Metrics", "ServeOptions", "check_bind", "check_port",
+           "cli", "context_window", "create_app", "is_loopback", "load_backend", "serve"]
 
 
 make_module_callable(__name__, serve)
