@@ -34,12 +34,16 @@ bench: setup
 	$(VENV)/bin/vesper bench
 
 # Optimum needs transformers<4.58 and the dev extra has 5.x: its own environment.
-optimum-check:
+optimum-check: .venv-optimum/.installed
+	.venv-optimum/bin/python -m vesper_sdk.export.optimum_check
+
+# Its own venv (optimum pins transformers apart from ours), installed once like setup's.
+.venv-optimum/.installed: pyproject.toml
 	@test -x .venv-optimum/bin/python || $(PYTHON) -m venv .venv-optimum
 	@.venv-optimum/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 	@.venv-optimum/bin/python -m pip install -q --disable-pip-version-check -e ".[export]" \
 	    "optimum-onnx[onnxruntime]"
-	.venv-optimum/bin/python -m vesper_sdk.export.optimum_check
+	@touch $@
 
 lint: setup
 	$(PY) -m ruff check .

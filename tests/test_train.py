@@ -289,11 +289,31 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, sm
                 checkpoint_every=0)
     r = vs.train("builtin:skills", tmp_path, **opts)
     assert r.interrupted and r.model_dir is None and r.steps == 7
+    assert r.metrics_step is None and not r.metrics  # no evaluation ran before step 7
     assert r.checkpoint == ckpt.step_dir(tmp_path / "checkpoints", 7)
     assert signal.getsignal(signal.SIGINT) is not None  # handlers restored
     monkeypatch.setattr(train_mod, "lm_loss_sum", real)
     done = vs.train("builtin:skills", tmp_path, resume=True, **opts)
     assert not done.interrupted and done.steps == 12 and done.model_dir.is_dir()
+    assert done.metrics_step == 12 and "val_loss" in done.metrics
+
+
+def test_resume_under_another_schedule_says_it_will_not_match(tmp_path, small):
+    opts = dict(**small, seq_len=32, batch_size=4, eval_every=0, checkpoint_every=0)
+    vs.train("builtin:skills", tmp_path, max_steps=8, stop_at_step=4, **opts)
+
+    def resume(**more) -> list[str]:
+        logs: list[str] = []
+        train_mod.run(train_mod.TrainOptions(data="builtin:skills", out_dir=str(tmp_path),
+                                             preset="tiny", resume=True, **opts, **more),
+                      log=logs.append)
+        return logs
+
+    same = resume(max_steps=8, stop_at_step=6)  # a pause keeps the schedule
+    assert any("continuing from" in m for m in same)
+    assert not any("schedule changed" in m for m in same)
+    longer = resume(max_steps=16)
+    assert any("schedule changed" in m and "total 8 -> 16" in m for m in longer)
 
 
 # ----------------------------------------------------------------------------- checkpoints

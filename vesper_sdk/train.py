@@ -239,6 +239,7 @@ class TrainResult:
     tokens_per_second: float
     interrupted: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    metrics_step: int | None = None  # the step ``metrics`` were measured at
 
 
 # ============================================================================ losses
@@ -723,6 +724,13 @@ class Trainer:
                 self.log(f"resume: {key} changed ({saved.get(key)} -> "
                          f"{getattr(self.opts, key)}): the run will not match an "
                          "uninterrupted one")
+        old_schedule, new_schedule = state.get("scheduler"), self.schedule.state_dict()
+        if old_schedule and old_schedule != new_schedule:
+            changed = ", ".join(f"{k} {old_schedule.get(k)} -> {v}"
+                                for k, v in new_schedule.items() if old_schedule.get(k) != v)
+            self.log(f"resume: the learning-rate schedule changed ({changed}): from step "
+                     f"{self.step} the run follows the new one, so it will not match an "
+                     "uninterrupted run (--stop-at-step pauses a run without changing it)")
         self._resume_rng = rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0]
         self.log(f"resume: continuing from {path} (step {self.step})")
         if self.dist.main and self.metrics_path.is_file():
@@ -1052,7 +1060,8 @@ class Trainer:
             trainable_params=self.n_trainable, total_params=self.n_total,
             skipped_steps=self.skipped,
             tokens_per_second=float(np.median(speeds)) if speeds else 0.0,
-            interrupted=interrupted, history=self.history)
+            interrupted=interrupted, history=self.history,
+            metrics_step=self.last_val.get("step"))
 
 
 # ============================================================================ records
@@ -1125,7 +1134,10 @@ def cli(opts: TrainOptions) -> int:
         return 130 if result.interrupted else 0  # rank 0 reports for the group
     lines = [f"steps: {result.steps}  final train loss: {result.final_loss}"]
     if result.metrics:
-        lines.append("validation: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+        # Named by its step: after an interrupt the last evaluation may be long past.
+        at = "" if result.metrics_step is None else f" at step {result.metrics_step}"
+        lines.append(f"validation{at}: "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
     if result.model_dir:
         lines.append(f"model: {result.model_dir}  (vesper generate {result.model_dir} ...)")
     if result.checkpoint:
