@@ -819,8 +819,10 @@ def run_suite(only: str | Iterable[str] | None = None, *, device: str = "auto",
         write_record(rec, out, spec)
         records.append(rec)
         if echo:
+            # Named here: the benchmark's own "wrote ..." line is the suite's scratch copy.
             print(f"== {spec.name}: {rec.status} in {rec.wall_s:.1f} s"
-                  + (f" -- {_first_line(rec.error)}" if rec.error else ""), flush=True)
+                  + (f" -- {_first_line(rec.error)}" if rec.error else "")
+                  + f"; results: {out / spec.name}.json and .md", flush=True)
 
     # Rows of benchmarks not run now stay in the summary, from their last result file.
     ran = {r.name for r in records}
