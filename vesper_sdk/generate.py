@@ -1203,8 +1203,8 @@ def cli(opts: GenerateOptions) -> int:
                   "--prompt TEXT", file=sys.stderr, flush=True)
         prompt = sys.stdin.read()
         if not prompt.strip():
-            raise ValueError("no prompt: standard input was empty. Pass --prompt TEXT or pipe "
-                           "text in (--prompt '' starts from nothing on purpose)")
+            raise ValueError("no prompt: standard input was empty. Pass --prompt TEXT or "
+                             "pipe text in (--prompt '' starts from nothing on purpose)")
     lm = load(opts.model_dir, device=opts.device, compile=opts.compile)
     if getattr(lm.backend, "compile", False):
         # Said up front: otherwise the first token's wait looks like a hang.
