@@ -6,8 +6,9 @@
 Times, in one run and on the same random fp32 parameters and gradients:
 
 * ``velvet``: VelvetOptimizer as users get it (GPU: flat buffers, one Triton launch per
-  step; CPU: the ``_foreach`` path), gradients already in place (``zero_grad(set_to_none=
-  False)`` steady state);
+  step; CPU: torch's fused AdamW kernel with Velvet's step folded in), gradients already
+  in place (``zero_grad(set_to_none=False)`` steady state);
+* ``velvet_foreach`` (CPU): ``impl="foreach"``, the ``_foreach`` ops;
 * ``velvet_grad_copy_in``: the same with a fresh ``.grad`` every step (what
   ``zero_grad(set_to_none=True)`` leads to): the gradients are copied into the flat buffer;
 * ``adamw_fused`` / ``adamw_foreach``: ``torch.optim.AdamW`` (fused is skipped where this
@@ -123,10 +124,9 @@ def _make_params(base):
     return [torch.nn.Parameter(v.clone()) for v in values], [g.clone() for g in grads]
 
 
-def _velvet_step_fn(params, grads, use_kernel, *, copy_in: bool, **opt_kwargs):
+def _velvet_step_fn(params, grads, impl, *, copy_in: bool, **opt_kwargs):
     from vesper_sdk.optim import VelvetOptimizer
 
-    impl = "triton" if use_kernel else "foreach"
     opt = VelvetOptimizer(params, lr=5e-4, impl=impl, **opt_kwargs)
     opt.set_loss(6.0, 32000)  # adaptive scales on, as in training
     for p, g in zip(params, grads, strict=True):
@@ -247,12 +247,15 @@ def run(args: argparse.Namespace) -> dict:
     base = _random_tensors(shapes, device)
     variants: dict[str, Callable[[], Callable[[], None]]] = {}
     use_kernel = device.type == "cuda"  # Triton on GPU; the interpreter is far too slow
-    variants["velvet"] = lambda: _velvet_step_fn(*_make_params(base), use_kernel,
-                                                 copy_in=False)
+    impl = "triton" if use_kernel else "fused"  # what impl="auto" picks on this device
+    variants["velvet"] = lambda: _velvet_step_fn(*_make_params(base), impl, copy_in=False)
     variants["velvet_grad_copy_in"] = lambda: _velvet_step_fn(
-        *_make_params(base), use_kernel, copy_in=True)
+        *_make_params(base), impl, copy_in=True)
     if use_kernel:
         variants["velvet_kernel_only"] = lambda: _velvet_kernel_only_fn(*_make_params(base))
+    else:  # the _foreach ops, the CPU default before the fused kernel
+        variants["velvet_foreach"] = lambda: _velvet_step_fn(*_make_params(base), "foreach",
+                                                             copy_in=False)
     variants["adamw_fused"] = lambda: _adamw_step_fn(*_make_params(base), fused=True)
     variants["adamw_foreach"] = lambda: _adamw_step_fn(*_make_params(base),
                                                        foreach=True)
@@ -311,9 +314,10 @@ def run(args: argparse.Namespace) -> dict:
         "variants": {
             "velvet": "VelvetOptimizer.step, "
                       + ("flat buffers, one Triton launch per dtype" if use_kernel
-                         else "torch _foreach path"),
+                         else "torch's fused AdamW kernel, Velvet's step folded in"),
             "velvet_grad_copy_in": "same, with a fresh .grad each step (copied in)",
             "velvet_kernel_only": "the flat-buffer kernel launch alone (GPU only)",
+            "velvet_foreach": "VelvetOptimizer(impl='foreach'): torch _foreach ops (CPU)",
             "adamw_fused": "torch.optim.AdamW(fused=True)",
             "adamw_foreach": "torch.optim.AdamW(foreach=True)",
             "per_tensor": ("one Velvet Triton launch per tensor" if use_kernel

@@ -1,8 +1,9 @@
 """VelvetOptimizer: AdamW identity, adaptive scales, sparse mode, state, accumulation, DDP.
 
-Every behaviour is checked on both implementations: ``foreach`` (CPU path) and ``triton``
-(flat buffers + one kernel launch per dtype), the latter through Triton's interpreter,
-which the kernel module uses for CPU tensors by itself (see test_velvet_kernel.py).
+Every behaviour is checked on each implementation: ``fused`` (torch's fused AdamW kernel,
+the CPU default), ``foreach`` and ``triton`` (flat buffers + one kernel launch per dtype),
+the latter through Triton's interpreter, which the kernel module uses for CPU tensors by
+itself (see test_velvet_kernel.py).
 """
 
 import importlib.util
@@ -24,7 +25,7 @@ from vesper_sdk.optim import (
     perplexity_beta1_scale,
 )
 
-IMPLS = ["foreach", "triton"]
+IMPLS = ["fused", "foreach", "triton"]
 BLOCK = 64  # small kernel blocks keep the interpreter quick and segments ragged
 
 
@@ -236,18 +237,43 @@ def test_triton_path_launches_once_per_dtype_per_step(monkeypatch):
     assert launches == full * 2 + partial + full
 
 
-def test_auto_uses_foreach_for_cpu_parameters(monkeypatch):
+def test_auto_uses_torchs_fused_kernel_for_cpu_parameters(monkeypatch):
     launches = _count_launches(monkeypatch)
+    fused_calls = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_",
+                        lambda *a, **k: (fused_calls.append(len(a[0])), real(*a, **k)))
     (p,) = _params([(20,)])
     opt = VelvetOptimizer([p])
     p.grad = torch.ones(20)
     before = p.detach().clone()
     opt.step()
-    assert launches == [] and not torch.equal(p.detach(), before)
+    assert launches == [] and fused_calls == [1] and not torch.equal(p.detach(), before)
+
+
+def test_fused_path_keeps_a_transposed_parameter_right():
+    # torch's fused kernel pairs p, grad and moments element by element in memory order:
+    # a transposed parameter with a dense .grad must take the foreach ops instead.
+    torch.manual_seed(0)
+    odd = nn.Parameter(torch.randn(8, 5).t())
+    plain = nn.Parameter(torch.randn(7))
+    twins = [nn.Parameter(p.detach().clone().contiguous()) for p in (odd, plain)]
+    fused, ref = VelvetOptimizer([odd, plain], impl="fused"), VelvetOptimizer(twins,
+                                                                              impl="foreach")
+    for _ in range(5):
+        for p, q in zip((odd, plain), twins, strict=True):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = g.contiguous(), g.clone()
+        for opt in (fused, ref):
+            opt.set_loss(3.0, 100)
+            opt.step()
+    assert not odd.is_contiguous()
+    for p, q in zip((odd, plain), twins, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_triton_and_foreach_agree_with_adaptive_scales_on(sparse):
+def test_every_impl_agrees_with_foreach_with_adaptive_scales_on(sparse):
     shapes = [(33,), (7, 9), (130,), (4, 4, 5), (65,), (10,)]
     runs = {}
     for impl in IMPLS:
@@ -267,17 +293,20 @@ def test_triton_and_foreach_agree_with_adaptive_scales_on(sparse):
                 p.grad = g.to(p.dtype)
             opt.step()
         runs[impl] = (ps, opt, scales)
-    (pf, of, sf), (pt, ot, st_) = runs["foreach"], runs["triton"]
-    assert sf == st_ and len(set(sf)) > 3  # the scales really varied
-    for a, b in zip(pf, pt, strict=True):
-        if a.dtype == torch.bfloat16:
-            assert _bf16_ulps(a.detach(), b.detach()) <= 1
-        else:
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ot.state[b]["exp_avg"], of.state[a]["exp_avg"],
-                                   rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(ot.state[b]["exp_avg_sq"], of.state[a]["exp_avg_sq"],
-                                   rtol=1e-5, atol=1e-9)
+    pf, of, sf = runs["foreach"]
+    assert len(set(sf)) > 3  # the scales (so beta1 and its bias correction) really varied
+    for other in ("triton", "fused"):
+        pt, ot, st_ = runs[other]
+        assert sf == st_
+        for a, b in zip(pf, pt, strict=True):
+            if a.dtype == torch.bfloat16:
+                assert _bf16_ulps(a.detach(), b.detach()) <= 1
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ot.state[b]["exp_avg"], of.state[a]["exp_avg"],
+                                       rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(ot.state[b]["exp_avg_sq"], of.state[a]["exp_avg_sq"],
+                                       rtol=1e-5, atol=1e-9)
 
 
 # ---------------------------------------------------------------------- sparse-aware mode
@@ -487,10 +516,12 @@ def test_benchmark_baselines_compute_the_same_update():
     shapes, cpu = [(70,), (9, 11), (2100,)], torch.device("cpu")
     plain = {"entropy_adaptive": False, "perplexity_guided": False}
     makers = {
-        "velvet_kernel": lambda ps, gs: bench._velvet_step_fn(ps, gs, True, copy_in=False,
-                                                              **plain),
-        "velvet_foreach": lambda ps, gs: bench._velvet_step_fn(ps, gs, False, copy_in=True,
-                                                               **plain),
+        "velvet_kernel": lambda ps, gs: bench._velvet_step_fn(ps, gs, "triton",
+                                                              copy_in=False, **plain),
+        "velvet_fused": lambda ps, gs: bench._velvet_step_fn(ps, gs, "fused", copy_in=False,
+                                                             **plain),
+        "velvet_foreach": lambda ps, gs: bench._velvet_step_fn(ps, gs, "foreach",
+                                                               copy_in=True, **plain),
         "per_tensor_kernel": lambda ps, gs: bench._per_tensor_step_fn(ps, gs, cpu, True),
         "per_tensor_torch": lambda ps, gs: bench._per_tensor_step_fn(ps, gs, cpu, False),
         "adamw": lambda ps, gs: bench._adamw_step_fn(ps, gs, foreach=True),
