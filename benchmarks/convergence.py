@@ -27,8 +27,13 @@ hash of the study's settings, and a finished run with the same options and the s
 source is read back rather than trained again, so a ``--sweep`` study reuses a plain
 one's runs and an interrupted study resumes where it stopped.
 
+Optimizers (``--optimizers``): ``velvet`` (its defaults: entropy-adaptive lr, beta1 as
+given), ``velvet-beta1`` (the same plus the perplexity-guided beta1, off by default since
+this study measured what it costs on plain text) and ``adamw``.
+
 Reported per corpus and optimizer: final validation loss and perplexity (mean, std and
-per seed), and the paired per-seed change in perplexity Velvet vs AdamW. Outputs:
+per seed), and the paired per-seed change in perplexity of each Velvet variant vs AdamW.
+Outputs:
 ``convergence.json`` + ``convergence.md`` (through the suite's writer, so they carry the
 command, machine, versions and date) and ``convergence.png`` (validation-loss curves,
 mean and min-max band over seeds), in ``--out-dir`` (default ``benchmarks/results``).
@@ -56,7 +61,11 @@ from pathlib import Path
 from typing import Any
 
 CORPORA = ("skills", "stdlib-docs")
-OPTIMIZERS = ("velvet", "adamw")
+OPTIMIZERS = ("velvet", "velvet-beta1", "adamw")
+# Each optimizer name as TrainOptions: velvet-beta1 adds the perplexity-guided beta1.
+_TRAIN_OPTIONS = {"velvet": {"optimizer": "velvet", "perplexity_guided": False},
+                  "velvet-beta1": {"optimizer": "velvet", "perplexity_guided": True},
+                  "adamw": {"optimizer": "adamw"}}
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
              "__pycache__", "turtledemo"}
 
@@ -197,7 +206,7 @@ def train_once(args: argparse.Namespace, corpus: str, data: str, optimizer: str,
     settings = hashlib.sha256(json.dumps([data, args.preset, options], sort_keys=True)
                               .encode()).hexdigest()[:8]
     out_dir = work / "runs" / corpus / settings / f"{optimizer}-lr{lr:g}-seed{seed}"
-    options.update(optimizer=optimizer, lr=lr, seed=seed)
+    options.update(**_TRAIN_OPTIONS[optimizer], lr=lr, seed=seed)
     key = {"options": TrainOptions(data=data, out_dir=str(out_dir), preset=args.preset,
                                    **options).to_json(),
            "code": args.code}
@@ -246,7 +255,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def summarise(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
                                                    list[dict[str, Any]]]:
-    """(curves per corpus x optimizer, table rows, paired Velvet-vs-AdamW rows)."""
+    """(curves per corpus x optimizer, table rows, paired rows: each Velvet variant vs
+    AdamW)."""
     curves, rows, paired = [], [], []
     keys = list(dict.fromkeys((r["corpus"], r["optimizer"]) for r in runs))
     for corpus, opt in keys:
@@ -265,8 +275,10 @@ def summarise(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
                      "final_val_ppl": ppl_m, "final_val_ppl_std": ppl_s,
                      "per_seed_val_loss": [round(r["final_val_loss"], 4) for r in mine],
                      "seconds_per_run": _mean_or_none([r.get("seconds") for r in mine])})
-    for corpus in dict.fromkeys(r["corpus"] for r in runs):
-        v = {r["seed"]: r for r in runs if r["corpus"] == corpus and r["optimizer"] == "velvet"}
+    for corpus, opt in keys:
+        if opt == "adamw":
+            continue
+        v = {r["seed"]: r for r in runs if r["corpus"] == corpus and r["optimizer"] == opt}
         a = {r["seed"]: r for r in runs if r["corpus"] == corpus and r["optimizer"] == "adamw"}
         seeds = sorted(set(v) & set(a))
         if not seeds:
@@ -276,7 +288,7 @@ def summarise(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[di
         dloss = [v[s]["final_val_loss"] - a[s]["final_val_loss"] for s in seeds]
         c_m, c_s = _mean_std(change)
         d_m, d_s = _mean_std(dloss)
-        paired.append({"corpus": corpus, "seeds": len(seeds),
+        paired.append({"corpus": corpus, "optimizer": opt, "seeds": len(seeds),
                        "ppl_change_pct": c_m, "ppl_change_pct_std": c_s,
                        "ppl_change_pct_per_seed": [round(c, 2) for c in change],
                        "val_loss_diff": d_m, "val_loss_diff_std": d_s,
@@ -305,11 +317,13 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | "
             f"{r['final_val_ppl']:.3f} ± {r['final_val_ppl_std']:.3f} | "
             f"{', '.join(f'{x:.4f}' for x in r['per_seed_val_loss'])} |")
-    lines += ["", "| corpus | Velvet vs AdamW perplexity, paired per seed (mean ± std) | "
-              "per seed | val loss difference | Velvet lower in |", "|---|---|---|---|---|"]
+    lines += ["", "| corpus | optimizer | perplexity vs AdamW, paired per seed (mean ± std) | "
+              "per seed | val loss difference | lower than AdamW in |",
+              "|---|---|---|---|---|---|"]
     for p in report["paired"]:
         lines.append(
-            f"| {p['corpus']} | {p['ppl_change_pct']:+.2f} % ± {p['ppl_change_pct_std']:.2f} | "
+            f"| {p['corpus']} | {p.get('optimizer', 'velvet')} | "
+            f"{p['ppl_change_pct']:+.2f} % ± {p['ppl_change_pct_std']:.2f} | "
             f"{', '.join(f'{c:+.2f} %' for c in p['ppl_change_pct_per_seed'])} | "
             f"{p['val_loss_diff']:+.4f} ± {p['val_loss_diff_std']:.4f} | "
             f"{p['velvet_better_in']}/{p['seeds']} seeds |")
@@ -402,7 +416,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "failed_runs": failed,
     }
     report["headline"] = "; ".join(
-        f"{p['corpus']}: Velvet ppl {p['ppl_change_pct']:+.1f}% ± "
+        f"{p['corpus']}: {p['optimizer']} ppl {p['ppl_change_pct']:+.1f}% ± "
         f"{p['ppl_change_pct_std']:.1f} vs AdamW" for p in paired)
     report["markdown"] = to_markdown(report)
     return report

@@ -313,7 +313,12 @@ def test_convergence_summary_pairs_runs_by_seed():
                            "eval_batches": 1}, "params": 1000, "lr_policy": "same",
               "table": table, "paired": paired, "corpora": {"c": {"name": "c"}}}
     md = convergence.to_markdown(report)
-    assert "| c | +25.00 % ± " in md and "-50.00 %, +100.00 %" in md
+    assert "| c | velvet | +25.00 % ± " in md and "-50.00 %, +100.00 %" in md
+    # A second Velvet variant gets its own paired row against the same AdamW runs.
+    runs += [run("velvet-beta1", 0, 3.0), run("velvet-beta1", 1, 3.0)]
+    paired = convergence.summarise(runs)[2]
+    assert [(p["optimizer"], p["ppl_change_pct"]) for p in paired] == [
+        ("velvet", pytest.approx(25.0)), ("velvet-beta1", 0.0)]
 
 
 def test_convergence_reuses_only_finished_runs_of_the_same_options_and_code(tmp_path):
@@ -348,7 +353,11 @@ def test_stdlib_docstring_corpus_is_deterministic_english_text():
 def test_convergence_options():
     args = convergence.parse_args(["--quick", "--sweep", "1e-3,3e-3", "--corpora", "skills"])
     assert args.steps == 10 and args.seeds == 2 and args.sweep == [1e-3, 3e-3]
-    assert args.corpora == ["skills"] and args.optimizers == ["velvet", "adamw"]
+    assert args.corpora == ["skills"]
+    assert args.optimizers == ["velvet", "velvet-beta1", "adamw"]
+    # Each is a TrainOptions setting: the beta1 guidance is what tells the two Velvets apart.
+    assert convergence._TRAIN_OPTIONS["velvet"]["perplexity_guided"] is False
+    assert convergence._TRAIN_OPTIONS["velvet-beta1"]["perplexity_guided"] is True
     with pytest.raises(SystemExit):
         convergence.parse_args(["--optimizers", "sgd"])
     assert isinstance(args, Namespace)

@@ -100,7 +100,7 @@ def test_scale_formulas_at_documented_points():
 
 
 def test_set_loss_exposes_scales_and_nonfinite_loss_resets_them():
-    opt = VelvetOptimizer([nn.Parameter(torch.zeros(3))])
+    opt = VelvetOptimizer([nn.Parameter(torch.zeros(3))], perplexity_guided=True)
     assert (opt.lr_scale, opt.beta1_scale) == (1.0, 1.0)  # no loss yet: plain AdamW
     opt.set_loss(torch.tensor(0.9 * math.log(512)), 512)
     assert opt.lr_scale == pytest.approx(0.7 + 0.6 * 0.9)
@@ -114,6 +114,9 @@ def test_set_loss_exposes_scales_and_nonfinite_loss_resets_them():
                           perplexity_guided=False)
     off.set_loss(0.1, 512)
     assert (off.lr_scale, off.beta1_scale) == (1.0, 1.0)
+    default = VelvetOptimizer([nn.Parameter(torch.zeros(3))])  # beta1 guidance is opt-in
+    default.set_loss(0.1, 512)
+    assert default.lr_scale != 1.0 and default.beta1_scale == 1.0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -126,7 +129,8 @@ def test_adaptive_scales_are_applied_exactly_once(impl):
     grads = [torch.randn(150, generator=gen) for _ in range(2)]
     losses = [0.9 * math.log(vocab), 0.3 * math.log(vocab)]
     p = nn.Parameter(p0.clone())
-    opt = _velvet([p], impl, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
+    opt = _velvet([p], impl, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd,
+                  perplexity_guided=True)
     for loss, g in zip(losses, grads, strict=True):
         opt.set_loss(loss, vocab)
         p.grad = g.clone()
@@ -280,7 +284,8 @@ def test_every_impl_agrees_with_foreach_with_adaptive_scales_on(sparse):
         ps = _params(shapes)
         for i in (1, 4):
             ps[i].data = ps[i].data.bfloat16()
-        opt = _velvet(_three_groups(ps), impl, lr=1e-2, weight_decay=0.05, sparse_aware=sparse)
+        opt = _velvet(_three_groups(ps), impl, lr=1e-2, weight_decay=0.05, sparse_aware=sparse,
+                      perplexity_guided=True)
         gen = torch.Generator().manual_seed(3)
         losses = [7.0, 6.1, float("nan"), 4.0, 2.5, 9.0, 1.0, 3.3]
         scales = []
