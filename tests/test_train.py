@@ -314,6 +314,9 @@ def test_resume_under_another_schedule_says_it_will_not_match(tmp_path, small):
     assert not any("schedule changed" in m for m in same)
     longer = resume(max_steps=16)
     assert any("schedule changed" in m and "total 8 -> 16" in m for m in longer)
+    # Optimizer settings are not in the optimizer's state: a change is said, not hidden.
+    guided = resume(max_steps=16, perplexity_guided=True)
+    assert any("perplexity_guided changed (False -> True)" in m for m in guided)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -139,7 +139,8 @@ class TrainOptions:
     warmup_steps: int | None = _opt(None, "linear warmup steps (default: 5%% of max_steps, "
                                     "at most 200)")
     weight_decay: float = _opt(1e-3, "decoupled weight decay (matrices only)")
-    beta1: float = _opt(0.9, "Adam beta1 (Velvet scales it with the loss)")
+    beta1: float = _opt(0.9, "Adam beta1 (Velvet scales it with the loss under "
+                              "--perplexity-guided)")
     beta2: float = _opt(0.999, "Adam beta2")
     eps: float = _opt(1e-8, "Adam epsilon")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 = no clipping)")
@@ -721,7 +722,9 @@ class Trainer:
                      f"this run has {self.dist.world}: the data order from here differs from "
                      "an uninterrupted run")
         saved = state["options"]
-        for key in ("seq_len", "batch_size", "grad_accum", "seed"):
+        for key in ("seq_len", "batch_size", "grad_accum", "seed", "optimizer",
+                    "entropy_adaptive", "perplexity_guided", "sparse_aware", "weight_decay",
+                    "beta1", "beta2", "eps"):
             if saved.get(key) != getattr(self.opts, key):
                 self.log(f"resume: {key} changed ({saved.get(key)} -> "
                          f"{getattr(self.opts, key)}): the run will not match an "
