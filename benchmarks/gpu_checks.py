@@ -206,6 +206,9 @@ def check_optimizer(device: str, small: bool) -> list[dict[str, Any]]:
     init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = _grads(shapes, steps, 1)
     hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    # "Adaptive on" below means both scales, the opt-in beta1 guidance included: its
+    # varying beta1 and bias correction are what the two paths could disagree on.
+    on = dict(hp, perplexity_guided=True)
     rows = []
 
     adamw, _ = _run_opt(lambda ps: torch.optim.AdamW(ps, foreach=True, **hp), init, grads,
@@ -219,12 +222,16 @@ def check_optimizer(device: str, small: bool) -> list[dict[str, Any]]:
 
     # Adaptive scales on: both Velvet paths must take the same steps.
     losses = [8.0 - 0.3 * i for i in range(steps)]
-    trit, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="triton", **hp), init, grads,
+    trit, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="triton", **on), init, grads,
                        device, torch.float32, losses)
-    fore, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="foreach", **hp), init, grads,
+    fore, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="foreach", **on), init, grads,
                        device, torch.float32, losses)
     rows.append(_compare("velvet triton == velvet foreach, adaptive on, fp32", trit, fore,
                          1e-5, 1e-6))
+    fused, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="fused", **on), init, grads,
+                        device, torch.float32, losses)
+    rows.append(_compare("velvet fused (torch kernel) == velvet foreach, adaptive on, fp32",
+                         fused, fore, 1e-5, 1e-6))
     sparse_grads = _grads(shapes, steps, 2, sparse=True)
     trit, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="triton", sparse_aware=True, **hp),
                        init, sparse_grads, device, torch.float32, losses)
@@ -238,9 +245,9 @@ def check_optimizer(device: str, small: bool) -> list[dict[str, Any]]:
     # gap stays as the value shrinks (an H200 run: 2**-10 apart at |p| < 0.0625,
     # 99.995 % bit-identical). Hence: within two ulps of the largest |p| (2**-7 of it),
     # and nearly all bit-identical.
-    trit, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="triton", **hp), init, grads,
+    trit, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="triton", **on), init, grads,
                        device, torch.bfloat16, losses)
-    fore, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="foreach", **hp), init, grads,
+    fore, _ = _run_opt(lambda ps: VelvetOptimizer(ps, impl="foreach", **on), init, grads,
                        device, torch.bfloat16, losses)
     top = max(float(t.float().abs().max()) for t in fore)
     row = _compare(f"velvet triton == velvet foreach, bf16 params, {steps} steps", trit,
