@@ -54,7 +54,7 @@ tensor's step count, as in torch's SparseAdam.
   and its weight decay rescaled so that ``lr * weight_decay`` is unchanged. fp32
   parameters only; bf16/fp16 parameters (fp32 moments) and the sparse-aware mode take
   the ``"foreach"`` ops. On this repo's 2-core CPU, 'tiny' (14.7 M parameters):
-  ~6 ms a step against ~19 ms for ``"foreach"`` (``benchmarks/optimizer.py``).
+  ~8 ms a step against ~22 ms for ``"foreach"`` (``benchmarks/optimizer.py``).
 * ``"foreach"``: torch ``_foreach_*`` ops over the parameter lists, the same operation
   order as ``torch.optim.AdamW(foreach=True)``.
 * ``"auto"`` (default): ``"triton"`` when every parameter is on a GPU and triton imports,
@@ -370,17 +370,16 @@ class VelvetOptimizer(Optimizer):
                     # laid out alike (a transposed parameter with a dense .grad is not).
                     alike = [all(t.is_contiguous() for t in tensors)
                              for tensors in zip(ps, gs, ms, vs, strict=True)]
-                    if any(alike):
-                        on = [i for i, ok in enumerate(alike) if ok]
-                        _fused_update([ps[i] for i in on], [gs[i] for i in on],
-                                      [ms[i] for i in on], [vs[i] for i in on],
+                    on = [i for i, ok in enumerate(alike) if ok]
+                    if on:
+                        _fused_update(*([x[i] for i in on] for x in (ps, gs, ms, vs)),
                                       [self.state[ps[i]] for i in on], lr=lr, beta1=beta1,
                                       beta2=beta2, eps=eps, weight_decay=wd)
-                    if all(alike):
-                        continue
                     ps, gs, ms, vs, step_sizes, bc2_sqrts = (
                         [x[i] for i, ok in enumerate(alike) if not ok]
                         for x in (ps, gs, ms, vs, step_sizes, bc2_sqrts))
+                    if not ps:
+                        continue
                 _foreach_update(ps, gs, ms, vs, step_sizes, bc2_sqrts, decay=1.0 - lr * wd,
                                 beta1=beta1, beta2=beta2, eps=eps, sparse_threshold=thr)
 
@@ -658,7 +657,8 @@ def _fused_update(
     for (step, prod), idx in by_step.items():
         lr_k = lr * (1.0 - beta1 ** step) / (1.0 - prod)
         wd_k = lr * weight_decay / lr_k if lr_k > 0 else 0.0
-        steps = [torch.tensor(float(step), device=params[i].device) for i in idx]
+        # The kernel only reads the step counts (torch's AdamW advances them beforehand).
+        steps = [torch.tensor(float(step), device=params[idx[0]].device)] * len(idx)
         torch._fused_adamw_([params[i] for i in idx], [grads[i] for i in idx],
                             [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx], [],
                             steps, lr=lr_k, beta1=beta1, beta2=beta2, weight_decay=wd_k,
