@@ -146,7 +146,7 @@ class TrainOptions:
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0 = no clipping)")
     entropy_adaptive: bool = _opt(True, "Velvet: scale lr with the loss's entropy")
     perplexity_guided: bool = _opt(False, "Velvet: scale beta1 with the perplexity (off by "
-                                   "default: ~25%% higher validation perplexity than AdamW "
+                                   "default: 27%% higher validation perplexity than AdamW "
                                    "on plain text in benchmarks/convergence.py)")
     sparse_aware: bool = _opt(False, "Velvet: leave elements with zero gradient untouched")
     batch_size: int = _opt(16, "sequences per micro-batch per process")
