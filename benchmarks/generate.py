@@ -57,8 +57,8 @@ def _sync(device: torch.device) -> None:
 
 
 def build_ours(vocab: int, device: torch.device, dtype: torch.dtype,
-               compile: bool | None = None, pipeline: bool = False,
-               pair_ffn: bool = False) -> LLM:
+               compile: bool | None = None, pipeline: bool | None = None,
+               pair_ffn: bool | None = None) -> LLM:
     torch.manual_seed(0)
     cfg = vs.VesperConfig.from_preset("small", vocab_size=vocab, max_seq_len=1024)
     model = vs.VesperLM(cfg).to(device=device, dtype=dtype)
@@ -179,14 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onnx", action="store_true",
                     help="also export the same model to ONNX (fp32) and time it through "
                          "OnnxModel, the SDK's ONNX Runtime path (CPU only)")
-    ap.add_argument("--pipeline", action="store_true",
-                    help="also time 'vesper-candidate', ours with LLM(pipeline=True): each "
-                         "step launched before the last one's tokens are decoded (for a GPU; "
-                         "not yet the default)")
-    ap.add_argument("--pair-ffn", action="store_true",
-                    help="also time 'vesper-candidate', ours with TorchBackend(pair_ffn="
-                         "True): each FFN's gate and up layers as one stacked product (for "
-                         "a GPU, not yet the default; the CPU pairs them anyway)")
+    ap.add_argument("--plain", action="store_true",
+                    help="also time 'vesper-plain', ours without the CUDA defaults "
+                         "LLM(pipeline=...) and TorchBackend(pair_ffn=...): what those two "
+                         "give, in the same run (for a GPU; on the CPU both are off anyway)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 tokens, 1 repeat")
     ap.add_argument("--matvec-sweep", type=int, nargs="*", default=None, metavar="PARTS",
                     help="also time CPU decode with each block count of the threaded "
@@ -209,10 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         # Same weights (same seed), decode step compiled: `vesper generate --compile`.
         impls["vesper-compiled"] = (build_ours(args.vocab_size, device, dtype, compile=True),
                                     run_ours)
-    if args.pipeline or args.pair_ffn:  # the same model, with the defaults-to-be
-        impls["vesper-candidate"] = (build_ours(args.vocab_size, device, dtype,
-                                                pipeline=args.pipeline,
-                                                pair_ffn=args.pair_ffn), run_ours)
+    if args.plain:  # the same model, without the pipelined loop and the FFN pair
+        impls["vesper-plain"] = (build_ours(args.vocab_size, device, dtype, pipeline=False,
+                                            pair_ffn=False), run_ours)
     tmp = None
     if args.onnx and device.type == "cpu":
         import tempfile
@@ -255,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             hf = times[("hf-gpt2", b)]
             row["ratio_paired_median"] = statistics.median(
                 h / v for v, h in zip(times[("vesper", b)], hf, strict=True))
-            for other in ("vesper-compiled", "vesper-onnx", "vesper-candidate"):
+            for other in ("vesper-compiled", "vesper-onnx", "vesper-plain"):
                 if other in impls:
                     row[f"ratio_{other.split('-')[1]}_best"] = (
                         row[other]["tok_s_best"] / row["hf-gpt2"]["tok_s_best"])
@@ -275,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                           .rjust(22) for n in names)
         ratio = (f"  {row['ratio_best']:>5.2f}x ({row['ratio_median']:.2f}x, "
                  f"paired {row['ratio_paired_median']:.2f}x)" if "ratio_best" in row else "")
-        for other in ("compiled", "onnx", "candidate"):
+        for other in ("compiled", "onnx", "plain"):
             if f"ratio_{other}_best" in row:
                 ratio += (f"  {other}/hf {row[f'ratio_{other}_best']:.2f}x "
                           f"(paired {row[f'ratio_{other}_paired_median']:.2f}x)")

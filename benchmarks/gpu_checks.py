@@ -345,20 +345,20 @@ def check_bnb(device: str, small: bool) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------- decode
 def _decode_variants(device: str) -> dict[str, dict[str, Any]]:
     """TorchBackend settings to hold against the model's own forward (the reference);
-    ``pipeline`` goes to the LLM instead. The last three are candidates for the defaults
-    (not yet measured on a GPU): the FFN pair, the loop a step ahead, and both."""
+    ``pipeline`` goes to the LLM instead. On CUDA the FFN pair and the pipelined loop
+    are the defaults; the rows without them show what each one gives."""
     if not device.startswith("cuda"):  # no graphs off CUDA; the static step eagerly
         return {"static eager": {"static_cache": True},
                 "static eager, FFN pair": {"matvec_parts": 0, "pair_ffn": True},
                 "static eager, pipelined": {"pipeline": True}}
-    return {"graph + compile (vesper serve)": {"compile": True},
-            "graph, eager step (default)": {},
+    return {"graph + compile, pair, pipelined (vesper serve)": {"compile": True},
+            "graph, eager step, pair, pipelined (default)": {},
+            "graph + compile, neither": {"compile": True, "pair_ffn": False,
+                                         "pipeline": False},
+            "graph + compile, pair only": {"compile": True, "pipeline": False},
+            "graph + compile, pipelined only": {"compile": True, "pair_ffn": False},
             "compile, no graph": {"cuda_graph": False, "compile": True},
-            "static eager": {"cuda_graph": False},
-            "graph + compile, FFN pair": {"compile": True, "pair_ffn": True},
-            "graph + compile, pipelined": {"compile": True, "pipeline": True},
-            "graph + compile, FFN pair, pipelined": {"compile": True, "pair_ffn": True,
-                                                     "pipeline": True}}
+            "static eager": {"cuda_graph": False}}
 
 
 def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
@@ -417,7 +417,7 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"check": "decode", "variant": name}
         try:
             settings = {"matvec_parts": 0, **kw}
-            pipeline = settings.pop("pipeline", False)
+            pipeline = settings.pop("pipeline", None)
             backend = TorchBackend(copy.deepcopy(base).to(device), **settings)
             lm = LLM(backend, tok, pipeline=pipeline)
             got = [run(lm, prompts, 48), run(lm, prompts[:1], 48)]
@@ -430,10 +430,13 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
             cuda = device.startswith("cuda")
             row["pair_ffn"] = backend.pair_ffn and any(
                 getattr(m, "pair", None) is not None for m in backend.model.modules())
+            row["pipeline"] = lm.pipeline
+            # Each setting left out must come out as the device's default.
             row["ok"] = bool(row["same_tokens"] and row["conf_max_diff"] < 1e-3
                              and row["graph"] == kw.get("cuda_graph", cuda)
                              and row["compiled"] == kw.get("compile", False)
-                             and row["pair_ffn"] == kw.get("pair_ffn", False))
+                             and row["pair_ffn"] == kw.get("pair_ffn", cuda)
+                             and row["pipeline"] == kw.get("pipeline", cuda))
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["trace"] = traceback.format_exc().splitlines()[-3:]

@@ -22,8 +22,8 @@
 #   4 optimizer    benchmarks/optimizer.py --preset medium --device cuda     -> optimizer.json
 #   5 generate     benchmarks/generate.py --device cuda (graph/compiled decode vs HF)
 #                                                                             -> generate.json
-#     generate_next  the same at batch 1 with the candidate defaults (--pipeline --pair-ffn)
-#                  beside today's default                    (generate-next.json in the bundle)
+#     generate_plain  the same at batch 1, beside ours without the FFN pair and the
+#                  pipelined loop (--plain)                 (generate-plain.json in the bundle)
 #   6 bnb          bitsandbytes int8/nf4 quantize + reload + generate on the GPU -> bnb.json
 #   7 train_step   benchmarks/train_step.py, medium, B=8, S=1024 (bf16, compile, SDPA) vs
 #                  seed-style; last, as its compile takes what the budget has left
@@ -245,11 +245,11 @@ bench_step() {  # bench_step NAME WANTED_S: one benchmark through the suite, cud
 bench_step optimizer 60
 bench_step generate 100
 
-# The candidates for the CUDA defaults (FFN pair, loop a step ahead) beside today's
-# default and HF in one run, batch 1; the JSON goes in the bundle.
-run_step generate_next 70 "$WORK/results/generate-next.json" \
-    "$PY" benchmarks/generate.py --device cuda --batch-sizes 1 --pipeline --pair-ffn \
-    --json "$WORK/results/generate-next.json"
+# What the CUDA defaults (FFN pair, loop a step ahead) give: ours with and without them
+# and HF in one run, batch 1; the JSON goes in the bundle.
+run_step generate_plain 70 "$WORK/results/generate-plain.json" \
+    "$PY" benchmarks/generate.py --device cuda --batch-sizes 1 --plain \
+    --json "$WORK/results/generate-plain.json"
 
 # ---------------------------------------------------------------------------- 6 bnb
 if ! wanted_step bnb; then
@@ -292,12 +292,12 @@ def key_figure(step, path):
         return f"CUDA provider {o.get('cuda_provider')} (providers: {o.get('providers')})"
     if d.get("log_tail"):
         return d["log_tail"][-1][:110]
-    if step == "generate_next" and d.get("rows"):
+    if step == "generate_plain" and d.get("rows"):
         r = d["rows"][0]
         return (f"batch 1: default {r['vesper']['tok_s_best']:.0f} tok/s "
-                f"({r.get('ratio_best', 0):.2f}x HF), pair+pipelined "
-                f"{r['vesper-candidate']['tok_s_best']:.0f} "
-                f"({r.get('ratio_candidate_best', 0):.2f}x HF)")
+                f"({r.get('ratio_best', 0):.2f}x HF), without pair+pipeline "
+                f"{r['vesper-plain']['tok_s_best']:.0f} "
+                f"({r.get('ratio_plain_best', 0):.2f}x HF)")
     text = str(d.get("headline") or d.get("why") or d.get("error") or "").strip()
     return text.splitlines()[0][:110] if text else ""
 
