@@ -30,6 +30,7 @@ from _fixtures_serve import (
 )
 
 import vesper_sdk as vs
+from vesper_sdk.generate import LLM
 
 # Not `from vesper_sdk import serve`: that name is also the serve() function.
 srv = importlib.import_module("vesper_sdk.serve")
@@ -45,6 +46,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def llm(model_dir: Path):
     return vs.load(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module", params=["plain", "pipelined"])
+def any_llm(request, llm):
+    """The loaded LLM, and the same one decoding a step ahead (the CUDA default)."""
+    if request.param == "plain":
+        return llm
+    return LLM(llm.backend, llm.tokenizer, model_dir=llm.model_dir, pipeline=True)
 
 
 @pytest.fixture(scope="module")
@@ -471,8 +480,8 @@ def test_request_timeout_cancels_generation(llm) -> None:
         assert all(slow.yielded.get(id(r), 0) < 200 for r in slow.requests)
 
 
-def test_client_disconnect_stops_generation(llm) -> None:
-    slow = ControlledLLM(llm, delay=0.02)
+def test_client_disconnect_stops_generation(any_llm) -> None:
+    slow = ControlledLLM(any_llm, delay=0.02)
     app = srv.create_app(slow, model_name=MODEL)
     state = app.state.vesper
     max_tokens = 200  # ~4 s of decoding at this delay if nothing stopped it
@@ -522,9 +531,9 @@ def test_backend_failure_is_reported_and_survived(llm) -> None:
 
 
 # ----------------------------------------------------------------------------- batching
-def test_concurrent_requests_are_batched_without_crosstalk(llm) -> None:
+def test_concurrent_requests_are_batched_without_crosstalk(llm, any_llm) -> None:
     gate = threading.Event()
-    held = ControlledLLM(llm, gate=gate)
+    held = ControlledLLM(any_llm, gate=gate)
     app = srv.create_app(held, model_name=MODEL)
     prompts = ["the cat", "12+7=", "a blue river", "hello", "the moon and the star",
                "fast bird"]
