@@ -441,8 +441,11 @@ def select(only: str | Iterable[str] | None,
 
 
 # ------------------------------------------------------------------------------ running
-def _pump(stream, sink: list[str], echo: bool, prefix: str, target) -> None:
+def _pump(stream, sink: list[str], echo: bool, prefix: str, target,
+          hide: str | None = None) -> None:
     for line in iter(stream.readline, ""):
+        if hide is not None and line.rstrip("\n") == hide:
+            continue
         sink.append(line)
         if echo:
             target.write(prefix + line)
@@ -490,8 +493,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def execute(cmd: Sequence[str], timeout: float, echo: bool) -> Execution:
-    """Run ``cmd``, streaming its output when ``echo``, killing its process group on timeout."""
+def execute(cmd: Sequence[str], timeout: float, echo: bool, hide: str | None = None
+            ) -> Execution:
+    """Run ``cmd``, streaming its output when ``echo``, killing its process group on timeout.
+    A stdout line equal to ``hide`` is dropped (the benchmark's note of a scratch file)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out_lines: list[str] = []
     err_lines: list[str] = []
@@ -501,7 +506,7 @@ def execute(cmd: Sequence[str], timeout: float, echo: bool) -> Execution:
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, start_new_session=True, bufsize=1)
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, out_lines, echo, "  ",
-                                                  sys.stdout), daemon=True),
+                                                  sys.stdout, hide), daemon=True),
              threading.Thread(target=_pump, args=(proc.stderr, err_lines, echo, "  ! ",
                                                   sys.stderr), daemon=True)]
     for t in pumps:
@@ -568,7 +573,9 @@ def run_benchmark(spec: BenchSpec, profile: Profile, device: str, *,
         json_path = Path(tmp) / f"{spec.name}.json"
         cmd = [python, str(script), *args]
         record.command = display_command(cmd)  # --json is ours, not the user's to repeat
-        run = execute([*cmd, "--json", str(json_path)], timeout, echo)
+        # Its "wrote <scratch JSON>" line would name a file deleted below: not shown.
+        run = execute([*cmd, "--json", str(json_path)], timeout, echo,
+                      hide=f"wrote {json_path}")
         record.wall_s, record.returncode, record.stdout = run.wall_s, run.returncode, run.stdout
         record.error = run.error(timeout)
         if run.timed_out:

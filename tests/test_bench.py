@@ -39,6 +39,7 @@ json.dump({"headline": "alpha 1.5 ms", "size": a.size,
            "rows": [{"variant": "alpha", "ms": 1.5, "gpu": {"name": "x", "mem": 2}},
                     {"variant": "beta|2", "ms": 12345.0, "gpu": {"name": "y", "mem": 3}}]},
           open(a.json, "w"))
+print(f"wrote {a.json}")
 """
 FAIL_SCRIPT = """
 import sys
@@ -117,6 +118,7 @@ def test_suite_writes_json_markdown_and_summary_for_each_benchmark(registry, tmp
     assert "| variant | ms | gpu.name | gpu.mem |" in md
     assert "| beta\\|2 | 12,345 | y | 3 |" in md
     assert "alpha    1.5" in md  # the benchmark's own printed table is kept
+    assert "wrote" not in md  # but not the path of the scratch JSON, deleted since
     summary = (out / "SUMMARY.md").read_text()
     assert "[ok](ok.md)" in summary and "1.5 ms" in summary and "## Failures" not in summary
 
