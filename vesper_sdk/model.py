@@ -280,7 +280,7 @@ class Attention(nn.Module):
 class GLUFeedForward(nn.Module):
     """down(ERA(gate(x)) * up(x)), gate and up as FlyLoRA layers.
 
-    Decoding on the CPU, in ONNX graphs and (``TorchBackend(pair_ffn=True)``) on a GPU,
+    Decoding on the CPU, in ONNX graphs and on a GPU (``TorchBackend(pair_ffn=...)``),
     the gate and up FlyLoRA layers run as one stacked pair (:func:`paired_ffn_weights`,
     :meth:`paired`): one product for both base outputs and both A x, one top-k over
     [2, r], one product with the k chosen rows of each B, where there were two of each
