@@ -1,24 +1,30 @@
-# Every target sets itself up first: a local .venv with the CPU build of torch where
-# no NVIDIA GPU is present (the CUDA build is several GB), then the SDK with all extras.
+# Every target sets itself up first: a local .venv with the CPU build of torch where no NVIDIA
+# GPU is present (the CUDA build is several GB), then the SDK with all extras at the exact
+# versions of requirements.lock (what the suite last passed with). pip's own output goes to
+# .venv/setup.log and is shown only when set-up fails.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
+LATEST := .venv-latest
+PIP    := -m pip install --disable-pip-version-check
+# torch is not in the lock: the CPU build 2.13.0 here, the CUDA build pip picks on a GPU machine
+# (whose torch pins its own triton, so the lock's triton is left out there).
+GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH  := $(if $(GPU),torch,torch==2.13.0)
 
-.PHONY: setup test demo bench lint clean optimum-check
+.PHONY: setup test test-latest lock demo bench lint clean optimum-check
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@echo "==> setting up $(VENV) (once; later runs skip this)"
+$(STAMP): pyproject.toml $(LOCK)
+	@echo "==> setting up $(VENV) from $(LOCK) (once; later runs skip this)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	@if nvidia-smi -L >/dev/null 2>&1; then \
-	    $(PY) -m pip install -q --disable-pip-version-check torch ; \
-	else \
-	    $(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 ; \
-	fi
-	@$(PY) -m pip install -q --disable-pip-version-check -e ".[all,dev]"
+	@$(if $(GPU),grep -v '^triton==' $(LOCK),cat $(LOCK)) > $(VENV)/constraints.txt
+	@( $(PY) $(PIP) --upgrade pip && $(PY) $(PIP) $(TORCH) \
+	   && $(PY) $(PIP) -c $(VENV)/constraints.txt -e ".[all,dev]" ) > $(VENV)/setup.log 2>&1 \
+	   || { tail -40 $(VENV)/setup.log; echo "set-up failed: full log in $(VENV)/setup.log"; exit 1; }
 	@touch $(STAMP)
 	@echo "==> set-up done"
 
@@ -26,6 +32,27 @@ test: setup
 	@bash tests/browser_setup.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The newest releases pyproject allows, in their own venv, made anew each time: drift in a
+# dependency is found here on purpose, not by CI. `make lock` runs it and, when it passes, writes
+# what it resolved to into requirements.lock.
+test-latest:
+	@echo "==> setting up $(LATEST) with the newest releases"
+	@rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	@( $(LATEST)/bin/python $(PIP) --upgrade pip && $(LATEST)/bin/python $(PIP) $(TORCH) \
+	   && $(LATEST)/bin/python $(PIP) --upgrade -e ".[all,dev]" ) > $(LATEST)/setup.log 2>&1 \
+	   || { tail -40 $(LATEST)/setup.log; echo "set-up failed: $(LATEST)/setup.log"; exit 1; }
+	@bash tests/browser_setup.sh
+	$(LATEST)/bin/python -m ruff check .
+	$(LATEST)/bin/python -m pytest -q
+
+lock: test-latest
+	@{ echo "# Exact versions \`make test\` passed with; \`make setup\` installs them (pip -c)."; \
+	   echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d) after \`make test-latest\` passed;"; \
+	   echo "# torch is installed first, apart: $$($(LATEST)/bin/python -c 'import torch; print(torch.__version__)')."; \
+	   $(LATEST)/bin/python -m pip freeze --exclude-editable | grep -v -E '^(torch|nvidia-[a-z0-9-]+)==' ; \
+	 } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	@echo "==> wrote $(LOCK); commit it"
 
 demo: setup
 	$(PY) demo/app.py
@@ -49,4 +76,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .venv-optimum .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-optimum .pytest_cache build *.egg-info

@@ -152,7 +152,7 @@ def _training_sources() -> list[Path]:
                 todo += ([node.module.split(".")[0]] if node.module
                          else [a.name for a in node.names])
     files = [root / f"{n}.py" for n in sorted(seen)]
-    files += sorted(Path(vesper_sdk.kernels.__file__).parent.glob("*.py"))
+    files += sorted(Path(next(iter(vesper_sdk.kernels.__path__))).glob("*.py"))
     return files + sorted((root / "assets").glob("*.tsv"))
 
 

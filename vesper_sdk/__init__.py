@@ -11,6 +11,7 @@ when called, so ``import vesper_sdk`` stays fast and works without the optional 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, VesperConfig
@@ -18,6 +19,20 @@ from .model import ModelFolderError, VesperLM, VesperOutput
 from .tokenizer import VesperTokenizer
 
 __version__ = "0.1.0"
+
+# kernels/, export/, demo/ and benchmarks/ sit at the repo's top level with no __init__.py: a
+# folder without one is only a namespace portion, which any installed regular package of the same
+# name beats, so with the repo root on sys.path (`python -m pytest`, `python -c` there) they never
+# hide PyPI's `kernels` (which transformers imports), `export`, `demo` or `benchmarks`. A wheel
+# installs them under vesper_sdk/; from a source checkout (setuptools' editable finder does not
+# resolve namespaces nested in a regular package) they are found through the repo root below.
+_ROOT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "kernels").is_dir() and (_ROOT / "kernels").is_dir():
+    __path__.append(str(_ROOT))  # noqa: F821 (a package's own __path__)
+
+from .export import api as _export_api  # noqa: E402 (needs __path__ above)
+
+_export_api.install()
 
 # name -> (module, attribute), resolved on first use.
 _LAZY = {

@@ -9,6 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_folder(directory: str | Path, files: dict[str, bytes | Path] | None = None,
                         writer: Callable[[Path], None] | None = None,
                         extra_files: dict[str, Path] | None = None,
@@ -23,6 +30,10 @@ def atomic_write_folder(directory: str | Path, files: dict[str, bytes | Path] | 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    # mkdtemp/mkstemp make private 0700/0600 entries; a saved model follows the user's umask
+    # like any other file, so the rest of a team can read it.
+    mask = _umask()
+    tmp.chmod(0o777 & ~mask)
     try:
         if keep_existing and directory.is_dir():
             for item in directory.iterdir():
@@ -39,6 +50,7 @@ def atomic_write_folder(directory: str | Path, files: dict[str, bytes | Path] | 
             writer(tmp)
         for item in tmp.iterdir():
             if item.is_file():
+                item.chmod(0o666 & ~mask)  # some writers (safetensors) make 0600 files
                 with open(item, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None
@@ -60,6 +72,7 @@ def atomic_write_file(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -8,7 +8,7 @@ A missing or failing benchmark is listed in the summary and makes the exit code 
 Examples::
 
     vesper bench                                  # CPU-sized defaults (~2 min on 2 idle cores)
-    vesper bench --quick                          # smoke run (~30 s)
+    vesper bench --quick                          # smoke run (~30 s), into a temp folder
     vesper bench --only optimizer,generate --device cuda
     vesper bench --only convergence               # Velvet vs AdamW study (< 10 min on CPU)
     vesper bench --list                           # the benchmarks and their arguments
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import shlex
 import signal
+import tempfile
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 
 @dataclass
@@ -39,8 +41,10 @@ class BenchOptions:
     device: str = field(default="auto", metadata={
         "help": "device for every benchmark; 'auto' = cuda when present (GPU-sized arguments), "
                 "else cpu (CPU-sized)", "choices": ["auto", "cpu", "cuda"]})
-    out_dir: str = field(default="benchmarks/results", metadata={
-        "help": "folder for <name>.json, <name>.md, charts and SUMMARY.md"})
+    out_dir: str = field(default="", metadata={
+        "help": "folder for <name>.json, <name>.md, charts and SUMMARY.md; empty = "
+                "benchmarks/results, or with --quick a scratch folder in the system's temp "
+                "folder (a smoke run never overwrites recorded results)"})
     timeout: float = field(default=0.0, metadata={
         "help": "seconds each benchmark may run before it is stopped and reported; "
                 "0 = each benchmark's own limit"})
@@ -82,11 +86,18 @@ def cli(opts: BenchOptions) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         code, _ = run_suite(opts.only or None, device=opts.device, quick=opts.quick,
-                            out_dir=opts.out_dir, timeout_s=opts.timeout or None,
+                            out_dir=opts.out_dir or default_out_dir(opts.quick), timeout_s=opts.timeout or None,
                             charts=opts.charts, command=as_command(opts))
     finally:
         signal.signal(signal.SIGTERM, previous)
     return code
+
+
+def default_out_dir(quick: bool) -> str:
+    """Where results go without ``--out-dir``: the recorded results, or scratch for a smoke run."""
+    if quick:
+        return str(Path(tempfile.gettempdir()) / "vesper-bench-quick")
+    return "benchmarks/results"
 
 
 def as_command(opts: BenchOptions) -> str:

@@ -630,8 +630,14 @@ def _weights_mb(path: Path) -> float:
                and p.name not in (TOKENIZER_NAME, CONFIG_NAME)) / 1e6
 
 
+def default_report_path(model_dir: str | Path) -> Path:
+    """``runs/a/model`` -> ``runs/a/model-quantize-report.json``: beside the folder, not in it."""
+    model_dir = Path(model_dir).resolve()
+    return model_dir.with_name(f"{model_dir.name}-quantize-report.json")
+
+
 def quantization_report(model_dir: str | Path, data: str | None = None,
-                        json_out: str | Path | None = "quantize_report.json",
+                        json_out: str | Path | None = "",
                         max_tokens: int = 8192, seq_len: int = 256, prompt_len: int = 32,
                         new_tokens: int = 128, block_size: int = 32,
                         variants: Sequence[str] | None = None, rounds: int = 2,
@@ -650,7 +656,8 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
     kernels stall when their threads are preempted. Each variant is timed twice: a bare
     greedy loop over its backend (compared with a bare GPT-2 loop) and through
     ``LLM.stream_batch`` (compared with GPT-2's ``generate``).
-    Returns the report dict (and writes it as JSON to ``json_out`` unless None).
+    Returns the report dict and writes it as JSON to ``json_out`` (``""``: beside the model
+    folder, as ``MODEL_DIR-quantize-report.json``; None: nowhere).
     """
     from .generate import TorchBackend
     from .tokenizer import VesperTokenizer
@@ -741,6 +748,8 @@ def quantization_report(model_dir: str | Path, data: str | None = None,
         "torch": torch.__version__,
     }
     print_fn(format_report(report))
+    if json_out == "":
+        json_out = default_report_path(model_dir)
     if json_out:
         atomic_write_file(json_out, json.dumps(report, indent=2).encode())
         print_fn(f"wrote {json_out}")
@@ -789,7 +798,7 @@ class QuantizeOptions:
 
     Examples:
       vesper quantize runs/a/model --method nf4 -o runs/a-nf4
-      vesper quantize --report runs/a/model --data heldout.jsonl --json-out report.json
+      vesper quantize --report runs/a/model --data heldout.jsonl --out report.json
     """
 
     model_dir: str = field(metadata={"positional": True,
@@ -806,8 +815,10 @@ class QuantizeOptions:
     data: str | None = field(default=None, metadata={
         "help": "held-out texts for --report perplexity: .txt, .jsonl or builtin:skills "
                 "(default: builtin:skills, its held-out chats)"})
-    json_out: str = field(default="quantize_report.json", metadata={
-        "help": "where --report writes its JSON"})
+    json_out: str = field(default="", metadata={
+        "aliases": ["--out"],
+        "help": "where --report writes its JSON (default: MODEL_DIR-quantize-report.json, "
+                "beside the model folder)"})
     max_tokens: int = field(default=8192, metadata={
         "help": "--report: evaluate perplexity on at most this many tokens"})
     new_tokens: int = field(default=128, metadata={

@@ -1,16 +1,18 @@
-"""ONNX export and the ONNX Runtime runner, installed as ``vesper_sdk.export``.
+"""The public names of ``vesper_sdk.export``, resolved on first use.
 
 >>> from vesper_sdk.export import export_onnx, OnnxModel
 >>> export_onnx("runs/a/model", "runs/a-onnx", quantize="int4")
 >>> OnnxModel("runs/a-onnx").generate("Hello", max_new_tokens=16)
 
-Names resolve on first use, so ``import vesper_sdk.export`` does not import onnx,
-onnxruntime or onnxscript (the ``export`` extra).
+``vesper_sdk.export`` is a folder without ``__init__.py`` (see ``vesper_sdk/__init__.py``), so
+these names are attached to it by :func:`install`; ``import vesper_sdk.export`` still imports
+none of onnx, onnxruntime or onnxscript (the ``export`` extra) until a name is used.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 _LAZY = {
@@ -23,13 +25,19 @@ _LAZY = {
     "register_optimum": ("vesper_sdk.export.runner", "register_optimum"),
 }
 
-__all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
+def _getattr(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'vesper_sdk.export' has no attribute {name!r}")
     module_name, attr = _LAZY[name]
     value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
+    setattr(sys.modules["vesper_sdk.export"], name, value)
     return value
+
+
+def install() -> None:
+    """Give the ``vesper_sdk.export`` namespace its public names (PEP 562 ``__getattr__``)."""
+    package = importlib.import_module("vesper_sdk.export")
+    package.__getattr__ = _getattr
+    package.__all__ = list(_LAZY)
+    package.__doc__ = __doc__

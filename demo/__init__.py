@@ -1,1 +1,0 @@
-"""The Gradio chat demo, installed as ``vesper_sdk.demo``."""
