@@ -86,7 +86,8 @@ def cli(opts: BenchOptions) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         code, _ = run_suite(opts.only or None, device=opts.device, quick=opts.quick,
-                            out_dir=opts.out_dir or default_out_dir(opts.quick), timeout_s=opts.timeout or None,
+                            out_dir=opts.out_dir or default_out_dir(opts.quick),
+                            timeout_s=opts.timeout or None,
                             charts=opts.charts, command=as_command(opts))
     finally:
         signal.signal(signal.SIGTERM, previous)
