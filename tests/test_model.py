@@ -121,7 +121,7 @@ def test_flylora_rank_choice_under_torch_compile_equals_topk_including_ties():
 
 
 def test_logit_features_under_torch_compile_equal_the_topk_ones_including_ties():
-    from vesper_sdk.model import _logit_features
+    from vesper_sdk.model.metahead import _logit_features
 
     torch.manual_seed(8)
     z = torch.randn(3, 5, 50)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import matvec
+from .device import resolve_device
 from .metacog import MetacognitiveRegulator, as_regulator, join_flags
 from .model import CONFIG_NAME, FlyLoRALinear, Linear, ModelFolderError, VesperLM
 from .tokenizer import VesperTokenizer
@@ -548,13 +549,6 @@ class TorchBackend:
         with torch.cuda.graph(graph):
             outputs = self._call_step(g.args)
         g.graph, g.outputs, g.epoch = graph, tuple(outputs), self._epoch
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -7,10 +7,10 @@ embeddings, and the MetaHead that predicts, per token, how likely the model's ow
 prediction is to be right.
 """
 
+
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,20 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .atomic import atomic_write_folder
-from .config import ConfigError, VesperConfig
+from ..atomic import atomic_write_folder
+from ..config import ConfigError, VesperConfig
+from ..folder import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelFolderError,
+    load_state_checked,
+    load_weights,
+)
+from .flylora import FlyLoRALinear, Linear, _balance_step, _count_top_k, project, top_k_by_counting
+from .metahead import MetaHead
 
 if TYPE_CHECKING:
-    from .matvec import PairProduct, SplitMatVec
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+    from ..matvec import PairProduct, SplitMatVec
 
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
-
-
-class ModelFolderError(RuntimeError):
-    """A model folder is missing a file, or a file is damaged or does not match config.json."""
 
 
 @dataclass
@@ -56,27 +58,6 @@ class VesperOutput:
     meta_logits: torch.Tensor
 
 
-# ----------------------------------------------------------------------------- pieces
-def project(x: torch.Tensor, weight: torch.Tensor, matvec: SplitMatVec | None,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, or the threaded decode product when one is attached and applies.
-
-    See :mod:`vesper_sdk.matvec`: the CPU decode path attaches one per weight matrix.
-    """
-    if matvec is not None and matvec.applies(x):
-        return matvec(x) if bias is None else matvec(x) + bias
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` that can take a threaded matrix-vector product for CPU decoding."""
-
-    matvec: SplitMatVec | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(x, self.weight, self.matvec, self.bias)
-
-
 class ERA(nn.Module):
     """ERA activation from the seed: GELU(x) + gamma * softplus(x)."""
 
@@ -86,119 +67,6 @@ class ERA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.add(F.gelu(x), F.softplus(x), alpha=self.gamma)
-
-
-def _balance_step(load: torch.Tensor) -> torch.Tensor:
-    """sign(mean load - load) per rank ([..., r]); zero where nothing was routed. No branch
-    on the values, so on a GPU it never waits for them."""
-    active = load.sum(-1, keepdim=True) > 0
-    return torch.sign(load.mean(-1, keepdim=True) - load) * active
-
-
-def _count_top_k() -> bool:
-    """Whether to pick top-k ranks by :func:`top_k_by_counting` rather than ``topk``.
-
-    Compiled, the counting is pointwise work that the compiler fuses into its
-    neighbours, where topk (+ scatter) are separate sort kernels (on an H200, 18 % of a
-    decode step's GPU time). Eagerly, and in an ONNX graph (one TopK node against a
-    dozen), topk is the fewer operations.
-    """
-    return torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
-
-
-def top_k_by_counting(score: torch.Tensor, k: int) -> torch.Tensor:
-    """0/1 mask [..., r] of the k highest scores, as ``topk`` chooses them: a rank is in
-    when fewer than k ranks beat it (higher score, or equal at a lower index)."""
-    r = torch.arange(score.shape[-1], device=score.device)
-    lower = r.unsqueeze(0) < r.unsqueeze(1)  # [i, j]: j < i
-    beats = score.unsqueeze(-2) > score.unsqueeze(-1)  # [..., i, j]: j beats i
-    ties = (score.unsqueeze(-2) == score.unsqueeze(-1)) & lower
-    return ((beats | ties).sum(-1) < k).to(score.dtype)
-
-
-class FlyLoRALinear(nn.Module):
-    """A linear layer plus FlyLoRA's implicit rank-wise mixture of experts.
-
-    FlyLoRA (Zou et al., NeurIPS 2025, arXiv 2510.08396): the low-rank branch's
-    down-projection ``A`` (r x in) is a frozen sparse random matrix, the up-projection
-    ``B`` (out x r) is trainable and starts at zero, and only the top-k of the r rank
-    components (ranked by |Ax| plus a load-balancing bias) are active for each token.
-    The bias is nudged without gradients towards equal use of the ranks
-    (``update_balance_bias``); ``A``, the bias and the use counts are buffers saved
-    with the weights.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, topk: int,
-                 alpha: float = 1.0, a_nnz: int = 8, bias_update_rate: float = 1e-3) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.rank, self.topk, self.bias_update_rate = rank, topk, bias_update_rate
-        self.scaling = alpha
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        # Zeros until VesperLM.reset_parameters draws it: a layer built on its own must not
-        # compute with leftover memory (and zeros take nothing from the random stream, so
-        # seeded models stay what they were).
-        nn.init.zeros_(self.weight)
-        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        self.register_buffer("lora_A", self._sparse_random_A(rank, in_features, a_nnz))
-        self.register_buffer("balance_bias", torch.zeros(rank))
-        # Non-persistent: per-step statistic for the bias update, not model state.
-        self.register_buffer("rank_load", torch.zeros(rank), persistent=False)
-
-    @staticmethod
-    def _sparse_random_A(rank: int, in_features: int, nnz: int) -> torch.Tensor:
-        # Sparse random projection: each row has nnz entries of +-1/sqrt(nnz).
-        nnz = min(nnz, in_features)
-        a = torch.zeros(rank, in_features)
-        cols = torch.rand(rank, in_features).argsort(dim=1)[:, :nnz]
-        signs = torch.randint(0, 2, (rank, nnz)).float() * 2 - 1
-        a.scatter_(1, cols, signs / math.sqrt(nnz))
-        return a
-
-    def rank_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A x, 0/1 mask of the top-k active ranks) for input x [..., in]."""
-        ax = F.linear(x, self.lora_A.to(x.dtype))
-        return ax, self._top_ranks(ax)
-
-    def _top_ranks(self, ax: torch.Tensor) -> torch.Tensor:
-        score = ax.detach().abs().float() + self.balance_bias
-        if _count_top_k():
-            return top_k_by_counting(score, self.topk)
-        idx = score.topk(self.topk, dim=-1).indices
-        return torch.zeros_like(score).scatter_(-1, idx, 1.0)
-
-    # Decode products (vesper_sdk.matvec): one over [weight; lora_A], which gives the base
-    # output and A x in one pass over memory, and one over lora_B.
-    matvec: SplitMatVec | None = None
-    matvec_b: SplitMatVec | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matvec is not None and self.matvec.applies(x):
-            out, ax = self.matvec(x).split((self.out_features, self.rank), dim=-1)
-            mask = self._top_ranks(ax)
-        else:
-            out = F.linear(x, self.weight)
-            ax, mask = self.rank_mask(x)
-        if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self.rank_load += mask.reshape(-1, self.rank).sum(0)
-        lora = project(ax * mask.to(ax.dtype), self.lora_B, self.matvec_b)
-        # alpha = 1 (the default) would be one more op per layer and token, and graph node.
-        return out + (lora if self.scaling == 1.0 else lora * self.scaling)
-
-    @torch.no_grad()
-    def update_balance_bias(self) -> None:
-        """Auxiliary-loss-free balancing: raise the bias of under-used ranks, lower the rest."""
-        self.balance_bias += self.bias_update_rate * _balance_step(self.rank_load)
-        self.rank_load.zero_()
-
-    def freeze_base(self) -> None:
-        """Adapter fine-tuning: only lora_B keeps requires_grad."""
-        self.weight.requires_grad_(False)
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-                f"topk={self.topk}")
 
 
 class RotaryEmbedding(nn.Module):
@@ -402,80 +270,6 @@ class Block(nn.Module):
         else:
             aux = x.new_zeros((), dtype=torch.float32)
         return x + self.drop(h), present, aux
-
-
-N_LOGIT_FEATURES = 3
-
-
-def logit_features(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
-    """What the LM's own distribution says about its top-1, [..., V] -> [..., 3], no grad.
-
-    The top-1 log-probability, the top-1 minus top-2 logit margin and the entropy: the
-    max-softmax baseline is the first of them, so the MetaHead starts from it and learns
-    what the hidden state adds. Eagerly, rows go ``chunk_rows`` at a time, so a training
-    batch never holds more than that many fp32 rows of softmax temporaries.
-    """
-    with torch.no_grad():
-        flat = logits.reshape(-1, logits.shape[-1])
-        tracing = torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-        if tracing or flat.shape[0] <= chunk_rows:
-            out = _logit_features(flat)
-        else:
-            out = torch.cat([_logit_features(flat[i:i + chunk_rows])
-                             for i in range(0, flat.shape[0], chunk_rows)])
-        return out.view(*logits.shape[:-1], 3)
-
-
-def _logit_features(logits: torch.Tensor) -> torch.Tensor:
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)
-    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
-        # topk's values by two max-reductions the compiler fuses with the others over the
-        # vocabulary (topk is a separate radix-select); a repeated maximum is its own
-        # runner-up, as with topk.
-        first = z.amax(-1)
-        is_first = z == first.unsqueeze(-1)
-        runner_up = torch.where(is_first, float("-inf"), z).amax(-1)
-        second = torch.where(is_first.sum(-1) > 1, first, runner_up)
-    else:
-        top2 = z.topk(2, dim=-1).values
-        first, second = top2[..., 0], top2[..., 1]
-    entropy = lse - (z.softmax(-1) * z).sum(-1)
-    return torch.stack((first - lse, first - second, entropy), -1)
-
-
-class MetaHead(nn.Module):
-    """Per-token self-assessment from the final hidden state and the LM's own logits.
-
-    Five logits: confidence (is my top-1 right?), stop (does the response end here?),
-    and a 3-way error class (right / label in my top-5 / miss). ``calibration`` holds
-    (scale, bias) applied to the confidence logit (Platt scaling); (1, 0) leaves it as
-    is. After training, the confidence row of ``out`` is refitted on held-out tokens
-    (:func:`vesper_sdk.metacog.fit_confidence`, which folds the scaling into the row).
-    """
-
-    def __init__(self, cfg: VesperConfig) -> None:
-        super().__init__()
-        self.use_logits = cfg.metahead_logit_features
-        extra = N_LOGIT_FEATURES if self.use_logits else 0
-        self.fc = Linear(cfg.hidden_size + extra, cfg.metahead_hidden_size)
-        self.out = Linear(cfg.metahead_hidden_size, 5)
-        self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
-
-    def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return self.out(self.activations(h, logits))
-
-    def activations(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """What the output layer reads (the hidden layer), e.g. to refit the confidence
-        row on held-out tokens (:func:`vesper_sdk.metacog.fit_confidence`)."""
-        if self.use_logits:
-            h = torch.cat((h, logit_features(logits).to(h.dtype)), dim=-1)
-        return F.gelu(self.fc(h))
-
-    def confidence(self, meta: torch.Tensor) -> torch.Tensor:
-        """Calibrated probability that the top-1 is right, from the raw meta logits."""
-        scale, bias = self.calibration.to(meta.dtype).unbind()
-        return torch.sigmoid(meta[..., 0] * scale + bias)
 
 
 # ----------------------------------------------------------------------------- model
@@ -686,51 +480,3 @@ class VesperLM(nn.Module):
         state = load_weights(directory / WEIGHTS_NAME, map_location)
         load_state_checked(model, state, directory / WEIGHTS_NAME)
         return model.to(map_location)
-
-
-# ----------------------------------------------------------------------------- files
-def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning any damage into an error that names the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ModelFolderError(
-            f"{path} is missing: the model folder has config.json but no weights; "
-            "re-save the model (model.save_pretrained) or point at the right folder")
-    try:
-        return load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ModelFolderError(
-            f"{path} is damaged or truncated ({exc}); restore it from a checkpoint or "
-            "re-save the model") from None
-
-
-# The MetaHead's Platt calibration, identity for models trained before it existed.
-LEGACY_DEFAULTS = {"metahead.calibration": torch.tensor([1.0, 0.0])}
-
-
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """load_state_dict with an error that lists what is missing, extra or mis-shaped."""
-    own = model.state_dict()
-    for key, value in LEGACY_DEFAULTS.items():
-        # Buffers added after a folder was written take their do-nothing value.
-        if key in own and key not in state:
-            state[key] = value.clone()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {'; '.join(shapes[:3])}")
-        raise ModelFolderError(
-            f"{path} does not match {path.parent / CONFIG_NAME}: " + "; ".join(parts)
-            + ". The weights were saved from a different config; use the config.json "
-            "that came with them")
-    model.load_state_dict(state, strict=True)

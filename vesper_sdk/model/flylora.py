@@ -1,0 +1,148 @@
+"""FlyLoRA (Zou et al., NeurIPS 2025, arXiv 2510.08396): a linear layer plus an implicit
+rank-wise mixture of experts, and the plain ``Linear`` the rest of the model uses."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..matvec import SplitMatVec
+
+# ----------------------------------------------------------------------------- pieces
+def project(x: torch.Tensor, weight: torch.Tensor, matvec: SplitMatVec | None,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the threaded decode product when one is attached and applies.
+
+    See :mod:`vesper_sdk.matvec`: the CPU decode path attaches one per weight matrix.
+    """
+    if matvec is not None and matvec.applies(x):
+        return matvec(x) if bias is None else matvec(x) + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can take a threaded matrix-vector product for CPU decoding."""
+
+    matvec: SplitMatVec | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight, self.matvec, self.bias)
+
+
+
+def _balance_step(load: torch.Tensor) -> torch.Tensor:
+    """sign(mean load - load) per rank ([..., r]); zero where nothing was routed. No branch
+    on the values, so on a GPU it never waits for them."""
+    active = load.sum(-1, keepdim=True) > 0
+    return torch.sign(load.mean(-1, keepdim=True) - load) * active
+
+
+def _count_top_k() -> bool:
+    """Whether to pick top-k ranks by :func:`top_k_by_counting` rather than ``topk``.
+
+    Compiled, the counting is pointwise work that the compiler fuses into its
+    neighbours, where topk (+ scatter) are separate sort kernels (on an H200, 18 % of a
+    decode step's GPU time). Eagerly, and in an ONNX graph (one TopK node against a
+    dozen), topk is the fewer operations.
+    """
+    return torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
+
+
+def top_k_by_counting(score: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask [..., r] of the k highest scores, as ``topk`` chooses them: a rank is in
+    when fewer than k ranks beat it (higher score, or equal at a lower index)."""
+    r = torch.arange(score.shape[-1], device=score.device)
+    lower = r.unsqueeze(0) < r.unsqueeze(1)  # [i, j]: j < i
+    beats = score.unsqueeze(-2) > score.unsqueeze(-1)  # [..., i, j]: j beats i
+    ties = (score.unsqueeze(-2) == score.unsqueeze(-1)) & lower
+    return ((beats | ties).sum(-1) < k).to(score.dtype)
+
+
+class FlyLoRALinear(nn.Module):
+    """A linear layer plus FlyLoRA's implicit rank-wise mixture of experts.
+
+    FlyLoRA (Zou et al., NeurIPS 2025, arXiv 2510.08396): the low-rank branch's
+    down-projection ``A`` (r x in) is a frozen sparse random matrix, the up-projection
+    ``B`` (out x r) is trainable and starts at zero, and only the top-k of the r rank
+    components (ranked by |Ax| plus a load-balancing bias) are active for each token.
+    The bias is nudged without gradients towards equal use of the ranks
+    (``update_balance_bias``); ``A``, the bias and the use counts are buffers saved
+    with the weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, topk: int,
+                 alpha: float = 1.0, a_nnz: int = 8, bias_update_rate: float = 1e-3) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.topk, self.bias_update_rate = rank, topk, bias_update_rate
+        self.scaling = alpha
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        # Zeros until VesperLM.reset_parameters draws it: a layer built on its own must not
+        # compute with leftover memory (and zeros take nothing from the random stream, so
+        # seeded models stay what they were).
+        nn.init.zeros_(self.weight)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        self.register_buffer("lora_A", self._sparse_random_A(rank, in_features, a_nnz))
+        self.register_buffer("balance_bias", torch.zeros(rank))
+        # Non-persistent: per-step statistic for the bias update, not model state.
+        self.register_buffer("rank_load", torch.zeros(rank), persistent=False)
+
+    @staticmethod
+    def _sparse_random_A(rank: int, in_features: int, nnz: int) -> torch.Tensor:
+        # Sparse random projection: each row has nnz entries of +-1/sqrt(nnz).
+        nnz = min(nnz, in_features)
+        a = torch.zeros(rank, in_features)
+        cols = torch.rand(rank, in_features).argsort(dim=1)[:, :nnz]
+        signs = torch.randint(0, 2, (rank, nnz)).float() * 2 - 1
+        a.scatter_(1, cols, signs / math.sqrt(nnz))
+        return a
+
+    def rank_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A x, 0/1 mask of the top-k active ranks) for input x [..., in]."""
+        ax = F.linear(x, self.lora_A.to(x.dtype))
+        return ax, self._top_ranks(ax)
+
+    def _top_ranks(self, ax: torch.Tensor) -> torch.Tensor:
+        score = ax.detach().abs().float() + self.balance_bias
+        if _count_top_k():
+            return top_k_by_counting(score, self.topk)
+        idx = score.topk(self.topk, dim=-1).indices
+        return torch.zeros_like(score).scatter_(-1, idx, 1.0)
+
+    # Decode products (vesper_sdk.matvec): one over [weight; lora_A], which gives the base
+    # output and A x in one pass over memory, and one over lora_B.
+    matvec: SplitMatVec | None = None
+    matvec_b: SplitMatVec | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matvec is not None and self.matvec.applies(x):
+            out, ax = self.matvec(x).split((self.out_features, self.rank), dim=-1)
+            mask = self._top_ranks(ax)
+        else:
+            out = F.linear(x, self.weight)
+            ax, mask = self.rank_mask(x)
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.rank_load += mask.reshape(-1, self.rank).sum(0)
+        lora = project(ax * mask.to(ax.dtype), self.lora_B, self.matvec_b)
+        # alpha = 1 (the default) would be one more op per layer and token, and graph node.
+        return out + (lora if self.scaling == 1.0 else lora * self.scaling)
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        """Auxiliary-loss-free balancing: raise the bias of under-used ranks, lower the rest."""
+        self.balance_bias += self.bias_update_rate * _balance_step(self.rank_load)
+        self.rank_load.zero_()
+
+    def freeze_base(self) -> None:
+        """Adapter fine-tuning: only lora_B keeps requires_grad."""
+        self.weight.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+                f"topk={self.topk}")
