@@ -133,25 +133,46 @@ def read_curve(metrics_path: Path) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["val_loss"])) for r in rows if "val_loss" in r]
 
 
+def _module_file(root: Path, name: str) -> Path | None:
+    """The file of module ``vesper_sdk.<...>`` under the package folder ``root``."""
+    parts = name.split(".")[1:]
+    base = root.joinpath(*parts)
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
 def _training_sources() -> list[Path]:
-    """The SDK files a training run executes: vesper_sdk.train and what it imports from the
-    package (found statically, so the answer does not depend on what is already imported),
-    the Triton kernels and the data tables."""
+    """The SDK files a training run executes: every module of vesper_sdk.training and every
+    package module they import, relatively or by name (found statically, so the answer does
+    not depend on what is already imported), the Triton kernels and the data tables."""
     import vesper_sdk
     import vesper_sdk.kernels
 
     root = Path(vesper_sdk.__file__).parent
-    todo, seen = ["__init__", "train", "optim", "data", "skills"], set()
+    todo = ["vesper_sdk", "vesper_sdk.skills", *(f"vesper_sdk.training.{p.stem}"
+                                               for p in (root / "training").glob("*.py")
+                                               if p.stem != "__init__")]
+    seen: dict[str, Path] = {}
     while todo:
         name = todo.pop()
-        if name in seen or not (root / f"{name}.py").is_file():
+        path = _module_file(root, name)
+        if name in seen or path is None:
             continue
-        seen.add(name)
-        for node in ast.walk(ast.parse((root / f"{name}.py").read_bytes())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                todo += ([node.module.split(".")[0]] if node.module
-                         else [a.name for a in node.names])
-    files = [root / f"{n}.py" for n in sorted(seen)]
+        seen[name] = path
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_bytes())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                stem = f"{base}.{node.module}" if node.module else base
+                todo += [stem, *(f"{stem}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "vesper_sdk"):
+                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("vesper_sdk.")]
+    files = sorted(set(seen.values()))
     files += sorted(Path(next(iter(vesper_sdk.kernels.__path__))).glob("*.py"))
     return files + sorted((root / "assets").glob("*.tsv"))
 
@@ -189,7 +210,7 @@ def train_once(args: argparse.Namespace, corpus: str, data: str, optimizer: str,
     the runs of a plain one and vice versa.
     """
     import vesper_sdk as vs
-    from vesper_sdk.train import TrainOptions
+    from vesper_sdk.training import TrainOptions
 
     shape = {}
     if args.shape:

@@ -1,11 +1,12 @@
 """Before/after: CPU greedy decode of this checkout against another commit, side by side.
 
     python benchmarks/decode_ab.py --ref HEAD~3            # 'small', batch 1, 6 rounds
+    python benchmarks/decode_ab.py --ref HEAD~3 --backend compiled   # or onnx
 
 Checks ``--ref`` out into a temporary git worktree and times both trees in alternating
-fresh processes (ref, this, ref, this, ...), each through ``vs.load``'s default backend
-(``LLM.stream_batch`` over ``TorchBackend``, as ``benchmarks/generate.py`` times it) on
-the same random model and prompt. Prints both sides' tokens/s (median and best), the
+fresh processes (ref, this, ref, this, ...), each through ``LLM.generate_tokens`` over
+``TorchBackend`` (eager, or compiled) or over the model exported to ONNX, on the same
+random model and prompt. Prints both sides' tokens/s (median and best), the
 median over rounds of the ratio of a round's two runs, and whether both decoded the same
 tokens. On a shared machine whose speed drifts between runs, alternating is what makes
 the ratio mean something; one process per run keeps the trees apart.
@@ -32,7 +33,11 @@ def child(args: argparse.Namespace) -> int:
     import torch
 
     import vesper_sdk as vs
-    from vesper_sdk.generate import LLM, GenerationRequest, TorchBackend
+
+    try:  # the layout since the one-forward redesign
+        from vesper_sdk.inference import LLM, TorchBackend
+    except ImportError:  # a tree from before it
+        from vesper_sdk.generate import LLM, TorchBackend
 
     if not vs.__file__.startswith(args.child):
         raise SystemExit(f"imported {vs.__file__}, not the tree at {args.child}")
@@ -45,18 +50,25 @@ def child(args: argparse.Namespace) -> int:
     with torch.no_grad():  # B starts at zero; give the FlyLoRA branch a say
         for layer in model.flylora_layers():
             layer.lora_B.normal_(0, 0.02)
-    lm = LLM(TorchBackend(model), tok)
     prompts = torch.randint(3, cfg.vocab_size, (args.batch, 32)).tolist()
+    with tempfile.TemporaryDirectory(prefix="vesper-ab-model-") as tmp:
+        if args.backend == "onnx":
+            model.save_pretrained(Path(tmp) / "model")
+            tok.save(Path(tmp) / "model")
+            vs.export_onnx(Path(tmp) / "model", Path(tmp) / "onnx")
+            lm = vs.export.OnnxModel(Path(tmp) / "onnx")
+        else:
+            lm = LLM(TorchBackend(model, compile=args.backend == "compiled"), tok)
 
-    def run(n: int) -> tuple[float, list[int]]:
-        reqs = [GenerationRequest(prompt=p, max_new_tokens=n, temperature=0.0,
-                                  ignore_eos=True) for p in prompts]
-        t0 = time.perf_counter()
-        ids = [t.id for _, t in lm.stream_batch(reqs)]
-        return args.batch * n / (time.perf_counter() - t0), ids
+        def run(n: int) -> tuple[float, list[int]]:
+            # generate_tokens takes the sampling fields as keywords in every tree.
+            t0 = time.perf_counter()
+            rows = lm.generate_tokens(prompts, max_new_tokens=n, temperature=0.0,
+                                      ignore_eos=True)
+            return args.batch * n / (time.perf_counter() - t0), [t.id for r in rows for t in r]
 
-    run(8)
-    best, ids = max(run(args.new_tokens) for _ in range(args.repeats))
+        run(8 if args.backend != "compiled" else args.new_tokens)  # warm-up (the compiler)
+        best, ids = max(run(args.new_tokens) for _ in range(args.repeats))
     print(json.dumps({"tok_s": best, "ids": ids}))
     return 0
 
@@ -71,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--backend", choices=["eager", "compiled", "onnx"], default="eager",
+                    help="vs.load's default (eager), compile=True, or the model exported to "
+                         "ONNX and run by OnnxModel (default eager)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = [sys.executable, __file__, "--child", str(tree),
                            "--repeats", str(args.repeats), "--batch", str(args.batch),
                            "--new-tokens", str(args.new_tokens), "--preset", args.preset,
-                           "--vocab-size", str(args.vocab_size)]
+                           "--vocab-size", str(args.vocab_size), "--backend", args.backend]
                     env = {**os.environ, "PYTHONPATH": str(tree)}
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                          env=env, cwd=tree).stdout
@@ -102,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                             str(ref_tree)], check=False)
 
     (ref_name, ref_runs), (new_name, new_runs) = runs.items()
-    print(f"\ngreedy decode, '{args.preset}', batch {args.batch}, {args.new_tokens} new "
+    print(f"\ngreedy decode ({args.backend}), '{args.preset}', batch {args.batch}, "
+          f"{args.new_tokens} new "
           f"tokens, {args.rounds} alternating rounds (best of {args.repeats} per process)")
     for name, rs in runs.items():
         tps = sorted(x["tok_s"] for x in rs)

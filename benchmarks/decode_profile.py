@@ -23,7 +23,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     import vesper_sdk as vs
-    from vesper_sdk.generate import LLM, GenerationRequest, TorchBackend
+    from vesper_sdk.inference import LLM, GenerationRequest, SamplingParams, TorchBackend
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = torch.randint(3, cfg.vocab_size, (args.batch, 32)).tolist()
 
     def reqs(n: int) -> list[GenerationRequest]:
-        return [GenerationRequest(prompt=p, max_new_tokens=n, temperature=0.0,
-                                  ignore_eos=True) for p in prompts]
+        return [GenerationRequest(prompt=p,
+                                  params=SamplingParams(max_new_tokens=n, temperature=0.0,
+                                                        ignore_eos=True)) for p in prompts]
 
     def loop(n: int) -> float:
         sync()

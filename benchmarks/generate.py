@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import vesper_sdk as vs
-from vesper_sdk.generate import LLM, GenerationRequest, TorchBackend
+from vesper_sdk.inference import LLM, GenerationRequest, SamplingParams, TorchBackend
 
 
 def _version(pkg: str) -> str | None:
@@ -92,8 +92,9 @@ def build_hf(vocab: int, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 def run_ours(lm: LLM, prompts: torch.Tensor, new_tokens: int) -> float:
-    reqs = [GenerationRequest(prompt=p.tolist(), max_new_tokens=new_tokens, temperature=0.0,
-                              ignore_eos=True) for p in prompts]
+    reqs = [GenerationRequest(prompt=p.tolist(),
+                              params=SamplingParams(max_new_tokens=new_tokens, temperature=0.0,
+                                                    ignore_eos=True)) for p in prompts]
     _sync(lm.device)
     t0 = time.perf_counter()
     n = sum(1 for _ in lm.stream_batch(reqs))
@@ -125,15 +126,20 @@ def matvec_sweep(lm: LLM, parts_list: list[int], prompt_len: int, new_tokens: in
     Bandwidth: one pass of every attached product over a random vector, i.e. the bytes of
     every weight a decode step reads, without the rest of the step.
     """
-    from vesper_sdk import matvec
+    from vesper_sdk.inference.decode_swaps import (
+        apply_cpu_decode,
+        decode_products,
+        remove_decode_swaps,
+    )
 
     model = lm.backend.model
     prompts = torch.randint(0, model.config.vocab_size, (1, prompt_len),
                             generator=torch.Generator().manual_seed(0))
     rows = []
     for parts in parts_list:
-        matvec.attach(model, parts)
-        products = matvec.products(model)
+        remove_decode_swaps(model)
+        apply_cpu_decode(model, parts)
+        products = decode_products(model)
         row: dict[str, Any] = {"parts": parts}
         if products:
             xs = [torch.randn(1, 1, p.in_features) for p in products]
@@ -152,7 +158,8 @@ def matvec_sweep(lm: LLM, parts_list: list[int], prompt_len: int, new_tokens: in
         row["tok_s"] = max(new_tokens / run_ours(lm, prompts, new_tokens)
                            for _ in range(repeats))
         rows.append(row)
-    matvec.attach(model)  # back to the default
+    remove_decode_swaps(model)  # back to the default
+    apply_cpu_decode(model)
     print("parts  products ms  products GB/s  decode tok/s (batch 1)")
     for r in rows:
         prod = (f"{r['products_ms']:>11.2f}  {r['products_gb_s']:>13.1f}"
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 tokens, 1 repeat")
     ap.add_argument("--matvec-sweep", type=int, nargs="*", default=None, metavar="PARTS",
                     help="also time CPU decode with each block count of the threaded "
-                         "matrix-vector products (vesper_sdk.matvec; 0 = plain F.linear); "
+                         "matrix-vector products (inference.decode_swaps; 0 = plain F.linear); "
                          "default list 0 1 2 4 8 16")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the report here (default benchmarks/results/"

@@ -198,7 +198,7 @@ def _compare(name: str, got: list[torch.Tensor], want: list[torch.Tensor], rtol:
 
 
 def check_optimizer(device: str, small: bool) -> list[dict[str, Any]]:
-    from vesper_sdk.optim import VelvetOptimizer
+    from vesper_sdk.training.optim import VelvetOptimizer
 
     shapes = _param_shapes(small)
     steps = 5 if small else 20
@@ -296,7 +296,7 @@ def _greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
 
 def check_bnb(device: str, small: bool) -> list[dict[str, Any]]:
     import vesper_sdk as vs
-    from vesper_sdk.quantize import load_quantized, quantize
+    from vesper_sdk.quantization import load_quantized, quantize
 
     rows = []
     # bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16: expected.
@@ -371,7 +371,7 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
     ``tok_s``: batch 1, 128 new tokens through ``LLM.stream_batch``, after a warm-up.
     """
     import vesper_sdk as vs
-    from vesper_sdk.generate import LLM, GenerationRequest, TorchBackend
+    from vesper_sdk.inference import LLM, GenerationRequest, SamplingParams, TorchBackend
 
     preset = "tiny" if small else "small"
     new = 16 if small else 128
@@ -389,8 +389,9 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
                for n in (32, 17, 5)]
 
     def run(lm: LLM, batch: list[list[int]], n: int) -> tuple[list[list[int]], list[float]]:
-        reqs = [GenerationRequest(prompt=p, max_new_tokens=n, temperature=0.0,
-                                  ignore_eos=True) for p in batch]
+        reqs = [GenerationRequest(prompt=p,
+                                  params=SamplingParams(max_new_tokens=n, temperature=0.0,
+                                                        ignore_eos=True)) for p in batch]
         ids: list[list[int]] = [[] for _ in batch]
         conf: list[float] = []
         for i, t in lm.stream_batch(reqs):

@@ -150,7 +150,7 @@ import os, sys, tomllib
 repo, dst = sys.argv[1:3]
 cfg = tomllib.load(open(os.path.join(repo, "pyproject.toml"), "rb"))
 mapping = {k: os.path.join(repo, v) for k, v in cfg["tool"]["setuptools"]["package-dir"].items()}
-open(dst, "w").write(f"""import importlib.util, sys
+open(dst, "w").write(f"""import importlib.machinery, importlib.util, os, sys
 MAPPING = {mapping!r}
 class _VesperFinder:
     @staticmethod
@@ -158,6 +158,10 @@ class _VesperFinder:
         folder = MAPPING.get(name)
         if folder is None:
             return None
+        if not os.path.exists(folder + "/__init__.py"):  # kernels/, export/, ...: namespaces
+            spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            spec.submodule_search_locations = [folder]
+            return spec
         return importlib.util.spec_from_file_location(
             name, folder + "/__init__.py", submodule_search_locations=[folder])
 sys.meta_path.insert(0, _VesperFinder)
@@ -168,7 +172,7 @@ EOF
 fi
 # Import from outside the repo, so the check sees what the steps below will see.
 if ! (cd /tmp && "$PY" -c "import vesper_sdk.kernels.velvet, vesper_sdk.benchmarks.suite, \
-vesper_sdk.optim; print('vesper_sdk from', vesper_sdk.__file__)") >>"$WORK/logs/install.log" 2>&1
+vesper_sdk.training.optim; print('vesper_sdk from', vesper_sdk.__file__)") >>"$WORK/logs/install.log" 2>&1
 then
     install_status="failed(import)"
 fi
@@ -218,6 +222,11 @@ record ort "$ort_status" $((SECONDS - t0)) "$OUT/env.json"
 run_step kernels 70 "$OUT/kernels.json" \
     "$PY" benchmarks/gpu_checks.py --checks kernel,optimizer --device cuda \
     --json "$OUT/kernels.json"
+
+# The same checks as pytest tests (tests/gpu/, skipped on machines without CUDA): pass/fail
+# in the suite's table, the log in the bundle.
+run_step gpu_tests 240 "$WORK/logs/gpu_tests.json" \
+    "$PY" -m pytest -q -p no:cacheprovider tests/gpu
 
 # The CUDA decode paths (graph + compile, graph, compile, eager) against the model's own
 # forward: same greedy tokens, and each one's tokens/s at batch 1.

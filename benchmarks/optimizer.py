@@ -125,7 +125,7 @@ def _make_params(base):
 
 
 def _velvet_step_fn(params, grads, impl, *, copy_in: bool, **opt_kwargs):
-    from vesper_sdk.optim import VelvetOptimizer
+    from vesper_sdk.training.optim import VelvetOptimizer
 
     opt = VelvetOptimizer(params, lr=5e-4, impl=impl, **opt_kwargs)
     opt.set_loss(6.0, 32000)  # adaptive scales on, as in training
@@ -146,7 +146,7 @@ def _velvet_step_fn(params, grads, impl, *, copy_in: bool, **opt_kwargs):
 def _velvet_kernel_only_fn(params, grads):
     """Just the kernel launches of a packed Velvet optimizer (no host bookkeeping)."""
     from vesper_sdk.kernels import velvet
-    from vesper_sdk.optim import VelvetOptimizer
+    from vesper_sdk.training.optim import VelvetOptimizer
 
     opt = VelvetOptimizer(params, lr=5e-4, impl="triton")
     for p, g in zip(params, grads, strict=True):

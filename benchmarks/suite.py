@@ -334,7 +334,7 @@ def prepare_quantized_model(profile: Profile, device: str, python: str,
     # Keyed by the arguments: a change of recipe trains a new model instead of reusing.
     key = hashlib.sha256(" ".join(args).encode()).hexdigest()[:10]
     run_dir = (BENCH_CACHE / f"quantized-model-{size}-{key}").resolve()
-    cmd = [python, "-m", "vesper_sdk.train", *args, "--out-dir", str(run_dir)]
+    cmd = [python, "-m", "vesper_sdk.training", *args, "--out-dir", str(run_dir)]
     info: dict[str, Any] = {"model": display_command([str(run_dir / "model")]),
                             "how": "trained for this benchmark", "command": display_command(cmd)}
     if (run_dir / "model" / "config.json").is_file():

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vesper_sdk.config import VesperConfig  # noqa: E402
 from vesper_sdk.model import VesperLM  # noqa: E402
-from vesper_sdk.train import lm_loss_sum, metahead_loss  # noqa: E402
+from vesper_sdk.model.metahead import metahead_loss  # noqa: E402
+from vesper_sdk.training.losses import lm_loss_sum  # noqa: E402
 
 
 class PerTensorAdamW(torch.optim.Optimizer):
@@ -99,7 +100,7 @@ class Variant:
             self.opt: torch.optim.Optimizer = PerTensorAdamW(self.model.parameters())
             self.fwd: Callable = self.model
         else:
-            from vesper_sdk.optim import VelvetOptimizer
+            from vesper_sdk.training.optim import VelvetOptimizer
 
             self.opt = VelvetOptimizer(self.model.parameters())
             self.fwd = torch.compile(self.model) if args.compile else self.model

@@ -39,6 +39,7 @@ from typing import Any  # noqa: E402
 import gradio as gr  # noqa: E402
 
 import vesper_sdk  # noqa: E402
+from vesper_sdk.inference import DEFAULT_TEMPERATURE, SamplingParams  # noqa: E402
 
 DEFAULT_MODEL_DIR = Path(vesper_sdk.__file__).resolve().parent / "assets" / "default_model"
 CACHE_ENV = "VESPER_CACHE_DIR"
@@ -326,7 +327,7 @@ class ModelVariants:
             if not (out / "model.onnx").is_file():
                 vesper_sdk.export_onnx(self.model_dir, out, verbose=False)
             return OnnxModel(out)
-        from vesper_sdk.quantize import quantize
+        from vesper_sdk.quantization import quantize
 
         if not (out / "config.json").is_file():
             quantize(self.model_dir, method=kind, out_dir=out, verbose=False)
@@ -338,7 +339,7 @@ def _regulator(enabled: bool, threshold: float, retries: int) -> Any:
     """The MetacognitiveRegulator for the controls' settings (None when switched off)."""
     if not enabled:
         return None
-    from vesper_sdk.metacog import MetacognitiveRegulator
+    from vesper_sdk.eval.regulator import MetacognitiveRegulator
 
     return MetacognitiveRegulator(threshold=float(threshold), retries=int(retries))
 
@@ -373,7 +374,7 @@ def history_of(turns: Sequence[Turn]) -> list[dict]:
 
 
 def _context_of(llm: Any) -> int:
-    from vesper_sdk.serve import context_window
+    from vesper_sdk.serving import context_window
 
     return context_window(llm)
 
@@ -409,8 +410,9 @@ class ChatSession:
                 yield turns, ""
             start = time.perf_counter()
             last = 0.0
-            stream = llm.chat_stream(history, max_new_tokens=int(max_tokens),
-                                     temperature=float(temperature), regulator=regulator)
+            params = SamplingParams(max_new_tokens=int(max_tokens),
+                                    temperature=float(temperature), regulator=regulator)
+            stream = llm.chat_stream(history, params)
             for tok in stream:
                 answer.tokens.append(TokenView(tok.text, float(tok.confidence),
                                                float(tok.logprob), tok.regulated or None,
@@ -443,7 +445,7 @@ def _resolve_model(llm_or_dir: Any, device: str) -> tuple[Any, Path | None]:
             raise FileNotFoundError(
                 f"{path} is not a model folder (no config.json or model.onnx): pass the "
                 "folder written by `vesper train`, `vesper quantize` or `vesper export`")
-        from vesper_sdk.serve import load_backend
+        from vesper_sdk.serving import load_backend
 
         # dtype fp32: the selector's "PyTorch fp32" must mean what it says, even on a GPU.
         return load_backend(path, device=device, dtype="fp32"), path
@@ -488,7 +490,8 @@ def build_demo(llm_or_dir: Any = None, cache_dir: str | Path | None = None,
                 backend = gr.Radio(list(BACKENDS), value=DEFAULT_BACKEND, label="Backend",
                                    info="INT8/INT4/ONNX are built from the model folder "
                                         "on first use, then cached", elem_id="vesper-backend")
-                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature",
+                temperature = gr.Slider(0.0, 1.5, value=DEFAULT_TEMPERATURE, step=0.05,
+                                        label="Temperature",
                                         info="0 = greedy", elem_id="vesper-temperature")
                 max_tokens = gr.Slider(1, max_tokens_cap, value=min(128, max_tokens_cap),
                                        step=1, label="Max tokens", elem_id="vesper-max-tokens")
@@ -557,7 +560,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860,
 def cli(opts: DemoOptions) -> int:
     """``vesper demo``: build the demo for the given folder and serve it until interrupted."""
     demo = build_demo(opts.model_dir, cache_dir=opts.cache_dir, device=opts.device)
-    from vesper_sdk.serve import is_loopback
+    from vesper_sdk.serving import is_loopback
 
     if not is_loopback(opts.host):
         print(f"warning: the demo has no login and is reachable by anyone who can reach "

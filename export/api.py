@@ -12,32 +12,23 @@ none of onnx, onnxruntime or onnxscript (the ``export`` extra) until a name is u
 from __future__ import annotations
 
 import importlib
-import sys
-from typing import Any
 
-_LAZY = {
+from ..lazy import lazy_names
+
+_LAZY: dict[str, tuple[str, str | None]] = {
     "export_onnx": ("vesper_sdk.export.onnx_export", "export_onnx"),
-    "ExportOptions": ("vesper_sdk.export.onnx_export", "ExportOptions"),
+    "ExportOptions": ("vesper_sdk.export.command", "ExportOptions"),
     "ExportError": ("vesper_sdk.export.onnx_export", "ExportError"),
     "check_parity": ("vesper_sdk.export.onnx_export", "check_parity"),
-    "OnnxModel": ("vesper_sdk.export.runner", "OnnxModel"),
+    "OnnxModel": ("vesper_sdk.inference.llm", "load_onnx"),
     "OnnxBackend": ("vesper_sdk.export.runner", "OnnxBackend"),
     "register_optimum": ("vesper_sdk.export.runner", "register_optimum"),
 }
 
 
-def _getattr(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'vesper_sdk.export' has no attribute {name!r}")
-    module_name, attr = _LAZY[name]
-    value = getattr(importlib.import_module(module_name), attr)
-    setattr(sys.modules["vesper_sdk.export"], name, value)
-    return value
-
-
 def install() -> None:
     """Give the ``vesper_sdk.export`` namespace its public names (PEP 562 ``__getattr__``)."""
     package = importlib.import_module("vesper_sdk.export")
-    package.__getattr__ = _getattr
+    package.__getattr__ = lazy_names("vesper_sdk.export", _LAZY)
     package.__all__ = list(_LAZY)
     package.__doc__ = __doc__

@@ -1,36 +1,25 @@
-"""How VesperLM's attention lowers to ONNX's fused operators (opset 23 and later, where the
-installed onnxscript writes them and ONNX Runtime runs them).
+"""How VesperLM lowers to ONNX's fused operators for the export.
 
-Traced as it is, one attention layer becomes ~24 small ONNX nodes (reshape, transpose,
-the rotation's halves, the cache concatenations, SDPA); ONNX Runtime pays a fixed cost
-per node (~0.35 us on this repo's CPU), which at decode time is much of the work. Opset
-23 has the two operators this layer is made of: ``RotaryEmbedding`` (non-interleaved
-halves, as ``RotaryEmbedding.rotate``; it looks the positions up in the whole cos/sin
-table itself) and ``Attention`` with the past cache as inputs and the present cache as
-outputs. So for the export each block's attention runs through two torch custom ops
-whose ONNX translation is exactly those operators; their torch implementations are the
-model's own math, and every export is still checked against the plain PyTorch model.
+Traced as it is, one attention layer becomes a few dozen small ONNX nodes (reshape,
+transpose, the rotation's halves, the cache concatenations, SDPA), and ONNX Runtime pays
+a fixed cost per node. Opset 23 has the two operators an attention layer is made of:
+``RotaryEmbedding`` (non-interleaved halves, as ``RotaryEmbedding.rotate``; it looks the
+positions up in the whole cos/sin table itself) and ``Attention`` with the past cache as
+inputs and the present cache as outputs. So, where the installed onnxscript writes them
+and ONNX Runtime runs them, the export runs the model's ``onnx`` attention variant
+(registered here): two torch custom ops whose ONNX translation is exactly those
+operators and whose torch implementation is the model's own math.
 
-At every opset, the feed-forward's gate and up FlyLoRA layers run as one stacked pair
-(``LoweredFeedForward``) that gathers its k chosen rows of B: half the small nodes of
-the two.
+At every opset: the feed-forward's gate and up FlyLoRA layers run as one stacked pair
+(``LoweredFeedForward``) that gathers its k chosen rows of B; the MetaHead's logit
+features are one operator (``vesper::logit_features``, the model's own function) whose
+translation makes one pass of Exp over the vocabulary; ``softplus`` (ERA's second half)
+and ``logsumexp`` become plain vectorised operators, which ONNX Runtime runs faster than
+its own Softplus and ReduceLogSumExp kernels. Every export is still checked against the
+plain PyTorch model.
 
-Also at every opset: the MetaHead's logit features (top-1 log-probability, margin,
-entropy) as one custom op whose ONNX translation makes one pass of Exp over the vocabulary
-where the traced graph made two (``LoweredMetaHead``); ``softplus`` (ERA's second half)
-and ``logsumexp`` as plain vectorised operators, where ONNX Runtime's own Softplus
-and ReduceLogSumExp kernels take several times as long (~7 vs ~2.4 us on 768 values,
-~10 vs ~2 us over a 2,880-token vocabulary).
-
-Measured on the bundled demo model, int4, this repo's 2-core CPU, node counts of the
-graph: 302 traced; 248 with the fused attention (greedy decode 3,348 -> 4,312 tokens/s);
-214 with the feed-forward pair (+4 to +8 %); 202 gathering B's rows; 192 with the
-MetaHead's features; 185 with the positions looked up inside RotaryEmbedding (179 with
-the model's mask built by broadcasting). From 214 to 179, a bare decode loop went from
-4,986 to 5,400 tokens/s (plain ONNX Runtime loop, best of 6 interleaved runs).
-
-The model is never changed: ``lowered(model, opset)`` swaps modules for the export's
-duration and puts them back.
+The model is never changed for good: ``lowered(model, opset)`` picks the variant and
+swaps the feed-forwards for the export's duration, then puts them back.
 """
 
 from __future__ import annotations
@@ -45,13 +34,15 @@ from torch import nn
 
 from ..model import (
     Attention,
+    DynamicCache,
     GLUFeedForward,
-    MetaHead,
+    RopeTable,
     RotaryEmbedding,
     VesperLM,
-    logit_features,
     paired_ffn_weights,
+    register_attention,
 )
+from ..model.cache import Cache
 
 LOWERED_MIN_OPSET = 23
 
@@ -138,17 +129,6 @@ def _(q, k, v, mask, past_k, past_v, num_heads):
     return torch.empty_like(q), q.new_empty(shape), q.new_empty(shape)
 
 
-@torch.library.custom_op("vesper::logit_features", mutates_args=())
-def logit_features_op(logits: torch.Tensor) -> torch.Tensor:
-    """The MetaHead's features of logits [..., V] -> [..., 3] (``model.logit_features``)."""
-    return logit_features(logits)
-
-
-@logit_features_op.register_fake
-def _(logits):
-    return logits.new_empty((*logits.shape[:-1], 3))
-
-
 # ----------------------------------------------------------------------------- ONNX side
 def translation_table(opset: int) -> dict:
     """torch op -> onnxscript function, for ``torch.onnx.export(custom_translation_table=)``.
@@ -162,14 +142,14 @@ def translation_table(opset: int) -> dict:
     def softplus_onnx(x: FLOAT, beta: float = 1.0, threshold: float = 20.0) -> FLOAT:
         # relu(z) - log(sigmoid(|z|)) is softplus(z) with no overflow and no branch (its
         # sigmoid stays in [0.5, 1]); past the threshold it differs from torch's z by
-        # under 1e-8. Vectorised Relu/Sigmoid/Log: ~2.4 us on 768 values vs 7 for Softplus.
+        # under 1e-8. Relu/Sigmoid/Log are vectorised in ONNX Runtime, Softplus is not.
         z = op18.Mul(x, op18.CastLike(beta, x))
         soft = op18.Sub(op18.Relu(z), op18.Log(op18.Sigmoid(op18.Abs(z))))
         return op18.Div(soft, op18.CastLike(beta, x))
 
     def logsumexp_onnx(x: FLOAT, dim: INT64, keepdim: bool = False) -> FLOAT:
-        # The max-shifted sum of Exp: ~2 us over a 2,880-token vocabulary where
-        # ReduceLogSumExp (not vectorised in ONNX Runtime's CPU kernel) takes ~10.
+        # The max-shifted sum of Exp: ONNX Runtime's CPU kernel of ReduceLogSumExp is not
+        # vectorised.
         top = op18.ReduceMax(x, dim, keepdims=1)
         total = op18.ReduceSum(op18.Exp(op18.Sub(x, top)), dim, keepdims=1)
         lse = op18.Add(op18.Log(total), top)
@@ -214,47 +194,29 @@ def translation_table(opset: int) -> dict:
     return table
 
 
-# ----------------------------------------------------------------------------- modules
-class LoweredRope(nn.Module):
-    """``RotaryEmbedding`` whose ``table`` hands the whole cos/sin table and the positions
-    to :class:`LoweredAttention`, for ONNX's RotaryEmbedding to look them up."""
-
-    def __init__(self, inner: RotaryEmbedding) -> None:
-        super().__init__()
-        # The same tensors under the same names (model.rope.cos / .sin in the graph).
-        self.register_buffer("cos", inner.cos, persistent=False)
-        self.register_buffer("sin", inner.sin, persistent=False)
-
-    def table(self, position_ids: torch.Tensor, dtype: torch.dtype,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.cos.to(dtype), self.sin.to(dtype), position_ids
-
-
-class LoweredAttention(nn.Module):
-    """``Attention`` as the two custom ops above; same parameters, same results. Reads
-    ``rope`` as :class:`LoweredRope` gives it."""
-
-    def __init__(self, inner: Attention) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None,
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a = self.inner
-        b, s, d = x.shape
-        q, k, v = a.qkv(x).split(d, dim=-1)
-        cos, sin, position_ids = rope
-        q = torch.ops.vesper.rotary(q, cos, sin, position_ids, a.num_heads)
-        k = torch.ops.vesper.rotary(k, cos, sin, position_ids, a.num_heads)
-        if past is None:
-            past = (x.new_zeros(b, a.num_heads, 0, a.head_dim),) * 2
-        if mask is None:
-            pos = torch.arange(s, device=x.device)
-            mask = (pos[None, :] <= pos[:, None])[None, None].expand(b, 1, s, s)
-        y, key, value = torch.ops.vesper.cached_attention(q, k, v, mask, past[0], past[1],
-                                                          a.num_heads)
-        return a.o_proj(y), (key, value)
+# ----------------------------------------------------------------------------- the variant
+@register_attention("onnx")
+def onnx_attention(attn: Attention, x: torch.Tensor, rope: RopeTable,
+                   mask: torch.Tensor | None, cache: Cache | None, layer: int) -> torch.Tensor:
+    """The attention variant the export runs: the rotation and the cached attention as the
+    two custom ops above (opset 23's RotaryEmbedding and Attention in the graph; the
+    model's own math in PyTorch), the past cache in and the present cache out of the one
+    operator."""
+    b, s, d = x.shape
+    q, k, v = attn.qkv(x).split(d, dim=-1)
+    q = torch.ops.vesper.rotary(q, rope.cos, rope.sin, rope.position_ids, attn.num_heads)
+    k = torch.ops.vesper.rotary(k, rope.cos, rope.sin, rope.position_ids, attn.num_heads)
+    past = cache.past(layer) if isinstance(cache, DynamicCache) else None
+    if past is None:
+        past = (x.new_zeros(b, attn.num_heads, 0, attn.head_dim),) * 2
+    if mask is None:
+        pos = torch.arange(s, device=x.device)
+        mask = (pos[None, :] <= pos[:, None])[None, None].expand(b, 1, s, s)
+    y, key, value = torch.ops.vesper.cached_attention(q, k, v, mask, past[0], past[1],
+                                                      attn.num_heads)
+    if isinstance(cache, DynamicCache):
+        cache.set(layer, key, value)
+    return y
 
 
 class LoweredFeedForward(nn.Module):
@@ -266,8 +228,6 @@ class LoweredFeedForward(nn.Module):
     instead of the zeros/ScatterElements/Mul chain, and a product over k rows, not r.
     The math is the model's own :meth:`GLUFeedForward.paired` (CPU decoding runs it
     too); the export's check compares the graph with PyTorch.
-    Measured on the demo model's int4 graph (this repo's 2-core CPU): the pair took it
-    from 248 to 214 nodes and decode +6 %; gathering, to 202 nodes.
     """
 
     def __init__(self, inner: GLUFeedForward, pair: dict[str, torch.Tensor]) -> None:
@@ -283,43 +243,23 @@ class LoweredFeedForward(nn.Module):
                                  self.balance_bias, self.lora_B, self.row_offset)
 
 
-class LoweredMetaHead(nn.Module):
-    """``MetaHead`` whose logit features are one custom op (ONNX: :func:`translation_table`'s
-    ``logit_features_onnx``); same parameters, same results."""
-
-    confidence = MetaHead.confidence  # over this module's calibration: inner's tensor
-
-    def __init__(self, inner: MetaHead) -> None:
-        super().__init__()
-        # inner's own layers and buffer under their own names (model.metahead.fc.* ...).
-        self.fc, self.out = inner.fc, inner.out
-        self.register_buffer("calibration", inner.calibration)
-
-    def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        feats = torch.ops.vesper.logit_features(logits.float()).to(h.dtype)
-        return self.out(F.gelu(self.fc(torch.cat((h, feats), dim=-1))))
-
-
 @contextlib.contextmanager
 def lowered(model: VesperLM, opset: int) -> Iterator[VesperLM]:
-    """``model`` with its FlyLoRA gate/up pairs and its MetaHead's logit features lowered,
-    and its attention where :func:`fused_attention` holds; restored afterwards."""
+    """``model`` with its FlyLoRA gate/up pairs lowered, and its attention running the
+    ``onnx`` variant where :func:`fused_attention` holds; restored afterwards. (The
+    MetaHead's logit features need nothing: ``logit_features`` is one operator in an
+    export.)"""
     fused = fused_attention(opset)
-    originals = [(block.attn, block.ffn) for block in model.blocks]
-    metahead, rope = model.metahead, model.rope
+    originals = [block.ffn for block in model.blocks]
+    impls = [block.attn.impl for block in model.blocks]
     try:
-        if metahead.use_logits:
-            model.metahead = LoweredMetaHead(metahead)
-        if fused:
-            model.rope = LoweredRope(rope)
         for block in model.blocks:
             if fused:
-                block.attn = LoweredAttention(block.attn)
+                block.attn.impl = "onnx"
             pair = paired_ffn_weights(block.ffn)
             if pair is not None:
                 block.ffn = LoweredFeedForward(block.ffn, pair)
         yield model
     finally:
-        model.metahead, model.rope = metahead, rope
-        for block, (attn, ffn) in zip(model.blocks, originals, strict=True):
-            block.attn, block.ffn = attn, ffn
+        for block, ffn, impl in zip(model.blocks, originals, impls, strict=True):
+            block.ffn, block.attn.impl = ffn, impl

@@ -21,7 +21,7 @@ time) on the block MatMuls, the LM head and the embedding; ``int4`` = ``MatMulNB
 ``GatherBlockQuantized`` for the embedding. The tied LM head is a runtime ``Transpose`` of
 the embedding in the fp32 graph (stored once); quantized graphs store it as its own
 initializer so the quantizers see a constant MatMul weight. FlyLoRA's A/B, the MetaHead
-and the MoE router stay fp32 (see vesper_sdk.quantize for why).
+and the MoE router stay fp32 (see vesper_sdk.quantization for why).
 
 Opset: 23 by default, for its native RMSNormalization, RotaryEmbedding and Attention
 (with the KV cache as inputs and outputs) operators, which ``export.lowering`` maps the
@@ -52,7 +52,6 @@ import logging
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ from torch import nn
 
 from ..atomic import atomic_write_folder
 from ..config import run_folder_hint
-from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, Linear, ModelFolderError, VesperLM
+from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
 from .lowering import fused_attention, lowered, paired_ffn_weights, translation_table
 from .runner import ONNX_NAME, make_session
@@ -207,7 +206,7 @@ def _weight_table(model: VesperLM) -> dict[str, tuple[str, str]]:
             table[_digest(mod.weight.detach().T.numpy())] = (f"{name}.weight", "quant")
             table[_digest(mod.lora_A.detach().T.numpy())] = (f"{name}.lora_A", "keep")
             table[_digest(mod.lora_B.detach().T.numpy())] = (f"{name}.lora_B", "keep")
-        elif type(mod) is Linear and not isinstance(
+        elif type(mod) is nn.Linear and not isinstance(
                 model.get_submodule(name.rpartition(".")[0]) if "." in name else model,
                 FlyLoRALinear):
             in_blocks = name.startswith("blocks.") and not name.endswith(".router")
@@ -581,40 +580,5 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
     return out_dir
 
 
-# ----------------------------------------------------------------------------- CLI
-@dataclass
-class ExportOptions:
-    """Export a model folder to ONNX, optionally INT8 or INT4, checked before it is written.
-
-    One graph serves prefill and decode (the KV cache is an input and an output); ONNX
-    Runtime is compared with PyTorch on random prompts before the folder appears.
-
-    Examples:
-      vesper-export --onnx runs/a/model -o runs/a-onnx
-      vesper export runs/a/model -o runs/a-int4 --quantize int4 --block-size 32
-    """
-
-    model_dir: str = field(metadata={"positional": True, "help": "model folder to export"})
-    out_dir: str = field(metadata={"aliases": ["-o"], "help": "folder to write (model.onnx, "
-                                                              "config.json, tokenizer.json)"})
-    opset: int | None = field(default=None, metadata={
-        "help": f"ONNX opset ({SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}; default "
-                f"{DEFAULT_OPSET}; 18-22 for ONNX Runtime < 1.22, at least {INT4_MIN_OPSET} "
-                "with --quantize int4)"})
-    quantize: str | None = field(default=None, metadata={
-        "choices": list(QUANTIZE_CHOICES), "help": "weight quantization of the graph"})
-    block_size: int = field(default=32, metadata={
-        "help": "int4: weights per quantization block (power of two >= 16)"})
-    cache: bool = field(default=True, metadata={
-        "help": "export the KV cache inputs/outputs (--no-cache: re-read the sequence)"})
-
-
-def cli(opts: ExportOptions) -> int:
-    """``vesper export`` / ``vesper-export --onnx``."""
-    export_onnx(opts.model_dir, opts.out_dir, opset=opts.opset, quantize=opts.quantize,
-                block_size=opts.block_size, use_cache=opts.cache)
-    return 0
-
-
-__all__ = ["DEFAULT_OPSET", "ExportError", "ExportOptions", "QUANT_BOUNDS",
-           "SUPPORTED_OPSETS", "check_parity", "cli", "export_onnx", "io_names"]
+__all__ = ["DEFAULT_OPSET", "ExportError", "QUANT_BOUNDS", "SUPPORTED_OPSETS", "check_parity",
+           "export_onnx", "io_names"]

@@ -4,7 +4,7 @@
 >>> lm = OnnxModel("runs/a-onnx")          # generate / stream / chat, same regulator
 >>> lm.generate("2+3=", max_new_tokens=8, temperature=0.0)
 
-``OnnxBackend`` is a ``DecodeBackend`` (``vesper_sdk.generate``): one ``forward`` per step,
+``OnnxBackend`` is a ``DecodeBackend`` (``vesper_sdk.inference``): one ``forward`` per step,
 the KV cache kept as ONNX Runtime values that go straight back into the next step
 through IO binding, so decoding copies nothing but the logits out of the session.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, VesperConfig
-from ..generate import StepOutput
+from ..inference.types import StepOutput
 from ..model import ModelFolderError
 
 ONNX_NAME = "model.onnx"
@@ -76,8 +76,8 @@ def make_session(path: str | Path, providers: list[str] | None = None,
 
     ONNX Runtime's threads spin for a while after each run by default; in a decode loop
     the sampling code runs right then, and torch's own threads queue behind the spinning
-    ones: on this repo's 2-core CPU, no spinning took the int4 demo model from 1,040 to
-    1,970 tokens/s through ``OnnxModel``, and the fp32 'small' model from 93 to 160.
+    ones, so without spinning a decode loop runs markedly faster (figures in
+    ``benchmarks/results/HISTORY.md``).
     """
     import onnxruntime as ort
 
@@ -91,8 +91,7 @@ def make_session(path: str | Path, providers: list[str] | None = None,
 
 
 # Below this many parameters each operation is too small to split across threads: one
-# intra-op thread decodes faster (int4 demo model, 3 M: 2,630 vs 1,970 tokens/s; the
-# 50 M 'small' model is faster on 2 threads, 160 vs 146).
+# intra-op thread decodes faster (the 3 M demo model), two threads win at 50 M ('small').
 SINGLE_THREAD_PARAMS = 10_000_000
 
 
@@ -179,7 +178,7 @@ class OnnxBackend:
             input_ids.shape[0])
         if self._cache_device == "cpu":
             # On the CPU a plain run() with numpy arrays costs less per step than IO
-            # binding (measured: 3,800 vs 3,100 tokens/s, int4 demo model, one thread).
+            # binding (measured on the int4 demo model, one thread).
             feed = dict(zip(self._past_names, past, strict=True))
             feed.update(input_ids=_int64(input_ids), attention_mask=_int64(attention_mask),
                         position_ids=_int64(position_ids))
@@ -237,21 +236,6 @@ def _int64(t: torch.Tensor) -> np.ndarray:
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
     return t.detach().cpu().contiguous().numpy()
-
-
-def OnnxModel(model_dir: str | Path, providers: list[str] | None = None,  # noqa: N802
-              threads: int | None = None) -> Any:
-    """An exported folder as an ``LLM``: generate / stream / chat / score, same regulator.
-
-    A function named like a class on purpose: it returns ``vesper_sdk.generate.LLM`` over
-    an ``OnnxBackend``, so the PyTorch and ONNX paths share one decoding loop.
-    """
-    from ..generate import LLM
-    from ..tokenizer import VesperTokenizer
-
-    backend = OnnxBackend(model_dir, providers=providers, threads=threads)
-    tokenizer = VesperTokenizer.from_file(model_dir)
-    return LLM(backend, tokenizer, model_dir)
 
 
 def register_optimum() -> type:

@@ -1,6 +1,6 @@
 """Velvet optimizer step: one Triton launch over a flat buffer, beside its torch reference.
 
-The optimizer (:mod:`vesper_sdk.optim`) packs every parameter of one (device, dtype) into
+The optimizer (:mod:`vesper_sdk.training.optim`) packs every parameter of one (device, dtype) into
 a single contiguous buffer, each tensor's segment padded to a multiple of ``BLOCK``, and
 keeps gradients and both Adam moments in buffers of the same layout (moments always
 fp32). One launch then updates every parameter:
@@ -58,7 +58,7 @@ HP_EPS = 6
 NUM_HP = 7
 
 #: Elements per program. 2048 fp32 over 8 warps = 8 contiguous elements per thread per
-#: tensor, i.e. two 128-bit loads: enough bytes in flight to saturate HBM on H100/H200.
+#: tensor, i.e. two 128-bit loads: enough bytes in flight to saturate a data-center GPU's HBM.
 BLOCK = 2048
 NUM_WARPS = 8
 

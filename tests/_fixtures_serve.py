@@ -112,10 +112,11 @@ def server_thread(app: Any, log_level: str = "warning") -> Iterator[str]:
 def generation_request(prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                        seed: int | None = None) -> Any:
     """A GenerationRequest with the server's defaults for everything else."""
-    from vesper_sdk.generate import GenerationRequest
+    from vesper_sdk.inference import GenerationRequest, SamplingParams
 
-    return GenerationRequest(prompt=list(prompt_ids), max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed)
+    return GenerationRequest(prompt=list(prompt_ids),
+                             params=SamplingParams(max_new_tokens=max_new_tokens,
+                                                   temperature=temperature, seed=seed))
 
 
 def solo_greedy(llm: Any, prompt_ids: list[int], max_new_tokens: int) -> list[Any]:

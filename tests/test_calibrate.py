@@ -64,7 +64,7 @@ def test_too_little_held_out_data_is_a_clear_error_and_writes_nothing(model_dir,
 
 
 def test_an_existing_platt_scaling_is_folded_in_before_the_refit(model_dir):
-    from vesper_sdk.calibrate import refit_confidence, skills_batches
+    from vesper_sdk.training.calibration import refit_confidence, skills_batches
 
     tok = vs.VesperTokenizer.from_file(model_dir)
     scaled = vs.VesperLM.from_pretrained(model_dir)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from vesper_sdk import cli
-from vesper_sdk.data import (
+from vesper_sdk.tokenizer import VesperTokenizer
+from vesper_sdk.training.data import (
     BlockSampler,
     DataError,
     DataSource,
@@ -19,7 +20,6 @@ from vesper_sdk.data import (
     get_batch,
     split_blocks,
 )
-from vesper_sdk.tokenizer import VesperTokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -50,7 +50,7 @@ def test_two_gloo_processes_match_one_and_resume(tmp_path):
     # Same global batch (2 processes x 2 sequences), same data, same seed; the DDP run
     # stops at step 3 (checkpoint with both ranks' RNG states) and resumes to step 6.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "vesper_sdk.train", "builtin:skills", "--out-dir", str(tmp_path / "two"),
+           "2", "-m", "vesper_sdk.training", "builtin:skills", "--out-dir", str(tmp_path / "two"),
            "--batch-size", "2", "--cache-dir", str(cache), "--device", "cpu",
            *_cli_args(COMMON)]
     for extra in (["--stop-at-step", "3"], ["--resume"]):

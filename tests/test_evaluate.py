@@ -11,9 +11,10 @@ import torch
 
 import vesper_sdk as vs
 from vesper_sdk import cli, skills
-from vesper_sdk.evaluate import encode_examples, evaluate, score_tokens
-from vesper_sdk.generate import LLM
-from vesper_sdk.metacog import auroc, expected_calibration_error
+from vesper_sdk.eval.metrics import auroc, expected_calibration_error
+from vesper_sdk.eval.report import evaluate
+from vesper_sdk.eval.scorer import encode_examples, score_tokens
+from vesper_sdk.inference import LLM
 
 
 @pytest.fixture(scope="module", autouse=True)

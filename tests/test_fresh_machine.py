@@ -15,7 +15,7 @@ import torch
 
 import vesper_sdk as vs
 from vesper_sdk.bench import default_out_dir
-from vesper_sdk.quantize import default_report_path
+from vesper_sdk.benchmarks.quantized import default_report_path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP_LEVEL = ("kernels", "export", "demo", "benchmarks")

@@ -12,15 +12,17 @@ import pytest
 import torch
 
 import vesper_sdk as vs
-from vesper_sdk import cli, matvec
-from vesper_sdk.generate import (
+from vesper_sdk import cli
+from vesper_sdk.eval.regulator import MetacognitiveRegulator
+from vesper_sdk.inference import (
     LLM,
     GenerationRequest,
+    SamplingParams,
     StepOutput,
     Token,
     TorchBackend,
 )
-from vesper_sdk.metacog import MetacognitiveRegulator
+from vesper_sdk.inference.decode_swaps import DenseProduct, MatVecHead
 
 MULTIBYTE = "héllo wörld 🙂 世界 こんにちは ça déjà"
 
@@ -171,7 +173,7 @@ def test_stacked_ffn_pairs_decode_the_same_tokens_and_follow_weight_updates(mode
         ref = LLM(TorchBackend(ref_model, static_cache=False, matvec_parts=0), tokenizer)
         backend = TorchBackend(m, matvec_parts=0, pair_ffn=True, compile=compile)
         paired = [b.ffn.pair for b in m.blocks]
-        assert all(isinstance(p.product, matvec.DenseProduct) for p in paired)
+        assert all(isinstance(p.product, DenseProduct) for p in paired)
         before = assert_same_greedy(ref, LLM(backend, tokenizer), prompts, 12, 1e-5)
         with torch.no_grad():  # an in-place update the stacked copies must follow
             for mm in (ref_model, m):
@@ -472,14 +474,17 @@ def test_retries_stop_at_the_first_good_enough_answer(lm):
 # ----------------------------------------------------------------------------- stream_batch
 def test_stream_batch_rows_do_not_mix(lm, tokenizer):
     requests = [
-        GenerationRequest(prompt="the cat", max_new_tokens=10, temperature=0.0),
-        GenerationRequest(prompt=tokenizer.encode("2+3=", add_bos=True), max_new_tokens=4,
-                          temperature=1.0, seed=11),
-        GenerationRequest(prompt="a small red river tree", max_new_tokens=14,
-                          temperature=0.9, top_p=0.8, seed=5, top_logprobs=3),
-        GenerationRequest(prompt="é", max_new_tokens=9, temperature=1.2, top_k=5, seed=5,
-                          repetition_penalty=1.3),
-        GenerationRequest(prompt="the", max_new_tokens=0),
+        GenerationRequest(prompt="the cat",
+                          params=SamplingParams(max_new_tokens=10, temperature=0.0)),
+        GenerationRequest(prompt=tokenizer.encode("2+3=", add_bos=True),
+                          params=SamplingParams(max_new_tokens=4, temperature=1.0, seed=11)),
+        GenerationRequest(prompt="a small red river tree",
+                          params=SamplingParams(max_new_tokens=14, temperature=0.9, top_p=0.8,
+                                                seed=5, top_logprobs=3)),
+        GenerationRequest(prompt="é",
+                          params=SamplingParams(max_new_tokens=9, temperature=1.2, top_k=5, seed=5,
+                                                repetition_penalty=1.3)),
+        GenerationRequest(prompt="the", params=SamplingParams(max_new_tokens=0)),
     ]
     solo = [[t for _, t in lm.stream_batch([copy.copy(r)])] for r in requests]
     rows: list[list[Token]] = [[] for _ in requests]
@@ -512,7 +517,8 @@ def test_static_cache_drops_finished_rows(lm):
 
     backend.reorder_cache = spy
     try:
-        reqs = [GenerationRequest(prompt=p, max_new_tokens=n, temperature=0.0)
+        reqs = [GenerationRequest(prompt=p,
+                                  params=SamplingParams(max_new_tokens=n, temperature=0.0))
                 for p, n in (("the cat", 3), ("a small red river tree", 8), ("2+2=", 5))]
         rows: list[list[int]] = [[], [], []]
         for i, tok in lm.stream_batch(reqs):
@@ -521,17 +527,20 @@ def test_static_cache_drops_finished_rows(lm):
         del backend.reorder_cache
     assert kept_rows == [2, 1]  # after the 3rd token, then after the 5th
     for r, req in zip(rows, reqs, strict=True):
-        assert r == ids_of(list(lm.stream(req.prompt, max_new_tokens=req.max_new_tokens,
+        assert r == ids_of(list(lm.stream(req.prompt, max_new_tokens=req.params.max_new_tokens,
                                           temperature=0.0)))
 
 
 def test_stream_batch_cancellation(lm):
     stop_after = threading.Event()
     count = {"n": 0}
-    reqs = [GenerationRequest(prompt="the cat", max_new_tokens=12, temperature=0.0),
-            GenerationRequest(prompt="the dog", max_new_tokens=12, temperature=0.0,
+    reqs = [GenerationRequest(prompt="the cat",
+                              params=SamplingParams(max_new_tokens=12, temperature=0.0)),
+            GenerationRequest(prompt="the dog",
+                              params=SamplingParams(max_new_tokens=12, temperature=0.0),
                               cancelled=stop_after),
-            GenerationRequest(prompt="2+2=", max_new_tokens=12, temperature=0.0,
+            GenerationRequest(prompt="2+2=",
+                              params=SamplingParams(max_new_tokens=12, temperature=0.0),
                               cancelled=lambda: count["n"] >= 6)]
     rows: list[list[Token]] = [[], [], []]
     for i, tok in lm.stream_batch(reqs):
@@ -557,17 +566,24 @@ def mixed_requests(stop: str) -> list[GenerationRequest]:
         return seen["n"] > 5
 
     return [
-        GenerationRequest(prompt="the cat", max_new_tokens=10, temperature=0.0),
-        GenerationRequest(prompt="2+3=", max_new_tokens=30, temperature=0.0, stop=stop),
-        GenerationRequest(prompt="a small red river tree", max_new_tokens=14,
-                          temperature=0.9, top_p=0.8, seed=5, top_logprobs=3),
-        GenerationRequest(prompt="é", max_new_tokens=9, temperature=1.2, top_k=5, seed=5,
-                          repetition_penalty=1.3),
-        GenerationRequest(prompt="the dog", max_new_tokens=12, temperature=0.0,
+        GenerationRequest(prompt="the cat",
+                          params=SamplingParams(max_new_tokens=10, temperature=0.0)),
+        GenerationRequest(prompt="2+3=",
+                          params=SamplingParams(max_new_tokens=30, temperature=0.0, stop=stop)),
+        GenerationRequest(prompt="a small red river tree",
+                          params=SamplingParams(max_new_tokens=14, temperature=0.9, top_p=0.8,
+                                                seed=5, top_logprobs=3)),
+        GenerationRequest(prompt="é",
+                          params=SamplingParams(max_new_tokens=9, temperature=1.2, top_k=5, seed=5,
+                                                repetition_penalty=1.3)),
+        GenerationRequest(prompt="the dog",
+                          params=SamplingParams(max_new_tokens=12, temperature=0.0),
                           cancelled=cancel_after_five),
-        GenerationRequest(prompt="the sun", max_new_tokens=6, temperature=0.8, seed=2,
-                          regulator=MetacognitiveRegulator(retries=2, threshold=0.99)),
-        GenerationRequest(prompt="the", max_new_tokens=0),
+        GenerationRequest(prompt="the sun",
+                          params=SamplingParams(max_new_tokens=6, temperature=0.8, seed=2,
+                                                regulator=MetacognitiveRegulator(
+                                                    retries=2, threshold=0.99))),
+        GenerationRequest(prompt="the", params=SamplingParams(max_new_tokens=0)),
     ]
 
 
@@ -624,7 +640,7 @@ def test_pipelined_decoding_ends_at_eos_with_the_step_ahead_unused(tokenizer):
 
 
 def test_pipeline_and_ffn_pair_default_on_for_cuda_only(model, tokenizer):
-    # Both measured faster on an H100 and nowhere else; the CPU pairs through matvec.
+    # Both measured faster on an H100 and nowhere else; the CPU pairs through its swaps.
     backend = TorchBackend(copy.deepcopy(model))
     assert not backend.pair_ffn and not LLM(backend, tokenizer).pipeline
     assert TorchBackend(copy.deepcopy(model), matvec_parts=0, pair_ffn=True).pair_ffn
@@ -707,8 +723,8 @@ def test_cpu_decode_uses_threaded_products_with_the_same_tokens(model, tokenizer
     """The CPU backend attaches split products; greedy text and scores match without."""
     fast = LLM(TorchBackend(copy.deepcopy(model)), tokenizer)
     plain = LLM(TorchBackend(copy.deepcopy(model), matvec_parts=0), tokenizer)
-    assert fast.backend.model.head_matvec is not None
-    assert plain.backend.model.head_matvec is None
+    assert isinstance(fast.backend.model.lm_head, MatVecHead)
+    assert not isinstance(plain.backend.model.lm_head, MatVecHead)
     prompts = ["the cat sees", "2+3=", "a small red river"]
     got = fast.generate_tokens(prompts, max_new_tokens=12, temperature=0.0)
     want = plain.generate_tokens(prompts, max_new_tokens=12, temperature=0.0)

@@ -11,20 +11,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vesper_sdk.metacog import (
-    MetacognitiveRegulator,
-    as_regulator,
+from vesper_sdk.eval.metrics import (
     auroc,
     brier_score,
     calibration_summary,
     expected_calibration_error,
     fit_confidence,
     fit_platt,
-    join_flags,
     paired_bootstrap,
     rankdata,
     reliability_bins,
 )
+from vesper_sdk.eval.regulator import MetacognitiveRegulator, as_regulator, join_flags
 
 
 # ----------------------------------------------------------------------------- ECE

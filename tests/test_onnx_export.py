@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_quantize import make_model_dir, make_tokenizer
 
 import vesper_sdk as vs
 from vesper_sdk.export import OnnxModel
@@ -25,13 +24,13 @@ from vesper_sdk.export.onnx_export import (
     export_onnx,
 )
 from vesper_sdk.export.runner import OnnxBackend, make_session
-from vesper_sdk.generate import TorchBackend
+from vesper_sdk.inference import TorchBackend
 from vesper_sdk.model import ModelFolderError
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("fp32") / "m", make_tokenizer())
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +210,7 @@ def test_not_a_model_folder_is_refused(tmp_path, exports):
         export_onnx(exports["fp32"], tmp_path / "out")
     with pytest.raises(ModelFolderError, match="not an ONNX export"):
         OnnxModel(tmp_path / "empty")
-    from vesper_sdk.quantize import quantize
+    from vesper_sdk.quantization import quantize
 
     with pytest.raises(ModelFolderError, match="is an ONNX export"):
         quantize(exports["fp32"], "int8", tmp_path / "out")
@@ -234,7 +233,7 @@ def test_failed_verification_leaves_no_folder(model_dir, exports, tmp_path, monk
 
 
 def test_bnb_quantized_folder_is_refused(model_dir, tmp_path):
-    from vesper_sdk.quantize import quantize
+    from vesper_sdk.quantization import quantize
 
     q = quantize(model_dir, "nf4", tmp_path / "q", verbose=False)
     with pytest.raises(ExportError, match="full-precision folder"):

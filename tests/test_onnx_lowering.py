@@ -1,5 +1,5 @@
-"""The export's lowering (vesper_sdk.export.lowering): the fused-op attention computes what
-the model's attention computes, the model is put back after the export, and the ONNX
+"""The export's lowering (vesper_sdk.export.lowering): the fused-op attention variant computes
+what the model's attention computes, the model is put back after the export, and the ONNX
 translations of softplus / logsumexp match torch where their naive forms overflow."""
 
 from __future__ import annotations
@@ -12,14 +12,10 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from test_quantize import make_model_dir, make_tokenizer
 
 import vesper_sdk as vs
 from vesper_sdk.export.lowering import (
-    LoweredAttention,
     LoweredFeedForward,
-    LoweredMetaHead,
-    LoweredRope,
     lowered,
     translation_table,
 )
@@ -75,10 +71,8 @@ def test_lowered_attention_computes_what_the_model_attention_computes(model, wit
     with torch.no_grad():
         ref = _steps(model, with_mask)
         with lowered(model, opset=23):
-            assert all(isinstance(b.attn, LoweredAttention) for b in model.blocks)
+            assert all(b.attn.impl == "onnx" for b in model.blocks)  # the registry's variant
             assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
-            assert isinstance(model.metahead, LoweredMetaHead)
-            assert isinstance(model.rope, LoweredRope)
             got = _steps(model, with_mask)
     assert len(got) == len(ref)
     for g, r in zip(got, ref, strict=True):
@@ -91,16 +85,16 @@ def test_model_is_put_back_after_lowering_even_when_the_export_fails(model):
     with pytest.raises(RuntimeError, match="export failed"), lowered(model, opset=23):
         raise RuntimeError("export failed")
     assert [(b.attn, b.ffn) for b in model.blocks] == originals
-    assert all(type(b.attn) is Attention for b in model.blocks)
+    assert all(type(b.attn) is Attention and b.attn.impl == "sdpa" for b in model.blocks)
     assert type(model.metahead) is MetaHead and type(model.rope) is RotaryEmbedding
     with lowered(model, opset=21):  # no fused attention below opset 23; the FFN pairs
-        assert [b.attn for b in model.blocks] == [a for a, _ in originals]
+        assert all(b.attn.impl == "sdpa" for b in model.blocks)
         assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
     assert [(b.attn, b.ffn) for b in model.blocks] == originals
 
 
 def test_without_the_fused_operators_the_export_keeps_the_plain_ones(model, monkeypatch,
-                                                                     tmp_path):
+                                                                     tmp_path, tiny_model_dir):
     # An ONNX Runtime (or onnxscript) without opset 23's Attention/RotaryEmbedding: the
     # model is not lowered, the table has no fused ops, and the export still checks out.
     from vesper_sdk.export import lowering
@@ -108,10 +102,10 @@ def test_without_the_fused_operators_the_export_keeps_the_plain_ones(model, monk
     monkeypatch.setattr(lowering, "_runtime_runs_fused_ops", lambda: False)
     assert not lowering.fused_attention(23)
     with lowered(model, opset=23):
-        assert all(type(b.attn) is Attention for b in model.blocks)
+        assert all(b.attn.impl == "sdpa" for b in model.blocks)
         assert all(isinstance(b.ffn, LoweredFeedForward) for b in model.blocks)
     assert torch.ops.vesper.rotary.default not in translation_table(23)
-    model_dir = make_model_dir(tmp_path / "m", make_tokenizer())
+    model_dir = tiny_model_dir
     out = export_onnx(model_dir, tmp_path / "plain", verbose=False)
     graph = onnx.load(str(out / "model.onnx")).graph
     assert not {n.op_type for n in graph.node} & {"RotaryEmbedding"}
@@ -142,8 +136,9 @@ def test_softplus_and_logsumexp_translations_match_torch_at_extremes(opset, tmp_
         np.testing.assert_allclose(g, r.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_opset_23_graph_uses_the_fused_operators_and_older_opsets_do_not(tmp_path):
-    model_dir = make_model_dir(tmp_path / "m", make_tokenizer())
+def test_opset_23_graph_uses_the_fused_operators_and_older_opsets_do_not(tmp_path,
+                                                                          tiny_model_dir):
+    model_dir = tiny_model_dir
     counts = {}
     for opset in (23, 18):
         out = export_onnx(model_dir, tmp_path / f"o{opset}", opset=opset, verbose=False)

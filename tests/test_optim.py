@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from vesper_sdk.kernels import velvet
-from vesper_sdk.optim import (
+from vesper_sdk.training.optim import (
     VelvetOptimizer,
     entropy_lr_scale,
     perplexity_beta1_scale,

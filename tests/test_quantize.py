@@ -12,50 +12,22 @@ import torch
 from safetensors import safe_open
 
 import vesper_sdk as vs
-from vesper_sdk.model import FlyLoRALinear, ModelFolderError
-from vesper_sdk.quantize import (
-    QuantizedFlyLoRALinear,
-    QuantizeError,
+from vesper_sdk.benchmarks.quantized import (
     _token_chunks,
     backend_perplexity,
     eval_token_docs,
-    load_quantized,
     quantization_report,
-    quantize,
 )
+from vesper_sdk.model import FlyLoRALinear, ModelFolderError
+from vesper_sdk.quantization import QuantizedFlyLoRALinear, QuantizeError, load_quantized, quantize
 from vesper_sdk.tokenizer import VesperTokenizer
 
 WORDS = ("the cat sat on a mat while seven dogs ran past one red car and two blue birds "
          "sang over green hills near old towns").split()
 
-
-def make_tokenizer() -> VesperTokenizer:
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(10)) + f" {rng.randint(0, 999)}"
-             for _ in range(300)]
-    return VesperTokenizer.train(texts, vocab_size=360, min_frequency=1)
-
-
-def make_model_dir(root: Path, tok: VesperTokenizer, **overrides) -> Path:
-    """A tiny random model whose FlyLoRA branch is live (B != 0), saved with its tokenizer."""
-    torch.manual_seed(0)
-    cfg = vs.VesperConfig.from_preset(
-        "tiny", hidden_size=64, num_layers=2, num_heads=2, ffn_hidden_size=128,
-        vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id, max_seq_len=256, **overrides)
-    model = vs.VesperLM(cfg).eval()
-    with torch.no_grad():
-        for layer in model.flylora_layers():
-            layer.lora_B.normal_(0, 0.05)
-            layer.balance_bias.normal_(0, 0.1)
-    model.save_pretrained(root)
-    tok.save(root)
-    return root
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("fp32") / "m", make_tokenizer())
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 def _probe(vocab: int) -> torch.Tensor:
@@ -143,7 +115,7 @@ def test_quantized_folder_generates_through_load(model_dir, tmp_path, method):
 
 
 def test_quantized_perplexity_is_close_to_fp32(model_dir, tmp_path):
-    from vesper_sdk.generate import TorchBackend
+    from vesper_sdk.inference import TorchBackend
 
     tok = VesperTokenizer.from_file(model_dir)
     rng = random.Random(1)
@@ -158,7 +130,7 @@ def test_quantized_perplexity_is_close_to_fp32(model_dir, tmp_path):
 
 
 def test_report_perplexity_scores_only_the_assistant_tokens_of_chats(model_dir, tmp_path):
-    from vesper_sdk.generate import TorchBackend
+    from vesper_sdk.inference import TorchBackend
 
     tok = VesperTokenizer.from_file(model_dir)
     chats = [[{"role": "user", "content": "the dog sees a red tree"},

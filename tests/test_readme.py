@@ -3,8 +3,9 @@ API block, in order, in a scratch folder holding the repo's examples/, against a
 
 What differs from a user's run, and why:
 - each training command gets TINY_TRAIN appended (argparse keeps the last value, so
-  ``--max-steps 500`` becomes 3 steps of a 32-wide model), the Python block's ``max_steps=500``
-  becomes the same keywords, and the slow measuring commands get smaller sizes (REPORT, EVAL);
+  ``--max-steps 500`` becomes 3 steps of a 64-wide model, the narrowest bitsandbytes' 4-bit
+  layers take), the Python block's ``max_steps=500`` becomes the same keywords, and the slow
+  measuring commands get smaller sizes (REPORT, EVAL);
 - servers (``vesper serve``, ``vesper demo``, ``vs.serve``) get a free port, are stopped once
   they answer over HTTP, and count as passed only if they did;
 - the Quickstart's ``make test`` is what runs this file, and ``make demo`` starts the same app
@@ -30,15 +31,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-TINY_TRAIN = ["--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
-              "--ffn-hidden-size", "64", "--max-steps", "3", "--batch-size", "4",
+TINY_TRAIN = ["--hidden-size", "64", "--num-layers", "1", "--num-heads", "2",
+              "--ffn-hidden-size", "128", "--max-steps", "3", "--batch-size", "4",
               "--seq-len", "64", "--builtin-examples", "300", "--calibration-examples", "200",
               "--vocab-size", "400", "--eval-every", "0", "--eval-batches", "1",
               "--checkpoint-every", "0", "--no-progress"]
 # A fine-tune keeps the model it starts from: only the run's length and batches shrink.
 TINY_FINETUNE = ["--max-steps", "3", "--batch-size", "4", "--seq-len", "64", "--eval-every", "0",
                  "--eval-batches", "1", "--calibration-examples", "200", "--no-progress"]
-TINY_API = ('max_steps=3, hidden_size=32, num_layers=1, num_heads=2, ffn_hidden_size=64, '
+TINY_API = ('max_steps=3, hidden_size=64, num_layers=1, num_heads=2, ffn_hidden_size=128, '
             'batch_size=4, seq_len=64, builtin_examples=300, calibration_examples=200, '
             'vocab_size=400, eval_every=0, eval_batches=1, checkpoint_every=0, progress=False')
 REPORT = ["--max-tokens", "512", "--new-tokens", "8"]
@@ -73,7 +74,7 @@ def adjusted(words: list[str], port: int) -> list[str]:
     if words[0] in ("vesper", "vesper-export", "torchrun"):
         words[0] = str(BIN / words[0])
     job = words[1] if words[0].endswith("vesper") and len(words) > 1 else ""
-    if job == "train" or "vesper_sdk.train" in words:
+    if job == "train" or "vesper_sdk.training" in words:
         words += TINY_FINETUNE if "--init-from" in words else TINY_TRAIN
     elif job == "quantize" and "--report" in words:
         words += REPORT

@@ -30,10 +30,8 @@ from _fixtures_serve import (
 )
 
 import vesper_sdk as vs
-from vesper_sdk.generate import LLM
-
-# Not `from vesper_sdk import serve`: that name is also the serve() function.
-srv = importlib.import_module("vesper_sdk.serve")
+from vesper_sdk import serving as srv
+from vesper_sdk.inference import LLM
 
 MODEL = "tiny"
 
@@ -420,7 +418,8 @@ def test_a_port_that_cannot_be_bound_is_refused_before_the_model_loads(
 def test_vs_serve_is_callable_whatever_the_import_order() -> None:
     # vs.serve is the function in the design; importing the submodule must not break it.
     assert callable(vs.serve)
-    assert callable(importlib.import_module("vesper_sdk.serve"))
+    importlib.import_module("vesper_sdk.serving")
+    assert callable(vs.serve)
     with pytest.raises(ValueError, match="API key"):
         vs.serve("nowhere", host="0.0.0.0")
 
@@ -628,7 +627,7 @@ def test_metrics_prometheus_text(server, client) -> None:
 
 # ----------------------------------------------------------------------------- backends
 def test_quantized_folder_serves(model_dir: Path, tmp_path: Path) -> None:
-    quantize = importlib.import_module("vesper_sdk.quantize").quantize
+    quantize = importlib.import_module("vesper_sdk.quantization").quantize
     q_dir = quantize(model_dir, method="int8", out_dir=tmp_path / "tiny-int8", verbose=False)
     app = srv.create_app(q_dir, device="cpu")
     with server_thread(app) as url:

@@ -19,7 +19,7 @@ from _fixtures_serve import make_tiny_model, parse_sse, server_thread, solo_gree
 
 import vesper_sdk as vs
 
-srv = importlib.import_module("vesper_sdk.serve")
+srv = importlib.import_module("vesper_sdk.serving")
 CLIENTS = 32
 MODEL = "tiny"
 

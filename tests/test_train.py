@@ -12,19 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 import vesper_sdk as vs
-import vesper_sdk.train as train_mod
-from vesper_sdk import checkpoint as ckpt
+import vesper_sdk.training.trainer as train_mod
 from vesper_sdk import cli
-from vesper_sdk.autoscale import LADDER, estimate_training_memory, plan
-from vesper_sdk.metacog import expected_calibration_error
+from vesper_sdk.eval.metrics import expected_calibration_error
 from vesper_sdk.model import VesperOutput
-from vesper_sdk.train import (
-    CalibrationMeter,
-    LRSchedule,
-    TrainingError,
-    metahead_loss,
-    metahead_targets,
-)
+from vesper_sdk.model.metahead import metahead_loss, metahead_targets
+from vesper_sdk.training import TrainOptions, run
+from vesper_sdk.training import checkpoint as ckpt
+from vesper_sdk.training.autoscale import LADDER, estimate_training_memory, plan
+from vesper_sdk.training.evaluation import CalibrationMeter
+from vesper_sdk.training.options import TrainingError
+from vesper_sdk.training.schedule import LRSchedule
 
 # A very small model and data set: every run here takes seconds on two CPU cores.
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_hidden_size=128, vocab_size=384,
@@ -304,9 +302,8 @@ def test_resume_under_another_schedule_says_it_will_not_match(tmp_path, small):
 
     def resume(**more) -> list[str]:
         logs: list[str] = []
-        train_mod.run(train_mod.TrainOptions(data="builtin:skills", out_dir=str(tmp_path),
-                                             preset="tiny", resume=True, **opts, **more),
-                      log=logs.append)
+        run(TrainOptions(data="builtin:skills", out_dir=str(tmp_path), preset="tiny",
+                         resume=True, **opts, **more), log=logs.append)
         return logs
 
     same = resume(max_steps=8, stop_at_step=6)  # a pause keeps the schedule

@@ -1,63 +1,108 @@
-"""The model folder's files: read weights, check them against the config, name damage."""
+"""``ModelFolder``: the one place that knows what kind a model folder is and what it holds.
+
+A folder is one of three kinds: ``torch`` (config.json + model.safetensors), ``bnb``
+(the same with a ``quantization`` block in config.json, bitsandbytes layers) or ``onnx``
+(an export: model.onnx beside its config). Every loader (generate, serve, eval,
+calibrate, quantize, export, the demo) asks this class rather than looking for files.
+"""
 
 from __future__ import annotations
 
+import json
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from torch import nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from .config import ConfigError, VesperConfig, run_folder_hint
+from .model import VesperLM
+from .model.files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelFolderError,
+    load_state_checked,
+    load_weights,
+)
+from .quantization import load_quantized
+from .tokenizer import TOKENIZER_NAME, VesperTokenizer
 
+ONNX_NAME = "model.onnx"
+Kind = Literal["torch", "bnb", "onnx"]
 
-class ModelFolderError(RuntimeError):
-    """A model folder is missing a file, or a file is damaged or does not match config.json."""
-
-
-
-def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning any damage into an error that names the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ModelFolderError(
-            f"{path} is missing: the model folder has config.json but no weights; "
-            "re-save the model (model.save_pretrained) or point at the right folder")
-    try:
-        return load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ModelFolderError(
-            f"{path} is damaged or truncated ({exc}); restore it from a checkpoint or "
-            "re-save the model") from None
+__all__ = ["CONFIG_NAME", "ONNX_NAME", "TOKENIZER_NAME", "WEIGHTS_NAME", "Kind", "ModelFolder",
+           "ModelFolderError", "load_state_checked", "load_weights"]
 
 
-# The MetaHead's Platt calibration, identity for models trained before it existed.
-LEGACY_DEFAULTS = {"metahead.calibration": torch.tensor([1.0, 0.0])}
+class ModelFolder:
+    """A model folder on disk: its kind, config, tokenizer and files.
 
+    Raises :class:`ModelFolderError` naming the folder and the fix when it is not a model
+    folder (with "Did you mean runs/a/model?" when given a training run's folder).
+    """
 
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """load_state_dict with an error that lists what is missing, extra or mis-shaped."""
-    own = model.state_dict()
-    for key, value in LEGACY_DEFAULTS.items():
-        # Buffers added after a folder was written take their do-nothing value.
-        if key in own and key not in state:
-            state[key] = value.clone()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {'; '.join(shapes[:3])}")
-        raise ModelFolderError(
-            f"{path} does not match {path.parent / CONFIG_NAME}: " + "; ".join(parts)
-            + ". The weights were saved from a different config; use the config.json "
-            "that came with them")
-    model.load_state_dict(state, strict=True)
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelFolderError(
+                f"{self.path} is not a folder: pass a model folder (config.json, "
+                f"model.safetensors, tokenizer.json) or an ONNX export"
+                f"{run_folder_hint(self.path)}")
+        if not (self.path / CONFIG_NAME).is_file() and not self.onnx_path.is_file():
+            raise ModelFolderError(
+                f"{self.path} is not a model folder (no {CONFIG_NAME} or {ONNX_NAME})"
+                f"{run_folder_hint(self.path)}")
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_NAME
+
+    @cached_property
+    def config_data(self) -> dict[str, Any]:
+        """config.json as a dict ({} for an export that has none)."""
+        path = self.path / CONFIG_NAME
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelFolderError(f"{path} is not valid JSON ({exc}): restore it from the "
+                                   "run's checkpoint or re-save the model") from None
+        if not isinstance(data, dict):
+            raise ModelFolderError(f"{path} must hold a JSON object")
+        return data
+
+    @property
+    def kind(self) -> Kind:
+        if self.onnx_path.is_file():
+            return "onnx"
+        return "bnb" if self.quantization else "torch"
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """The ``quantization`` block of config.json (bitsandbytes folders), else None."""
+        quant = self.config_data.get("quantization")
+        return quant if isinstance(quant, dict) else None
+
+    @cached_property
+    def config(self) -> VesperConfig:
+        try:
+            return VesperConfig.from_dict(self.config_data)
+        except (ConfigError, TypeError) as exc:
+            raise ModelFolderError(f"{self.path / CONFIG_NAME}: {exc}") from None
+
+    def tokenizer(self) -> VesperTokenizer:
+        return VesperTokenizer.from_file(self.path)
+
+    def load_model(self, device: str | torch.device = "cpu") -> VesperLM:
+        """The PyTorch model of a ``torch`` or ``bnb`` folder, on ``device``."""
+        if self.kind == "onnx":
+            raise ModelFolderError(
+                f"{self.path} is an ONNX export: load it with vesper_sdk.load(dir) (ONNX "
+                "Runtime), or point at the PyTorch folder it was exported from")
+        if self.kind == "bnb":
+            return load_quantized(self.path, device=device)
+        return VesperLM.from_pretrained(self.path, map_location=device)
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({str(self.path)!r}, kind={self.kind!r})"

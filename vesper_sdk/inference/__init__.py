@@ -1,17 +1,18 @@
-"""Generation: ``vesper_sdk.load`` and the ``LLM`` facade over one decoding loop."""
+"""Generation: ``vesper_sdk.load`` and the ``LLM`` facade over one decoding loop.
+
+``llm.py`` the facade and ``load``; ``engine.py`` the decoding loop; ``sampling.py``
+``SamplingParams`` and the batched sampler; ``types.py`` what the loop hands out and takes
+in; ``torch_backend.py`` the PyTorch backend (static cache, compile, CUDA graphs);
+``command.py`` ``vesper generate``.
+"""
 
 from ..device import resolve_device
-from ..generate import (
-    LLM,
-    DecodeBackend,
-    GenerateOptions,
-    GenerationRequest,
-    StepOutput,
-    Token,
-    TokenScore,
-    TorchBackend,
-    load,
-)
+from .engine import Engine
+from .llm import LLM, load
+from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams
+from .torch_backend import TorchBackend
+from .types import DecodeBackend, GenerationRequest, StepOutput, Token, TokenScore
 
-__all__ = ["LLM", "DecodeBackend", "GenerateOptions", "GenerationRequest", "StepOutput",
-           "Token", "TokenScore", "TorchBackend", "load", "resolve_device"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "DEFAULT_TEMPERATURE", "LLM", "DecodeBackend", "Engine",
+           "GenerationRequest", "SamplingParams", "StepOutput", "Token", "TokenScore",
+           "TorchBackend", "load", "resolve_device"]

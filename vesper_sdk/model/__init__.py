@@ -4,30 +4,32 @@
 ``metahead.py`` the MetaHead and its logit features.
 """
 
-from ..folder import (
+from .attention import ATTENTION, Attention, RopeTable, RotaryEmbedding, register_attention
+from .cache import DynamicCache, StaticCache
+from .files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     ModelFolderError,
     load_state_checked,
     load_weights,
 )
-from .flylora import FlyLoRALinear, Linear, project, top_k_by_counting
-from .metahead import N_LOGIT_FEATURES, MetaHead, logit_features
+from .flylora import FlyLoRALinear, top_k_by_counting
+from .metahead import CONFIDENCE, ERROR, N_LOGIT_FEATURES, STOP, MetaHead, logit_features
 from .vesper import (
     ERA,
-    Attention,
     Block,
     GLUFeedForward,
-    KVCache,
     MoEFeedForward,
-    RotaryEmbedding,
+    TiedHead,
     VesperLM,
     VesperOutput,
     paired_ffn_weights,
 )
 
-__all__ = ["CONFIG_NAME", "ERA", "N_LOGIT_FEATURES", "WEIGHTS_NAME", "Attention", "Block",
-           "FlyLoRALinear", "GLUFeedForward", "KVCache", "Linear", "MetaHead",
+__all__ = ["ATTENTION", "CONFIDENCE", "CONFIG_NAME", "ERA", "ERROR", "N_LOGIT_FEATURES", "STOP",
+           "WEIGHTS_NAME", "Attention", "Block", "DynamicCache", "FlyLoRALinear",
+           "GLUFeedForward", "MetaHead", "RopeTable", "StaticCache",
+           "register_attention",
            "ModelFolderError", "MoEFeedForward", "RotaryEmbedding", "VesperLM", "VesperOutput",
            "load_state_checked", "load_weights", "logit_features", "paired_ffn_weights",
-           "project", "top_k_by_counting"]
+           "TiedHead", "top_k_by_counting"]

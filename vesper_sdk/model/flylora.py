@@ -1,38 +1,13 @@
 """FlyLoRA (Zou et al., NeurIPS 2025, arXiv 2510.08396): a linear layer plus an implicit
-rank-wise mixture of experts, and the plain ``Linear`` the rest of the model uses."""
+rank-wise mixture of experts."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from ..matvec import SplitMatVec
-
-# ----------------------------------------------------------------------------- pieces
-def project(x: torch.Tensor, weight: torch.Tensor, matvec: SplitMatVec | None,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, or the threaded decode product when one is attached and applies.
-
-    See :mod:`vesper_sdk.matvec`: the CPU decode path attaches one per weight matrix.
-    """
-    if matvec is not None and matvec.applies(x):
-        return matvec(x) if bias is None else matvec(x) + bias
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` that can take a threaded matrix-vector product for CPU decoding."""
-
-    matvec: SplitMatVec | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(x, self.weight, self.matvec, self.bias)
-
 
 
 def _balance_step(load: torch.Tensor) -> torch.Tensor:
@@ -46,8 +21,8 @@ def _count_top_k() -> bool:
     """Whether to pick top-k ranks by :func:`top_k_by_counting` rather than ``topk``.
 
     Compiled, the counting is pointwise work that the compiler fuses into its
-    neighbours, where topk (+ scatter) are separate sort kernels (on an H200, 18 % of a
-    decode step's GPU time). Eagerly, and in an ONNX graph (one TopK node against a
+    neighbours, where topk (+ scatter) are separate sort kernels (a large share of a GPU
+    decode step). Eagerly, and in an ONNX graph (one TopK node against a
     dozen), topk is the fewer operations.
     """
     return torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
@@ -114,22 +89,17 @@ class FlyLoRALinear(nn.Module):
         idx = score.topk(self.topk, dim=-1).indices
         return torch.zeros_like(score).scatter_(-1, idx, 1.0)
 
-    # Decode products (vesper_sdk.matvec): one over [weight; lora_A], which gives the base
-    # output and A x in one pass over memory, and one over lora_B.
-    matvec: SplitMatVec | None = None
-    matvec_b: SplitMatVec | None = None
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output: the one part a quantized variant replaces."""
+        return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matvec is not None and self.matvec.applies(x):
-            out, ax = self.matvec(x).split((self.out_features, self.rank), dim=-1)
-            mask = self._top_ranks(ax)
-        else:
-            out = F.linear(x, self.weight)
-            ax, mask = self.rank_mask(x)
+        out = self.base_product(x)
+        ax, mask = self.rank_mask(x)
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
                 self.rank_load += mask.reshape(-1, self.rank).sum(0)
-        lora = project(ax * mask.to(ax.dtype), self.lora_B, self.matvec_b)
+        lora = F.linear(ax * mask.to(ax.dtype), self.lora_B)
         # alpha = 1 (the default) would be one more op per layer and token, and graph node.
         return out + (lora if self.scaling == 1.0 else lora * self.scaling)
 

@@ -8,9 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VesperConfig
-from .flylora import Linear
 
 N_LOGIT_FEATURES = 3
+# The MetaHead's five raw outputs, named once: meta[..., CONFIDENCE] is the confidence logit
+# (is my top-1 right?), meta[..., STOP] the stop logit, meta[..., ERROR] the 3-way error
+# class logits (right / near miss: the label in my top 5 / miss).
+CONFIDENCE, STOP, ERROR = 0, 1, slice(2, 5)
+N_META = 5
 
 
 def logit_features(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
@@ -21,6 +25,10 @@ def logit_features(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor
     what the hidden state adds. Eagerly, rows go ``chunk_rows`` at a time, so a training
     batch never holds more than that many fp32 rows of softmax temporaries.
     """
+    if torch.onnx.is_in_onnx_export():
+        # One operator the export translates (vesper_sdk.export.lowering), this function's
+        # own math in PyTorch.
+        return torch.ops.vesper.logit_features(logits)
     with torch.no_grad():
         flat = logits.reshape(-1, logits.shape[-1])
         tracing = torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
@@ -50,6 +58,18 @@ def _logit_features(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack((first - lse, first - second, entropy), -1)
 
 
+@torch.library.custom_op("vesper::logit_features", mutates_args=())
+def logit_features_op(logits: torch.Tensor) -> torch.Tensor:
+    """:func:`logit_features` as one operator [..., V] -> [..., 3] (what the export sees)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _logit_features(flat).view(*logits.shape[:-1], N_LOGIT_FEATURES)
+
+
+@logit_features_op.register_fake
+def _(logits: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty((*logits.shape[:-1], N_LOGIT_FEATURES), dtype=torch.float32)
+
+
 class MetaHead(nn.Module):
     """Per-token self-assessment from the final hidden state and the LM's own logits.
 
@@ -57,15 +77,15 @@ class MetaHead(nn.Module):
     and a 3-way error class (right / label in my top-5 / miss). ``calibration`` holds
     (scale, bias) applied to the confidence logit (Platt scaling); (1, 0) leaves it as
     is. After training, the confidence row of ``out`` is refitted on held-out tokens
-    (:func:`vesper_sdk.metacog.fit_confidence`, which folds the scaling into the row).
+    (:func:`vesper_sdk.eval.metrics.fit_confidence`, which folds the scaling into the row).
     """
 
     def __init__(self, cfg: VesperConfig) -> None:
         super().__init__()
         self.use_logits = cfg.metahead_logit_features
         extra = N_LOGIT_FEATURES if self.use_logits else 0
-        self.fc = Linear(cfg.hidden_size + extra, cfg.metahead_hidden_size)
-        self.out = Linear(cfg.metahead_hidden_size, 5)
+        self.fc = nn.Linear(cfg.hidden_size + extra, cfg.metahead_hidden_size)
+        self.out = nn.Linear(cfg.metahead_hidden_size, N_META)
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -73,7 +93,7 @@ class MetaHead(nn.Module):
 
     def activations(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """What the output layer reads (the hidden layer), e.g. to refit the confidence
-        row on held-out tokens (:func:`vesper_sdk.metacog.fit_confidence`)."""
+        row on held-out tokens (:func:`vesper_sdk.eval.metrics.fit_confidence`)."""
         if self.use_logits:
             h = torch.cat((h, logit_features(logits).to(h.dtype)), dim=-1)
         return F.gelu(self.fc(h))
@@ -81,4 +101,57 @@ class MetaHead(nn.Module):
     def confidence(self, meta: torch.Tensor) -> torch.Tensor:
         """Calibrated probability that the top-1 is right, from the raw meta logits."""
         scale, bias = self.calibration.to(meta.dtype).unbind()
-        return torch.sigmoid(meta[..., 0] * scale + bias)
+        return torch.sigmoid(meta[..., CONFIDENCE] * scale + bias)
+
+
+# ----------------------------------------------------------------------------- targets, loss
+class MetaTargets:
+    """Per-position MetaHead targets made from the LM's own logits."""
+
+    __slots__ = ("correct", "error_class", "stop")
+
+    def __init__(self, correct: torch.Tensor, stop: torch.Tensor,
+                 error_class: torch.Tensor) -> None:
+        self.correct = correct  # bool [B,S]: top-1 == label
+        self.stop = stop  # bool [B,S]: label is <|eos|>
+        self.error_class = error_class  # long [B,S]: 0 right, 1 label in top-5, 2 miss
+
+
+@torch.no_grad()
+def metahead_targets(logits: torch.Tensor, labels: torch.Tensor, eos_id: int) -> MetaTargets:
+    """Confidence / stop / error-class targets from the logits and the labels.
+
+    correct = (argmax == label); stop = (label == eos); error class 0 if top-1 is right,
+    1 if the label is in the top-5, else 2.
+    """
+    k = min(5, logits.shape[-1])
+    top = logits.detach().topk(k, dim=-1).indices
+    correct = top[..., 0] == labels
+    in_top = (top == labels.unsqueeze(-1)).any(-1)
+    error_class = torch.where(correct, 0, torch.where(in_top, 1, 2))
+    return MetaTargets(correct, labels == eos_id, error_class)
+
+
+def metahead_loss(out, labels: torch.Tensor, mask: torch.Tensor, eos_id: int,
+                  normalizer: float | torch.Tensor | None = None,
+                  targets: MetaTargets | None = None) -> torch.Tensor:
+    """MetaHead loss on the masked positions: BCE(confidence) + BCE(stop) + CE(error class).
+
+    ``out`` is the model's ``VesperOutput`` (not annotated: importing it here would make
+    an import cycle with ``vesper.py``); it reads ``out.logits`` and ``out.meta_logits``
+    ([B,S,5]: conf, stop, err0..2). Returns the sum over masked positions divided by
+    ``normalizer`` (default: their count, i.e. a mean).
+    """
+    t = targets if targets is not None else metahead_targets(out.logits, labels, eos_id)
+    meta = out.meta_logits.float()
+    m = mask.to(meta.dtype)
+    conf = F.binary_cross_entropy_with_logits(meta[..., CONFIDENCE], t.correct.to(meta.dtype),
+                                              reduction="none")
+    stop = F.binary_cross_entropy_with_logits(meta[..., STOP], t.stop.to(meta.dtype),
+                                              reduction="none")
+    err = F.cross_entropy(meta[..., ERROR].reshape(-1, 3), t.error_class.reshape(-1),
+                          reduction="none").view_as(m)
+    total = ((conf + stop + err) * m).sum()
+    if normalizer is None:
+        normalizer = m.sum().clamp(min=1.0)
+    return total / normalizer

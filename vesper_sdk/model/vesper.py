@@ -11,9 +11,9 @@ prediction is to be right.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +22,17 @@ from torch.utils.checkpoint import checkpoint
 
 from ..atomic import atomic_write_folder
 from ..config import ConfigError, VesperConfig
-from ..folder import (
+from .attention import ATTENTION, Attention, RopeTable, RotaryEmbedding
+from .cache import Cache, KVPair, StaticCache, as_cache
+from .files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     ModelFolderError,
     load_state_checked,
     load_weights,
 )
-from .flylora import FlyLoRALinear, Linear, _balance_step, _count_top_k, project, top_k_by_counting
-from .metahead import MetaHead
-
-if TYPE_CHECKING:
-    from ..matvec import PairProduct, SplitMatVec
-
-KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+from .flylora import FlyLoRALinear, _balance_step, _count_top_k, top_k_by_counting
+from .metahead import ERROR, STOP, MetaHead
 
 
 @dataclass
@@ -44,8 +41,10 @@ class VesperOutput:
 
     logits [B,S,V]; confidence and stop [B,S] (probabilities); error_logits [B,S,3]
     (right / near miss / miss); aux_loss (MoE load balancing, 0 without MoE);
-    past_key_values (per layer (k, v), [B,H,T,D]) when ``use_cache``; hidden_states [B,S,D]
-    (final normed hidden state, what the LM head and MetaHead read).
+    past_key_values (the cache written, indexable per layer as (k, v) [B,H,T,D]) when
+    ``use_cache``; hidden_states [B,S,D] (final normed hidden state, what the LM head and
+    MetaHead read); meta_logits [B,S,5] (the MetaHead's raw outputs, see its ``CONFIDENCE``,
+    ``STOP`` and ``ERROR`` slices).
     """
 
     logits: torch.Tensor
@@ -53,7 +52,7 @@ class VesperOutput:
     stop: torch.Tensor
     error_logits: torch.Tensor
     aux_loss: torch.Tensor
-    past_key_values: KVCache | None
+    past_key_values: Cache | None
     hidden_states: torch.Tensor
     meta_logits: torch.Tensor
 
@@ -69,94 +68,15 @@ class ERA(nn.Module):
         return torch.add(F.gelu(x), F.softplus(x), alpha=self.gamma)
 
 
-class RotaryEmbedding(nn.Module):
-    """RoPE with a cached cos/sin table indexed by absolute position.
-
-    ``cos`` / ``sin`` [T, D/2] are the angles' table (what ONNX's RotaryEmbedding takes);
-    the rotation reads them widened to D by :meth:`widen`.
-    """
-
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
-        super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        t = torch.arange(max_seq_len).float()
-        freqs = torch.outer(t, inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
-        cos_wide, sin_wide = self.widen(self.cos, self.sin)
-        self.register_buffer("cos_wide", cos_wide, persistent=False)
-        self.register_buffer("sin_wide", sin_wide, persistent=False)
-
-    @staticmethod
-    def widen(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[..., D/2] tables -> (cos cos, -sin sin) [..., D], as :meth:`rotate` takes them."""
-        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
-
-    def table(self, position_ids: torch.Tensor, dtype: torch.dtype,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [B,1,S,D] for position_ids [B,S]: looked up once per forward."""
-        return (self.cos_wide[position_ids].unsqueeze(1).to(dtype),
-                self.sin_wide[position_ids].unsqueeze(1).to(dtype))
-
-    @staticmethod
-    def rotate(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate pairs (first half, second half) of x [..., B, H, S, D] by the table.
-
-        (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) as x * (cos, cos) + (x2, x1) *
-        (-sin, sin): three operations where the halves took eight (each one a fixed
-        cost in a decode step, a node in an exported graph).
-        """
-        cos, sin = table
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # x [B,H,S,D], position_ids [B,S].
-        return self.rotate(x, self.table(position_ids, x.dtype))
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: VesperConfig) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
-        self.o_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.dropout = cfg.dropout
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None,
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [B,S,D]; ``rope`` the (cos, sin) table of these positions (RotaryEmbedding.table)."""
-        q, k, v = self.project_qkv(x, rope)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=2)
-            v = torch.cat((past[1], v), dim=2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(x.shape)
-        return self.o_proj(y), (k, v)
-
-    def project_qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (rotated) and v, each [B,H,S,Dh]."""
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = RotaryEmbedding.rotate(qkv[:2], rope).unbind(0)  # q and k in one rotation
-        return q, k, qkv[2]
-
-
 class GLUFeedForward(nn.Module):
     """down(ERA(gate(x)) * up(x)), gate and up as FlyLoRA layers.
 
-    Decoding on the CPU, in ONNX graphs and on a GPU (``TorchBackend(pair_ffn=...)``),
-    the gate and up FlyLoRA layers run as one stacked pair (:func:`paired_ffn_weights`,
-    :meth:`paired`): one product for both base outputs and both A x, one top-k over
-    [2, r], one product with the k chosen rows of each B, where there were two of each
-    and a mask over all r rows.
+    Decoding (the CPU's and a GPU's decode swaps, ``vesper_sdk.inference.decode_swaps``)
+    and ONNX graphs run the gate and up FlyLoRA layers as one stacked pair
+    (:func:`paired_ffn_weights`, :meth:`paired`): one product for both base outputs and
+    both A x, one top-k over [2, r], one product with the k chosen rows of each B, where
+    there were two of each and a mask over all r rows.
     """
-
-    # The pair's decode product (vesper_sdk.matvec.attach), for a few rows on the CPU.
-    pair: PairProduct | None = None
 
     def __init__(self, cfg: VesperConfig) -> None:
         super().__init__()
@@ -168,15 +88,12 @@ class GLUFeedForward(nn.Module):
                                      cfg.flylora_bias_update_rate)
         else:
             def make(i: int, o: int) -> nn.Module:
-                return Linear(i, o, bias=False)
+                return nn.Linear(i, o, bias=False)
         self.gate, self.up = make(d, f), make(d, f)
-        self.down = Linear(f, d, bias=False)
+        self.down = nn.Linear(f, d, bias=False)
         self.act = ERA(cfg.era_gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pair is not None and self.pair.applies(x):
-            base, ax = self.pair(x)
-            return self.paired(base, ax, *self.pair.tables)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
     def paired(self, base: torch.Tensor, ax: torch.Tensor, balance_bias: torch.Tensor,
@@ -226,13 +143,29 @@ def paired_ffn_weights(ffn: nn.Module) -> dict[str, torch.Tensor] | None:
                 "lora_B": torch.cat([g.lora_B.t(), u.lora_B.t()]).contiguous()}
 
 
+class TiedHead(nn.Module):
+    """The LM head of tied embeddings: logits from the embedding's own weight, with no
+    parameter of its own (so the weight is stored once)."""
+
+    def __init__(self, embed: nn.Embedding) -> None:
+        super().__init__()
+        self._embed = (embed,)  # a tuple, so the embedding is not registered twice
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embed[0].weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
+
+
 class MoEFeedForward(nn.Module):
     """Top-k routed GLU experts with the Switch Transformer load-balancing loss."""
 
     def __init__(self, cfg: VesperConfig) -> None:
         super().__init__()
         self.top_k, self.num_experts = cfg.moe_top_k, cfg.num_experts
-        self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(GLUFeedForward(cfg) for _ in range(cfg.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,22 +194,20 @@ class Block(nn.Module):
         self.ffn = MoEFeedForward(cfg) if cfg.num_experts else GLUFeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, past):
-        a, present = self.attn(self.attn_norm(x), rope, mask, past)
-        x = x + self.drop(a)
+    def forward(self, x: torch.Tensor, rope: RopeTable, mask: torch.Tensor | None,
+                cache: Cache | None, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the block's output, the MoE balancing loss or None for a dense block)."""
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache, layer))
         h = self.ffn(self.ffn_norm(x))
+        aux = None
         if isinstance(h, tuple):
             h, aux = h
-        else:
-            aux = x.new_zeros((), dtype=torch.float32)
-        return x + self.drop(h), present, aux
+        return x + self.drop(h), aux
 
 
 # ----------------------------------------------------------------------------- model
 class VesperLM(nn.Module):
     """The VesperLM decoder-only language model with its MetaHead."""
-
-    head_matvec: SplitMatVec | None = None  # see vesper_sdk.matvec
 
     def __init__(self, config: VesperConfig) -> None:
         super().__init__()
@@ -285,8 +216,8 @@ class VesperLM(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-        if not config.tie_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = TiedHead(self.embed) if config.tie_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
         self.metahead = MetaHead(config)
         self.gradient_checkpointing = config.gradient_checkpointing
         self.reset_parameters()
@@ -345,6 +276,15 @@ class VesperLM(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad_(name.endswith("lora_B") or name.startswith("metahead."))
 
+    def set_attention(self, impl: str) -> None:
+        """Choose the attention variant every layer runs: a name in ``ATTENTION``
+        (``sdpa``, ``one_query``, or one a backend registered, like the export's ``onnx``)."""
+        if impl not in ATTENTION:
+            raise ValueError(f"unknown attention variant {impl!r}: choose one of "
+                             f"{', '.join(sorted(ATTENTION))}")
+        for block in self.blocks:
+            block.attn.impl = impl
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
@@ -356,18 +296,60 @@ class VesperLM(nn.Module):
 
     # --- forward -------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False,
-                position_ids: torch.Tensor | None = None) -> VesperOutput:
-        """Run the model.
+                past_key_values: Cache | Sequence[KVPair] | None = None,
+                use_cache: bool = False, position_ids: torch.Tensor | None = None,
+                ) -> VesperOutput:
+        """Run the model: training, prefill, cached decode and every backend come through here.
 
         input_ids [B,S]; attention_mask [B, past+S] (1 = real token, 0 = padding; left
-        padding for batched generation); past_key_values from a previous call with
-        ``use_cache=True``; position_ids [B,S] default from the mask (or past length).
+        padding for batched generation); past_key_values: a cache object
+        (:class:`DynamicCache`, :class:`StaticCache`), a tuple of per-layer (key, value),
+        or None; ``use_cache`` returns the cache written by this call; position_ids [B,S]
+        default from the mask (or the cache's length). A :class:`StaticCache` brings its
+        own key mask and needs ``position_ids``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        cache = as_cache(past_key_values, use_cache)
+        if isinstance(cache, StaticCache):
+            if position_ids is None:
+                raise ValueError("a StaticCache step needs position_ids")
+            mask = cache.step_mask()
+        else:
+            past_len = cache.length if cache is not None else 0
+            position_ids, mask = self._positions_and_mask(b, s, past_len, attention_mask,
+                                                          position_ids, input_ids.device)
+        x = self.embed(input_ids)
+        rope = RopeTable(self.rope, position_ids, x.dtype)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, aux = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
+            else:
+                x, aux = block(x, rope, mask, cache, i)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+        h = self.norm(x)
+        logits, meta = self.heads(h)
+        if self.config.num_experts:
+            aux_loss = aux_loss * self.config.moe_aux_loss_coef
+        return VesperOutput(
+            logits=logits,
+            confidence=self.metahead.confidence(meta),
+            stop=torch.sigmoid(meta[..., STOP]),
+            error_logits=meta[..., ERROR],
+            aux_loss=aux_loss,
+            past_key_values=cache if use_cache else None,
+            hidden_states=h,
+            meta_logits=meta,
+        )
+
+    def _positions_and_mask(self, b: int, s: int, past_len: int,
+                            attention_mask: torch.Tensor | None,
+                            position_ids: torch.Tensor | None, device: torch.device,
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Checked positions [B,S] and the boolean attention mask [B,1,S,T] (None: causal)."""
         total = past_len + s
         if total > self.config.max_seq_len:
             raise ValueError(
@@ -381,57 +363,23 @@ class VesperLM(nn.Module):
             if attention_mask is not None:
                 position_ids = self.position_ids_from_mask(attention_mask, s)
             else:
-                position_ids = torch.arange(past_len, total, device=input_ids.device).expand(b, s)
-
-        mask = None
-        if attention_mask is not None or past_len:
-            # Boolean [B,1,S,T]: key j visible to query i if j is real and not in the future.
-            # Built by broadcasting [S,T] against [B,1,1,T]: no unsqueeze or expand beyond
-            # what the shapes need (each one is a node in an exported graph).
-            q_pos = torch.arange(past_len, total, device=input_ids.device)[:, None]
-            k_pos = torch.arange(total, device=input_ids.device)
-            allowed = k_pos <= q_pos
-            if attention_mask is not None:
-                # A padded query sees only itself, so no softmax row is empty (NaN).
-                mask = (allowed & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
-            else:
-                mask = allowed.expand(b, 1, s, total)
-
-        x = self.embed(input_ids)
-        rope = self.rope.table(position_ids, x.dtype)
-        presents: list[tuple[torch.Tensor, torch.Tensor]] = []
-        aux_loss = x.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.blocks):
-            past = past_key_values[i] if past_key_values else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, present, aux = checkpoint(block, x, rope, mask, past,
-                                             use_reentrant=False)
-            else:
-                x, present, aux = block(x, rope, mask, past)
-            aux_loss = aux_loss + aux
-            if use_cache:
-                presents.append(present)
-        h = self.norm(x)
-        logits, meta = self.heads(h)
-        if self.config.num_experts:
-            aux_loss = aux_loss * self.config.moe_aux_loss_coef
-        return VesperOutput(
-            logits=logits,
-            confidence=self.metahead.confidence(meta),
-            stop=torch.sigmoid(meta[..., 1]),
-            error_logits=meta[..., 2:5],
-            aux_loss=aux_loss,
-            past_key_values=tuple(presents) if use_cache else None,
-            hidden_states=h,
-            meta_logits=meta,
-        )
+                position_ids = torch.arange(past_len, total, device=device).expand(b, s)
+        if attention_mask is None and not past_len:
+            return position_ids, None
+        # Key j visible to query i if j is real and not in the future. Built by broadcasting
+        # [S,T] against [B,1,1,T]: no unsqueeze or expand beyond what the shapes need (each
+        # one is a node in an exported graph).
+        q_pos = torch.arange(past_len, total, device=device)[:, None]
+        k_pos = torch.arange(total, device=device)
+        allowed = k_pos <= q_pos
+        if attention_mask is None:
+            return position_ids, allowed.expand(b, 1, s, total)
+        # A padded query sees only itself, so no softmax row is empty (NaN).
+        return position_ids, (allowed & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
 
     def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [..., V], raw meta logits [..., 5] in fp32) from the final hidden state."""
-        if self.config.tie_embeddings:
-            logits = project(h, self.embed.weight, self.head_matvec)
-        else:
-            logits = self.lm_head(h)
+        logits = self.lm_head(h)
         meta_in = h if self.config.metahead_grad_to_trunk else h.detach()
         return logits, self.metahead(meta_in, logits).float()
 

@@ -1,13 +1,13 @@
 """AutoScaler: ``preset="auto"`` picks a model size from the data and the device.
 
-Rule (as in the seed): about ``tokens_per_param = 20`` training tokens per parameter, the
+Rule: about ``tokens_per_param = 20`` training tokens per parameter, the
 Chinchilla compute-optimal ratio (Hoffmann et al. 2022), so the target is
 ``params ~ dataset tokens / 20``. The pick is the largest shape on :data:`LADDER` whose
 parameter count (vocabulary included) is within that target and whose estimated training
 memory fits the device budget: 85 % of the free CUDA memory, or half of the system RAM on
 CPU.
 
-The ladder goes below the seed's ``tiny`` preset (pico, nano, micro: fewer layers and a
+The ladder goes below the ``tiny`` preset (pico, nano, micro: fewer layers and a
 narrower model), because a dataset of a few hundred thousand tokens supports only a
 few-hundred-thousand-parameter model; when even the smallest rung is over the target it
 is used anyway (with a note: expect to overfit; more data or fewer steps help). Between
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, VesperConfig
+from ..config import PRESETS, VesperConfig
 
 # name -> shape, smallest first. Heads keep head_dim even (RoPE) and >= 32.
 LADDER: dict[str, dict[str, int]] = {

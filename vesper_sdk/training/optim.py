@@ -19,11 +19,8 @@ model):
   0.999)``. While perplexity is high the gradients are noisy, so momentum averages over
   more steps (0.9 -> ~0.97 at ``h = 1``); as perplexity falls it reacts faster (~0.87 at
   ``h = 0.3``). The gentle slope keeps beta1 off the 0.999 cap for the default 0.9.
-  Off by default because that is not what we measured: in ``benchmarks/convergence.py``
-  (tiny model, 300 steps, 3 paired seeds, the same lr as AdamW) it raised the final
-  validation perplexity on plain English text (CPython docstrings) by 27 % against
-  AdamW and lowered it by 2 % on the built-in skills corpus, while the entropy-adaptive
-  lr alone stayed within noise of AdamW on both (+3.8 % +- 7.3 and -0.4 % +- 1.6).
+  Off by default: on plain text it trails AdamW in ``benchmarks/convergence.py``, which
+  compares both scales with AdamW on plain text and on the built-in skills corpus.
 
 Both scales are monotone in the loss, always within [0.7, 1.3], and a non-finite loss
 (or never calling ``set_loss``) resets both to 1.0, where Velvet *is* AdamW. Each scale
@@ -35,12 +32,12 @@ beta1 may change between steps, the first-moment bias correction is
 **Sparse-aware mode** (``sparse_aware=True``): elements whose gradient is zero
 (``|g| <= sparse_threshold``, default 0) are not touched at all -- parameter, weight decay
 and both moments -- like lazy/SparseAdam, so rows of an embedding that a batch never saw
-keep their state. The seed skipped elements with small ``|p|`` instead, which froze
-zero-initialised tensors (LoRA ``B``) for good; a zero-initialised tensor receives
-non-zero gradients and therefore trains normally here. Bias corrections follow the
-tensor's step count, as in torch's SparseAdam.
+keep their state. The rule reads the gradient, not the value, so a zero-initialised
+tensor (LoRA ``B``) receives non-zero gradients and trains normally. Bias corrections
+follow the tensor's step count, as in torch's SparseAdam.
 
-**Implementations** (``impl``), same numbers to float rounding:
+**Implementations** (``impl``), same numbers to float rounding (the update paths
+themselves are in :mod:`vesper_sdk.training.velvet_update`):
 
 * ``"triton"``: every parameter of one (device, dtype) lives in one flat buffer (each
   tensor padded to whole kernel blocks), with its ``.data`` (and ``.grad``) re-pointed to
@@ -53,8 +50,7 @@ tensor's step count, as in torch's SparseAdam.
   step size ``lr / (1 - prod beta1)`` into its lr (which divides by ``1 - beta1 ** t``),
   and its weight decay rescaled so that ``lr * weight_decay`` is unchanged. fp32
   parameters only; bf16/fp16 parameters (fp32 moments) and the sparse-aware mode take
-  the ``"foreach"`` ops. On this repo's 2-core CPU, 'tiny' (14.7 M parameters):
-  ~8 ms a step against ~22 ms for ``"foreach"`` (``benchmarks/optimizer.py``).
+  the ``"foreach"`` ops. ``benchmarks/optimizer.py`` times it against ``"foreach"``.
 * ``"foreach"``: torch ``_foreach_*`` ops over the parameter lists, the same operation
   order as ``torch.optim.AdamW(foreach=True)``.
 * ``"auto"`` (default): ``"triton"`` when every parameter is on a GPU and triton imports,
@@ -88,13 +84,14 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
+
+from .velvet_update import Bucket, build_buckets, foreach_update, fused_update
 
 __all__ = [
     "BETA1_MAX",
@@ -152,48 +149,12 @@ def _kernel_importable() -> bool:
     if not _triton_available():
         return False
     try:
-        from vesper_sdk.kernels import velvet  # noqa: F401
+        from vesper_sdk.kernels import velvet  # noqa: F401 (optional: imports triton)
     except Exception as exc:  # a broken triton install must not stop training
         warnings.warn(f"VelvetOptimizer: Triton kernel unavailable ({exc}); using fused",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
-
-
-@dataclass
-class _Bucket:
-    """Flat buffers of every parameter of one (device, dtype), and their views."""
-
-    device: torch.device
-    dtype: torch.dtype
-    params: list[torch.Tensor] = field(default_factory=list)
-    group_idx: list[int] = field(default_factory=list)
-    ptrs: list[int] = field(default_factory=list)  # p.data_ptr() of each view, to spot moves
-    states: list[dict[str, Any] | None] = field(default_factory=list)  # self.state[p], once set
-    g_views: list[torch.Tensor] = field(default_factory=list)
-    m_views: list[torch.Tensor] = field(default_factory=list)
-    v_views: list[torch.Tensor] = field(default_factory=list)
-    p: torch.Tensor | None = None
-    g: torch.Tensor | None = None
-    m: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    block_seg: torch.Tensor | None = None
-    n_blocks: list[int] = field(default_factory=list)  # blocks of each parameter
-    # The blocks to launch over for the last pattern of which params had gradients.
-    active_key: tuple[bool, ...] | None = None
-    active_blocks: torch.Tensor | None = None
-
-    def blocks_for(self, active: list[bool]) -> torch.Tensor:
-        """int32 indices of the blocks of the active parameters, cached per pattern."""
-        key = tuple(active)
-        if key != self.active_key:
-            seg_active = torch.tensor(active, dtype=torch.bool)
-            per_block = torch.repeat_interleave(seg_active, torch.tensor(self.n_blocks))
-            idx = torch.nonzero(per_block).flatten().to(torch.int32)
-            self.active_blocks = idx.to(self.device)
-            self.active_key = key
-        assert self.active_blocks is not None
-        return self.active_blocks
 
 
 class VelvetOptimizer(Optimizer):
@@ -212,7 +173,7 @@ class VelvetOptimizer(Optimizer):
         weight_decay: decoupled weight decay (``p -= lr * weight_decay * p``).
         entropy_adaptive: scale lr by :func:`entropy_lr_scale` of the last loss.
         perplexity_guided: scale beta1 by :func:`perplexity_beta1_scale` of the last loss
-            (off by default: see the module docstring for what it cost on plain text).
+            (off by default: see the module docstring).
         sparse_aware: leave elements with ``|grad| <= sparse_threshold`` untouched.
         sparse_threshold: gradient magnitude at or below which an element is skipped.
         impl: ``"auto"``, ``"triton"`` (flat buffers, one launch per device and dtype),
@@ -260,7 +221,7 @@ class VelvetOptimizer(Optimizer):
         self._raw_lr_scale = 1.0
         self._raw_beta1_scale = 1.0
         self.last_loss: float | None = None
-        self._buckets: list[_Bucket] | None = None
+        self._buckets: list[Bucket] | None = None
         self._resolved_impl: str | None = None
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
@@ -372,7 +333,7 @@ class VelvetOptimizer(Optimizer):
                              for tensors in zip(ps, gs, ms, vs, strict=True)]
                     on = [i for i, ok in enumerate(alike) if ok]
                     if on:
-                        _fused_update(*([x[i] for i in on] for x in (ps, gs, ms, vs)),
+                        fused_update(*([x[i] for i in on] for x in (ps, gs, ms, vs)),
                                       [self.state[ps[i]] for i in on], lr=lr, beta1=beta1,
                                       beta2=beta2, eps=eps, weight_decay=wd)
                     ps, gs, ms, vs, step_sizes, bc2_sqrts = (
@@ -380,13 +341,13 @@ class VelvetOptimizer(Optimizer):
                         for x in (ps, gs, ms, vs, step_sizes, bc2_sqrts))
                     if not ps:
                         continue
-                _foreach_update(ps, gs, ms, vs, step_sizes, bc2_sqrts, decay=1.0 - lr * wd,
+                foreach_update(ps, gs, ms, vs, step_sizes, bc2_sqrts, decay=1.0 - lr * wd,
                                 beta1=beta1, beta2=beta2, eps=eps, sparse_threshold=thr)
 
     # flat (triton) path ----------------------------------------------------------------
 
     def _step_flat(self) -> None:
-        from vesper_sdk.kernels import velvet as _velvet
+        from vesper_sdk.kernels import velvet as _velvet  # optional: imports triton
 
         if self._buckets is None or self._layout_moved():
             self._build_buckets()
@@ -440,7 +401,7 @@ class VelvetOptimizer(Optimizer):
                 torch._foreach_copy_(copy_dst, copy_src)
             if not any(active):
                 continue
-            # numpy, not torch.tensor(list): 6x faster for a few thousand floats.
+            # Through numpy: torch.tensor(list) converts a few thousand floats one by one.
             hp = torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(-1, _NUM_HP))
             if b.device.type == "cuda":
                 # Pinned + non_blocking: no host/device sync, so steps queue back to back.
@@ -454,58 +415,7 @@ class VelvetOptimizer(Optimizer):
         return any([p.data_ptr() for p in b.params] != b.ptrs for b in self._buckets)
 
     def _build_buckets(self) -> None:
-        """Pack parameters, grads and moments into flat buffers and re-point them as views."""
-        block = self.block_size
-        buckets: dict[tuple[torch.device, torch.dtype], _Bucket] = {}
-        seen: set[int] = set()
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if not p.is_floating_point():
-                    raise TypeError(f"VelvetOptimizer needs floating-point params, got {p.dtype}")
-                b = buckets.setdefault((p.device, p.dtype), _Bucket(p.device, p.dtype))
-                b.params.append(p)
-                b.group_idx.append(gi)
-        for b in buckets.values():
-            numels = [p.numel() for p in b.params]
-            n_blocks = [-(-n // block) for n in numels]
-            total = sum(n_blocks) * block
-            b.p = torch.zeros(total, dtype=b.dtype, device=b.device)
-            b.g = torch.zeros(total, dtype=b.dtype, device=b.device)
-            b.m = torch.zeros(total, dtype=torch.float32, device=b.device)
-            b.v = torch.zeros(total, dtype=torch.float32, device=b.device)
-            b.n_blocks = n_blocks
-            b.block_seg = torch.repeat_interleave(
-                torch.arange(len(numels), dtype=torch.int32),
-                torch.tensor(n_blocks, dtype=torch.int64),
-            ).to(b.device)
-            offset = 0
-            for p, n, nb in zip(b.params, numels, n_blocks, strict=True):
-                sl = slice(offset, offset + n)
-                offset += nb * block
-                p_view = b.p[sl].view(p.shape)
-                g_view = b.g[sl].view(p.shape)
-                m_view = b.m[sl].view(p.shape)
-                v_view = b.v[sl].view(p.shape)
-                p_view.copy_(p.detach())
-                state = self.state.get(p) or None
-                if state is not None:
-                    m_view.copy_(state["exp_avg"])
-                    v_view.copy_(state["exp_avg_sq"])
-                    state["exp_avg"], state["exp_avg_sq"] = m_view, v_view
-                b.states.append(state)
-                grad = p.grad
-                p.data = p_view
-                if grad is not None:
-                    g_view.copy_(grad)
-                    p.grad = g_view
-                b.ptrs.append(p.data_ptr())
-                b.g_views.append(g_view)
-                b.m_views.append(m_view)
-                b.v_views.append(v_view)
-        self._buckets = list(buckets.values())
+        self._buckets = build_buckets(self.param_groups, self.state, self.block_size)
 
     # ------------------------------------------------------------- torch.optim plumbing
 
@@ -593,73 +503,3 @@ class VelvetOptimizer(Optimizer):
         # Flat buffers are not part of the pickled state: re-pack at the next step.
         self.__dict__.setdefault("_buckets", None)
         self.__dict__.setdefault("_resolved_impl", None)
-
-
-def _foreach_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    step_sizes: list[float],
-    bc2_sqrts: list[float],
-    *,
-    decay: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    sparse_threshold: float | None,
-) -> None:
-    """The kernel's update with ``_foreach`` ops, in ``torch.optim.AdamW``'s op order."""
-    low_precision = params[0].dtype != torch.float32
-    # Math in fp32 whatever the param dtype; low-precision params are rounded once at the end.
-    p32 = [p.float() for p in params] if low_precision else params
-    g32 = [g.float() for g in grads] if grads[0].dtype != torch.float32 else grads
-    if sparse_threshold is not None:
-        keep = [g.abs() > sparse_threshold for g in g32]
-        before = [t.clone() for t in chain(p32, exp_avgs, exp_avg_sqs)]
-    torch._foreach_mul_(p32, decay)
-    torch._foreach_lerp_(exp_avgs, g32, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1.0 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bc2_sqrts)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(p32, exp_avgs, denom, [-s for s in step_sizes])
-    if sparse_threshold is not None:
-        for k, new, old in zip(keep * 3, chain(p32, exp_avgs, exp_avg_sqs), before, strict=True):
-            new.copy_(torch.where(k, new, old))
-    if low_precision:
-        torch._foreach_copy_(params, p32)
-
-
-def _fused_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    states: list[dict[str, Any]],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """The same update through torch's fused AdamW kernel (fp32 tensors of one device).
-
-    The kernel's step size is ``lr_k / (1 - beta1 ** t)`` and its decay ``1 - lr_k * wd_k``;
-    Velvet's are ``lr / (1 - prod_t beta1_t)`` and ``1 - lr * wd``. So ``lr_k`` and ``wd_k``
-    are solved for per (step, beta1 product): one call per distinct pair, usually one.
-    """
-    by_step: dict[tuple[int, float], list[int]] = defaultdict(list)
-    for i, st in enumerate(states):
-        by_step[(st["step"], st["beta1_prod"])].append(i)
-    for (step, prod), idx in by_step.items():
-        lr_k = lr * (1.0 - beta1 ** step) / (1.0 - prod)
-        wd_k = lr * weight_decay / lr_k if lr_k > 0 else 0.0
-        # The kernel only reads the step counts (torch's AdamW advances them beforehand).
-        steps = [torch.tensor(float(step), device=params[idx[0]].device)] * len(idx)
-        torch._fused_adamw_([params[i] for i in idx], [grads[i] for i in idx],
-                            [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx], [],
-                            steps, lr=lr_k, beta1=beta1, beta2=beta2, weight_decay=wd_k,
-                            eps=eps, amsgrad=False, maximize=False)

@@ -9,28 +9,27 @@ then writes ``calibration.json`` and a reliability diagram ``reliability.png``.
 
 Data: ``builtin:skills`` (the held-out split of :mod:`vesper_sdk.skills`: questions
 never trained on, with their answers; the greedy answers are also graded by exact match
-for an accuracy figure), or a ``.jsonl`` / ``.txt`` file or folder read by
-:mod:`vesper_sdk.data` (``{"text"}`` documents are scored on every token, ``{"messages"}``
-chats on the assistant turns, as in training).
+for an accuracy figure), or a ``.jsonl`` / ``.txt`` file or folder read by ``DataSource``
+(``{"text"}`` documents are scored on every token, ``{"messages"}`` chats on the
+assistant turns, as in training). The scoring itself is :mod:`vesper_sdk.eval.scorer`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .generate import LLM, GenerationRequest, load
-from .metacog import calibration_summary, mean, paired_bootstrap
-from .tokenizer import VesperTokenizer
-
-Example = tuple[list[int], list[int]]  # token ids, 0/1 mask of the tokens to score
+from .. import skills
+from ..inference import LLM, GenerationRequest, SamplingParams, load
+from ..training.data import DataSource
+from .metrics import calibration_summary, mean, paired_bootstrap
+from .scorer import encode_examples, score_tokens
 
 
 # ----------------------------------------------------------------------------- options
@@ -67,115 +66,13 @@ class EvalOptions:
 # ----------------------------------------------------------------------------- data
 def _records(data: str, max_examples: int, seed: int) -> Iterator[str | list[dict]]:
     if data == "builtin:skills":
-        from . import skills
-
         for _task, messages, answer in skills.held_out_tasks(max_examples, seed):
             yield [*messages, {"role": "assistant", "content": answer}]
         return
-    from .data import DataSource
-
     for i, record in enumerate(DataSource(data).records()):
         if i >= max_examples:
             return
         yield record
-
-
-def encode_examples(tok: VesperTokenizer, records: Sequence[str | list[dict]],
-                    ) -> list[Example]:
-    """Token ids and score masks: text = BOS + text + EOS (all scored); chats = template,
-    assistant turns scored (``encode_chat``'s loss mask, the tokens training learns)."""
-    out: list[Example] = []
-    for rec in records:
-        if isinstance(rec, str):
-            ids = tok.encode(rec, add_bos=True, add_eos=True)
-            mask = [0] + [1] * (len(ids) - 1)
-        else:
-            enc = tok.encode_chat(rec)
-            ids, mask = enc.ids, enc.loss_mask
-        if len(ids) >= 2 and any(mask[1:]):
-            out.append((ids, mask))
-    return out
-
-
-def _windows(examples: Sequence[Example], seq_len: int,
-             ) -> list[tuple[list[int], list[int], int]]:
-    """(ids, score mask, index of the example) per window of at most ``seq_len`` tokens."""
-    # Windows overlap by one token so that each token is predicted exactly once.
-    out = []
-    for doc, (ids, mask) in enumerate(examples):
-        start = 0
-        while True:
-            w_ids, w_mask = ids[start:start + seq_len], mask[start:start + seq_len]
-            if len(w_ids) >= 2:
-                out.append((w_ids, [0] + w_mask[1:], doc))
-            if start + seq_len >= len(ids):
-                break
-            start += seq_len - 1
-    return out
-
-
-# ----------------------------------------------------------------------------- scoring
-@dataclass
-class TokenStats:
-    """Per scored token: NLL, top-1 correctness, MetaHead confidence, max softmax prob, and
-    the example it belongs to (``doc``: tokens of one example are not independent)."""
-
-    nll: np.ndarray
-    correct: np.ndarray
-    confidence: np.ndarray
-    msp: np.ndarray
-    doc: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(self.nll.size)
-
-
-def score_tokens(lm: LLM, examples: Sequence[Example], seq_len: int = 512,
-                 batch_size: int = 8, max_tokens: int | None = None) -> TokenStats:
-    """Teacher-forced statistics of every scored token, through ``lm.backend.forward``."""
-    seq_len = max(2, min(seq_len, lm.max_seq_len))
-    windows = sorted(_windows(examples, seq_len), key=lambda w: len(w[0]))
-    nll, correct, conf, msp, doc = [], [], [], [], []
-    total = 0
-    pad = lm.tokenizer.pad_id
-    for i in range(0, len(windows), batch_size):
-        if max_tokens is not None and total >= max_tokens:
-            break
-        batch = windows[i:i + batch_size]
-        length = max(len(w[0]) for w in batch)
-        ids = torch.full((len(batch), length), pad, dtype=torch.long)
-        attn = torch.zeros((len(batch), length), dtype=torch.long)
-        score = torch.zeros((len(batch), length), dtype=torch.bool)
-        for r, (w_ids, w_mask, _) in enumerate(batch):
-            n = len(w_ids)  # left padding, as in generation
-            ids[r, length - n:] = torch.tensor(w_ids)
-            attn[r, length - n:] = 1
-            score[r, length - n:] = torch.tensor(w_mask, dtype=torch.bool)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            out = lm.backend.forward(ids.to(lm.device), attn.to(lm.device), pos.to(lm.device),
-                                     None)
-            logp = out.logits[:, :-1].float().log_softmax(-1).cpu()
-            target = ids[:, 1:]
-            sel = score[:, 1:]
-            lp = logp.gather(-1, target[..., None])[..., 0]
-            top_lp, top = logp.max(-1)
-            nll.append((-lp[sel]).numpy())
-            correct.append((top == target)[sel].numpy())
-            conf.append(out.confidence[:, :-1].float().cpu()[sel].numpy())
-            msp.append(top_lp.exp()[sel].numpy())
-            docs = torch.tensor([w[2] for w in batch])[:, None].expand_as(sel)
-            doc.append(docs[sel].numpy())
-        total += int(sel.sum())
-    def cat(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
-
-    stats = TokenStats(cat(nll), cat(correct), cat(conf), cat(msp), cat(doc).astype(np.int64))
-    if max_tokens is not None and stats.n > max_tokens:
-        stats = TokenStats(*(a[:max_tokens] for a in (stats.nll, stats.correct,
-                                                      stats.confidence, stats.msp, stats.doc)))
-    return stats
 
 
 def skills_accuracy(lm: LLM, n: int, seed: int = 0, max_answer_tokens: int = 24,
@@ -185,15 +82,13 @@ def skills_accuracy(lm: LLM, n: int, seed: int = 0, max_answer_tokens: int = 24,
     Also the answer-level calibration of the mean token confidence (is a confident answer
     more often right?), which is what the regulator's retries rely on.
     """
-    from . import skills
-
     items = skills.held_out_tasks(n, seed)
     per_task: dict[str, list[int]] = {}
     rows: list[dict[str, Any]] = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        reqs = [GenerationRequest(prompt=lm.tokenizer.chat_prompt_ids(msgs),
-                                  max_new_tokens=max_answer_tokens, temperature=0.0)
+        greedy = SamplingParams(max_new_tokens=max_answer_tokens, temperature=0.0)
+        reqs = [GenerationRequest(prompt=lm.tokenizer.chat_prompt_ids(msgs), params=greedy)
                 for _, msgs, _ in chunk]
         answers: list[list[Any]] = [[] for _ in chunk]
         for j, tok in lm.stream_batch(reqs):
@@ -292,7 +187,7 @@ def _finite(x: Any) -> Any:
 
 def plot_reliability(report: dict[str, Any], path: str | Path) -> Path:
     """Reliability diagrams (MetaHead vs max-softmax baseline) with confidence histograms."""
-    import matplotlib
+    import matplotlib  # optional heavy dependency: only when a diagram is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_file, atomic_write_folder
-from .model import CONFIG_NAME, WEIGHTS_NAME, VesperLM, load_state_checked, load_weights
+from ..atomic import atomic_write_file, atomic_write_folder
+from ..folder import CONFIG_NAME, WEIGHTS_NAME, load_state_checked, load_weights
+from ..model import VesperLM
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"

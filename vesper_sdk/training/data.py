@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write_file, atomic_write_folder
-from .tokenizer import ROLE_TOKENS, VesperTokenizer
+from .. import skills
+from ..atomic import atomic_write_file, atomic_write_folder
+from ..tokenizer import ROLE_TOKENS, VesperTokenizer
 
 CACHE_VERSION = 1
 DATA_SUFFIXES = (".txt", ".jsonl")
@@ -247,8 +248,6 @@ class DataSource:
                 st = path.stat()
                 h.update(json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns]).encode())
         elif self.kind == "builtin":
-            from . import skills
-
             h.update(json.dumps([self.name, skills.VERSION, self.builtin_examples,
                                  self.seed]).encode())
         else:
@@ -261,8 +260,6 @@ class DataSource:
         """Usable documents in order; malformed ones are counted in ``self.report``."""
         self.report = report = DataReport(files=len(self.files))
         if self.kind == "builtin":
-            from . import skills
-
             for ex in skills.generate(self.builtin_examples, self.seed):
                 report.chats += 1
                 yield ex["messages"]

@@ -6,7 +6,7 @@ on any model folder, e.g. on data of your own that the model never trained on:
     vesper calibrate runs/a/model --data heldout.jsonl
 
 The MetaHead is trained on the training data, where the LM is right more often than on
-text it has not seen. On held-out tokens, :func:`vesper_sdk.metacog.fit_confidence` fits
+text it has not seen. On held-out tokens, :func:`vesper_sdk.eval.metrics.fit_confidence` fits
 the confidence output again: Platt scaling of its logit plus an L2-penalised correction
 read from the MetaHead's activations, the penalty chosen by cross-validation over whole
 questions (builtin:skills) or documents, so a recurring question never sits on both sides
@@ -25,10 +25,15 @@ from pathlib import Path
 
 import torch
 
-from ._callable import make_module_callable
-from .metacog import expected_calibration_error, fit_confidence
-from .model import VesperLM
-from .tokenizer import TOKENIZER_NAME, VesperTokenizer
+from .. import skills
+from ..device import resolve_device
+from ..eval.metrics import expected_calibration_error, fit_confidence
+from ..eval.scorer import encode_examples
+from ..folder import ModelFolder
+from ..model import VesperLM
+from ..model.metahead import metahead_targets
+from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
+from .data import DataSource
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 MIN_TOKENS = 100
@@ -61,8 +66,6 @@ def skills_batches(tokenizer: VesperTokenizer, examples: int, seed: int, seq_len
                    batch_size: int) -> Iterator[Batch]:
     """builtin:skills' calibration split (unseen in training and in ``vesper eval``),
     grouped by question: the same question can be drawn twice."""
-    from . import skills
-
     encoded, groups = [], []
     questions: dict[str, int] = {}
     for ex in skills.calibration(examples, seed):
@@ -83,8 +86,6 @@ def refit_confidence(model: VesperLM, batches: Iterator[Batch], eos_id: int,
     penalty and of Platt scaling alone, ECE on these tokens before and after), or None,
     leaving the model as it was, when fewer than 100 tokens are scored.
     """
-    from .train import metahead_targets
-
     head = model.metahead
     was_training = model.training
     model.eval()
@@ -151,14 +152,9 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
     written to ``out_dir`` (default: back into ``model_dir``, atomically). Returns the
     fit's figures. Raises ValueError when the data gives fewer than 100 tokens.
     """
-    from .evaluate import encode_examples
-    from .generate import resolve_device
-
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else model_dir
-    config = model_dir / "config.json"
-    if (model_dir / "model.onnx").is_file() or (
-            config.is_file() and '"quantization"' in config.read_text()):
+    if ModelFolder(model_dir).kind != "torch":
         raise ValueError(f"{model_dir} is an ONNX export or a quantized folder: calibrate "
                          "the full-precision model folder it came from, then export or "
                          "quantize again (the confidence row travels with the weights)")
@@ -169,8 +165,6 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
     if data == "builtin:skills":
         batches = skills_batches(tokenizer, examples, seed, seq_len, batch_size)
     else:
-        from .data import DataSource
-
         records = []
         for i, record in enumerate(DataSource(data).records()):
             if i >= examples:
@@ -203,8 +197,8 @@ class CalibrateOptions:
     out_dir: str | None = field(default=None, metadata={
         "help": "where the recalibrated model goes (default: back into MODEL_DIR)"})
     examples: int = field(default=10_000, metadata={
-        "help": "chats/documents to read (builtin:skills: 10,000 chats, ~35 k tokens, about "
-                "15 s on a 2-core CPU)"})
+        "help": "chats/documents to read (builtin:skills: chats drawn from its "
+                "calibration split)"})
     seed: int = field(default=0, metadata={"help": "seed of the builtin:skills draw"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed block"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -219,8 +213,6 @@ def cli(opts: CalibrateOptions) -> int:
     print(f"saved to {opts.out_dir or opts.model_dir} in {time.perf_counter() - start:.1f}s")
     return 0
 
-
-make_module_callable(__name__, calibrate)
 
 __all__ = ["CalibrateOptions", "calibrate", "cli", "describe", "pack", "refit_confidence",
            "skills_batches"]

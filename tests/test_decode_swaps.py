@@ -1,4 +1,5 @@
-"""The threaded CPU decode product: same numbers as F.linear, used only where it applies."""
+"""The decode swaps: the threaded CPU product gives F.linear's numbers, is used only where it
+applies, and swapping in and out leaves the model's parameters and outputs as they were."""
 
 from __future__ import annotations
 
@@ -9,8 +10,17 @@ import torch
 import torch.nn.functional as F
 
 import vesper_sdk as vs
-from vesper_sdk import matvec
-from vesper_sdk.matvec import SplitMatVec
+from vesper_sdk.inference.decode_swaps import (
+    DenseProduct,
+    MatVecLinear,
+    PairedFeedForward,
+    SplitMatVec,
+    apply_cpu_decode,
+    apply_pair_ffn,
+    decode_products,
+    remove_decode_swaps,
+)
+from vesper_sdk.model import GLUFeedForward
 
 
 @pytest.mark.parametrize("out_features,in_features,parts,rows", [
@@ -41,9 +51,9 @@ def test_split_matvec_compiles_without_a_graph_break_to_the_same_numbers():
                                        rtol=1e-5, atol=1e-5)
 
 
-def test_attach_leaves_bf16_weights_to_f_linear(tiny_model):
-    assert matvec.attach(tiny_model.to(torch.bfloat16), parts=4) == 0
-    assert matvec.products(tiny_model) == []
+def test_cpu_decode_leaves_bf16_weights_to_f_linear(tiny_model):
+    assert apply_cpu_decode(tiny_model.to(torch.bfloat16), parts=4) == 0
+    assert decode_products(tiny_model) == []
 
 
 def test_split_matvec_rejects_parts_that_do_not_divide_the_output():
@@ -78,15 +88,18 @@ def _as_if_trained(model: vs.VesperLM) -> vs.VesperLM:
     return model
 
 
-def test_attach_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_model):
+def test_cpu_decode_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_model):
     _as_if_trained(tiny_model)
     ref = copy.deepcopy(tiny_model)
-    n = matvec.attach(tiny_model, parts=4)
-    assert len(matvec.products(tiny_model)) == n
+    keys = {k: v.data_ptr() for k, v in tiny_model.state_dict().items()}
+    n = apply_cpu_decode(tiny_model, parts=4)
+    assert len(decode_products(tiny_model)) == n
     # 2 layers x (qkv, o_proj, down, the gate/up FlyLoRA pair) + MetaHead fc and out
     # + tied LM head.
     assert n == 2 * (3 + 1) + 2 + 1
-    assert all(b.ffn.gate.matvec is None for b in tiny_model.blocks)  # the pair serves it
+    assert all(isinstance(b.ffn, PairedFeedForward) for b in tiny_model.blocks)
+    # The swapped modules hold the very same tensors under the same names.
+    assert {k: v.data_ptr() for k, v in tiny_model.state_dict().items()} == keys
     ids = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         prefill = tiny_model(ids, use_cache=True)
@@ -97,15 +110,17 @@ def test_attach_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_mode
     for got, want in ((prefill, ref_prefill), (step, ref_step)):
         torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-4, atol=1e-5)
-    assert tiny_model.blocks[0].attn.qkv.matvec.parts == 4
-    assert tiny_model.metahead.out.matvec.parts == 1  # no divisor of 5 in 2..4
+    assert tiny_model.blocks[0].attn.qkv.product.parts == 4
+    assert tiny_model.metahead.out.product.parts == 1  # no divisor of 5 in 2..4
 
 
-def test_attach_zero_parts_detaches(tiny_model):
-    matvec.attach(tiny_model, parts=4)
-    assert matvec.attach(tiny_model, parts=0) == 0
-    assert tiny_model.head_matvec is None
-    assert all(getattr(m, "matvec", None) is None for m in tiny_model.modules())
+def test_removing_the_swaps_restores_the_models_own_modules(tiny_model):
+    before = [type(m) for m in tiny_model.modules()]
+    apply_cpu_decode(tiny_model, parts=4)
+    remove_decode_swaps(tiny_model)
+    assert [type(m) for m in tiny_model.modules()] == before
+    assert apply_cpu_decode(tiny_model, parts=0) == 0
+    assert decode_products(tiny_model) == []
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
@@ -116,17 +131,19 @@ def test_ffn_pair_equals_the_two_flylora_layers(alpha, product):
     torch.manual_seed(0)
     cfg = vs.VesperConfig.from_preset("tiny", vocab_size=96, hidden_size=64, num_layers=1,
                                       num_heads=4, ffn_hidden_size=128, flylora_alpha=alpha)
-    ffn = _as_if_trained(vs.VesperLM(cfg).eval()).blocks[0].ffn
+    block = _as_if_trained(vs.VesperLM(cfg).eval()).blocks[0]
     x = torch.randn(3, 1, 64)
     with torch.no_grad():
-        want = ffn(x)
+        want = block.ffn(x)
         if product == "blocks":
-            matvec.attach(ffn, parts=4)
+            apply_cpu_decode(block, parts=4)
         else:
-            assert matvec.attach_pairs(ffn) == 1
-            assert isinstance(ffn.pair.product, matvec.DenseProduct)
-            assert all(m.matvec is None for m in (ffn.gate, ffn.up, ffn.down))
-        assert ffn.pair is not None and ffn.pair.applies(x)
+            assert apply_pair_ffn(block) == 1
+            assert isinstance(block.ffn.pair.product, DenseProduct)
+            assert type(block.ffn.down) is torch.nn.Linear
+        ffn = block.ffn
+        assert isinstance(ffn, PairedFeedForward) and isinstance(ffn, GLUFeedForward)
+        assert ffn.pair.applies(x)
         torch.testing.assert_close(ffn(x), want, rtol=1e-5, atol=1e-5)
         compiled = torch.compile(ffn.forward, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
@@ -134,15 +151,16 @@ def test_ffn_pair_equals_the_two_flylora_layers(alpha, product):
 
 def test_a_weight_updated_in_place_falls_back_to_its_current_values(tiny_model):
     _as_if_trained(tiny_model)
-    matvec.attach(tiny_model, parts=4)
+    apply_cpu_decode(tiny_model, parts=4)
     layer = tiny_model.blocks[0].attn.qkv
     ffn = tiny_model.blocks[0].ffn
+    assert isinstance(layer, MatVecLinear)
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
-        assert layer.matvec.applies(x) and ffn.pair.applies(x)
+        assert layer.product.applies(x) and ffn.pair.applies(x)
         layer.weight.add_(1.0)  # what an optimizer step does
         ffn.up.lora_B.mul_(2.0)
-        assert not layer.matvec.applies(x) and not ffn.pair.applies(x)
+        assert not layer.product.applies(x) and not ffn.pair.applies(x)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
         gate, up = ffn.gate, ffn.up
         want = ffn.down(ffn.act(gate(x)) * (F.linear(x, up.weight) + F.linear(

@@ -1,0 +1,453 @@
+"""The decoding loop: one batch of requests from prefill to their last tokens.
+
+It only calls ``DecodeBackend.forward``: the prompts run once (prefill, left-padded
+batch), then one token per row per step reusing the backend's KV cache. Every token
+comes out as a :class:`Token` with its log-probability, the MetaHead's confidence and
+stop probability, and what the metacognitive regulator did at that position.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from ..eval.regulator import MetacognitiveRegulator, as_regulator, join_flags
+from ..tokenizer import VesperTokenizer
+from .sampling import sample
+from .types import DecodeBackend, GenerationRequest, StepOutput, Token
+
+
+class _StopScanner:
+    """Cuts text at the first stop string, holding back a tail that may begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add ``piece``; return (text safe to release, whether a stop string matched)."""
+        if not self.stops:
+            return piece, False
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[:min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+class _Row:
+    """Decoding state of one attempt of one request."""
+
+    def __init__(self, index: int, request: GenerationRequest, prompt_ids: list[int],
+                 temperature: float, seed: int | None,
+                 regulator: MetacognitiveRegulator | None, buffered: bool) -> None:
+        self.index = index
+        self.request = request
+        self.prompt_ids = prompt_ids
+        self.temperature = temperature
+        self.seed = seed
+        self.regulator = regulator
+        self.buffer: list[Token] | None = [] if buffered else None
+        self.params = request.params
+        self.budget = request.params.max_new_tokens
+        self.n = 0  # tokens generated
+        self.conf_sum = 0.0
+        self.ids: list[int] = []
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.scanner = _StopScanner(request.params.stops)
+        self.finished = False
+        self.cancelled = False
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This row's generator on ``device`` (where its logits are sampled)."""
+        # Created on first use, so greedy rows never touch the global RNG; without a seed
+        # the global RNG picks one, which torch.manual_seed makes reproducible.
+        if self._generator is None:
+            seed = self.seed if self.seed is not None else int(
+                torch.randint(0, 2**62, (1,)).item())
+            self._generator = torch.Generator(device).manual_seed(seed)
+        return self._generator
+
+    @property
+    def mean_confidence(self) -> float:
+        return self.conf_sum / self.n if self.n else float("-inf")
+
+
+
+class Engine:
+    """Decodes batches of :class:`GenerationRequest` over one backend and tokenizer.
+
+    ``pipeline`` (default: on when the backend is on CUDA) launches each decode step
+    before the previous step's tokens are turned into text, so that on an asynchronous
+    device the host's share of a token (copying its values out, decoding, stop strings)
+    overlaps the device's next step. The tokens are the same; when every row ends, the
+    step launched ahead is thrown away. Off elsewhere: on the CPU nothing is asynchronous,
+    so it would only add that wasted step.
+    """
+
+    def __init__(self, backend: DecodeBackend, tokenizer: VesperTokenizer,
+                 pipeline: bool | None = None) -> None:
+        self.backend, self.tokenizer = backend, tokenizer
+        self.special = frozenset(tokenizer.special_ids)
+        self._bytes: dict[int, bytes] = {}
+        self.pipeline = backend.device.type == "cuda" if pipeline is None else pipeline
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.backend.max_seq_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    def stream_batch(self, requests: Sequence[GenerationRequest],
+                     ) -> Iterator[tuple[int, Token]]:
+        """Decode several requests as one batch; yield ``(request index, Token)``.
+
+        Contract (what the HTTP server relies on):
+
+        - Each request keeps its own prompt, ``max_new_tokens``, temperature, top-k/top-p,
+          repetition penalty, stop strings, seed and regulator. A row's tokens depend only
+          on its own request: the same request decoded alone gives the same tokens (up to
+          float rounding between batch shapes), and its seed drives its own generator.
+        - Tokens are yielded as soon as each step is done, in request order within a
+          step; rows finish independently, and a finished row's last token has
+          ``finish_reason`` set (``"eos"``, ``"stop"`` or ``"length"``).
+        - A cancelled request (:meth:`GenerationRequest.cancel`, checked before each
+          step) gets no further token and no end marker; the others go on.
+        - A request whose regulator has retries yields its tokens only when its attempts
+          are done (they are decoded in later rounds, batched together).
+        - Prompts are left-padded to the longest one; a row's room is therefore
+          ``min(max_new_tokens, max_seq_len - longest prompt)``.
+
+        The generator holds no grad or inference mode across its ``yield``s, so the caller
+        may do anything between tokens; closing it early frees the batch.
+        """
+        reqs = list(requests)
+        for r in reqs:
+            r.params.validate()
+        plans: dict[int, list] = {}
+        rows: list[_Row] = []
+        for i, req in enumerate(reqs):
+            reg = as_regulator(req.params.regulator)
+            ids = self.prompt_ids(req.prompt)
+            plan = reg.plan(req.params.temperature, req.params.seed) if reg else None
+            buffered = bool(plan and len(plan) > 1)
+            if buffered:
+                plans[i] = plan
+            rows.append(_Row(i, req, ids, req.params.temperature, req.params.seed, reg,
+                             buffered))
+        attempts: dict[int, list[_Row]] = {i: [] for i in plans}
+        while rows:
+            for row, tok in self._decode(rows):
+                if row.buffer is None:
+                    yield row.index, tok
+                else:
+                    row.buffer.append(tok)
+            retry: list[_Row] = []
+            for row in rows:
+                if row.buffer is None or row.cancelled:
+                    continue
+                done = attempts[row.index]
+                done.append(row)
+                plan = plans[row.index]
+                reg = row.regulator
+                assert reg is not None
+                if len(done) < len(plan) and not reg.accepts(row.mean_confidence):
+                    nxt = plan[len(done)]
+                    retry.append(_Row(row.index, row.request, row.prompt_ids, nxt.temperature,
+                                      nxt.seed, reg, True))
+                    continue
+                best = max(range(len(done)), key=lambda k: done[k].mean_confidence)
+                flag = reg.retry_flag(best, len(done))
+                for tok in done[best].buffer or []:
+                    tok.regulated = join_flags(tok.regulated, flag)
+                    yield row.index, tok
+            rows = retry
+
+    # --- the loop --------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_bos=True)
+        else:
+            ids = [int(t) for t in prompt] or [self.tokenizer.bos_id]
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is "
+                             f"{self.max_seq_len}: shorten it to leave room for the answer")
+        return ids
+
+    def token_bytes(self, idx: int) -> bytes:
+        b = self._bytes.get(idx)
+        if b is None:
+            b = self._bytes[idx] = self.tokenizer.token_bytes(idx)
+        return b
+
+    def _decode(self, rows: list[_Row]) -> Iterator[tuple[_Row, Token]]:
+        """Run ``rows`` to completion as one batch: one prefill, then one token per step."""
+        backend, dev = self.backend, self.device
+        p_len = max(len(r.prompt_ids) for r in rows)
+        for r in rows:
+            r.budget = min(r.budget, self.max_seq_len - p_len)
+        live = [r for r in rows if r.budget > 0 and not r.request.is_cancelled]
+        for r in rows:
+            if r not in live:
+                r.finished, r.cancelled = True, r.request.is_cancelled
+        if not live:
+            return
+        rows = live
+        b, steps = len(rows), max(r.budget for r in rows)
+        pad = self.tokenizer.pad_id
+        with torch.inference_mode():
+            ids = torch.full((b, p_len), pad, dtype=torch.long)
+            # The whole mask is built once; each step passes a growing view of it.
+            mask = torch.ones((b, p_len + steps), dtype=torch.long)
+            for i, r in enumerate(rows):
+                n = len(r.prompt_ids)
+                ids[i, p_len - n:] = torch.tensor(r.prompt_ids)
+                mask[i, : p_len - n] = 0
+            pos = (mask[:, :p_len].cumsum(-1) - 1).clamp(min=0)
+            ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+            out = backend.forward(ids, mask[:, :p_len], pos, None)
+            past = out.past_key_values
+            pos = pos[:, -1:] + 1
+            state = _BatchState(self, rows, dev)
+            choice = state.choose(out)
+        t = p_len
+
+        def launch() -> StepOutput:  # the next step, from the tokens chosen last
+            nonlocal t, past, pos
+            t += 1
+            step = backend.forward(state.next_input(), mask[:, :t], pos, past)
+            past, pos = step.past_key_values, pos + 1
+            return step
+
+        while True:
+            ahead = None
+            if self.pipeline and state.may_continue():
+                # Launch the next step before this one's tokens reach the host: the device
+                # computes while the host decodes text. Wasted if every row ends here.
+                with torch.inference_mode():
+                    ahead = launch()
+            with torch.inference_mode():
+                emitted = state.emit(choice)
+            yield from emitted
+            if not state.any_live():
+                return
+            with torch.inference_mode():
+                keep = state.compact_index()
+                if keep is not None and hasattr(backend, "reorder_cache"):
+                    new_past = backend.reorder_cache(past, keep)
+                    if new_past is not None:
+                        past = new_past
+                        keep_dev = keep.to(dev)
+                        mask, pos = mask.index_select(0, keep_dev), pos.index_select(0, keep_dev)
+                        state.compact(keep)
+                        if ahead is not None:  # computed for the rows before compaction
+                            ahead = ahead.select_rows(keep_dev, past)
+                choice = state.choose(ahead if ahead is not None else launch())
+
+
+class _Choice(NamedTuple):
+    """One step's token choice (:meth:`_BatchState.choose`), before it becomes Tokens."""
+
+    decisions: list[Any]  # per row: the regulator's decision, or None
+    host: list[list[Any]] | torch.Tensor  # ids, logprobs, confidences, stop probabilities
+    ready: torch.cuda.Event | None  # recorded after ``host``'s copy from the device
+    top: list[Any] | None  # per row: (ids, logprobs) of its top_logprobs
+
+
+class _BatchState:
+    """Per-step token choice and bookkeeping for the rows of one batch."""
+
+    def __init__(self, engine: Engine, rows: list[_Row], device: torch.device) -> None:
+        self.engine, self.rows, self.device = engine, rows, device
+        self.eos = engine.tokenizer.eos_id
+        self.special = engine.special
+        self.next_ids: torch.Tensor | None = None
+        vocab = engine.backend.vocab_size
+        self.penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
+        self.seen: torch.Tensor | None = None
+        if self.penalised:
+            self.seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
+            for i, r in enumerate(rows):
+                self.seen[i, torch.tensor(r.prompt_ids, device=device)] = True
+        self._refresh()
+
+    def _refresh(self) -> None:
+        rows = self.rows
+        self.any_regulator = any(r.regulator is not None for r in rows)
+        self.any_top = max(r.params.top_logprobs for r in rows) if rows else 0
+        if self.penalised:
+            self.penalty = torch.tensor([r.params.repetition_penalty for r in rows],
+                                        device=self.device)[:, None]
+
+    def any_live(self) -> bool:
+        return any(not r.finished for r in self.rows)
+
+    def any_finished(self) -> bool:
+        return any(r.finished for r in self.rows)
+
+    def may_continue(self) -> bool:
+        """Whether a row may need a token after the one chosen last (its budget allows)."""
+        return any(not r.finished and r.n + 1 < r.budget for r in self.rows)
+
+    def compact_index(self) -> torch.Tensor | None:
+        """Indices of unfinished rows when some row has finished, else None."""
+        if not self.any_finished():
+            return None
+        return torch.tensor([i for i, r in enumerate(self.rows) if not r.finished])
+
+    def compact(self, keep: torch.Tensor) -> None:
+        idx = keep.tolist()
+        self.rows = [self.rows[i] for i in idx]
+        keep_dev = keep.to(self.device)
+        if self.next_ids is not None:
+            self.next_ids = self.next_ids.index_select(0, keep_dev)
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, keep_dev)
+        self._refresh()
+
+    def next_input(self) -> torch.Tensor:
+        assert self.next_ids is not None
+        return self.next_ids[:, None]
+
+    def choose(self, out: StepOutput) -> _Choice:
+        """Choose every row's next token from ``out`` (the next step's input, on the
+        device); :meth:`emit` turns the choice into Tokens.
+
+        On CUDA, the values the host needs travel in one copy that :meth:`emit` waits for,
+        so the next step can be launched in between (``LLM.pipeline``).
+        """
+        rows = self.rows
+        logits = out.logits[:, -1, :]
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        conf_t, stop_t = out.confidence[:, -1].float(), out.stop[:, -1].float()
+        # Regulator decisions come first: they change how the token is chosen.
+        decisions: list[Any] = [None] * len(rows)
+        temps = [r.temperature for r in rows]
+        if self.any_regulator:
+            conf_l, stop_l = conf_t.tolist(), stop_t.tolist()
+            for i, r in enumerate(rows):
+                if r.regulator is None or r.finished:
+                    continue
+                if r.request.is_cancelled:
+                    continue
+                d = r.regulator.regulate_step(conf_l[i], stop_l[i], r.n,
+                                              r.conf_sum / r.n if r.n else None)
+                decisions[i] = d
+                if d.conservative:
+                    temps[i] = min(temps[i], r.regulator.conservative_temperature)
+        scores = logits
+        if self.penalised:
+            assert self.seen is not None
+            pen = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            scores = torch.where(self.seen, pen, logits)
+        chosen = scores.argmax(-1)
+        sampled = [i for i, r in enumerate(rows) if temps[i] > 0 and not r.finished]
+        forced = [i for i, d in enumerate(decisions) if d is not None and d.stop]
+        if sampled or forced:
+            chosen_l = chosen.tolist()
+            if sampled:
+                picked = sample(scores[torch.tensor(sampled, device=scores.device)],
+                                [temps[i] for i in sampled],
+                                [rows[i].params.top_k for i in sampled],
+                                [rows[i].params.top_p for i in sampled],
+                                [rows[i].generator(scores.device) for i in sampled])
+                for i, tid in zip(sampled, picked, strict=True):
+                    chosen_l[i] = tid
+            for i in forced:
+                if chosen_l[i] not in self.special and not rows[i].params.ignore_eos:
+                    chosen_l[i] = self.eos
+                else:
+                    decisions[i] = None  # the model ended (or must not end) on its own
+            chosen = torch.tensor(chosen_l, device=logits.device)
+        # One log_softmax, not logsumexp and a subtraction: ~5 vs ~15 us a step on the CPU.
+        logprobs = logits.log_softmax(-1)
+        lp = logprobs.gather(1, chosen[:, None])[:, 0]
+        ready: torch.cuda.Event | None = None
+        host: list[list[Any]] | torch.Tensor
+        if logits.device.type == "cpu":  # already on the host: no stack to build
+            host = [chosen.tolist(), lp.tolist(), conf_t.tolist(), stop_t.tolist()]
+        else:  # one transfer to the host for the whole step; on CUDA, emit waits for it
+            cuda = logits.device.type == "cuda"
+            host = torch.stack([chosen.to(lp.dtype), lp, conf_t, stop_t]).to(
+                "cpu", non_blocking=cuda)
+            if cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+        top: list[Any] | None = None
+        if self.any_top:
+            vals, idx = torch.topk(logprobs, self.any_top, dim=-1)
+            top = list(zip(idx.tolist(), vals.tolist(), strict=True))
+        if self.seen is not None:
+            self.seen[torch.arange(len(rows), device=self.seen.device), chosen] = True
+        if self.any_finished():  # finished rows (kept by a static cache) are fed padding
+            self.next_ids = torch.where(
+                torch.tensor([not r.finished for r in rows], device=chosen.device), chosen,
+                torch.full_like(chosen, self.engine.tokenizer.pad_id))
+        else:  # no host-to-device copy on the common step
+            self.next_ids = chosen
+        return _Choice(decisions, host, ready, top)
+
+    def emit(self, choice: _Choice) -> list[tuple[_Row, Token]]:
+        """The Tokens of a :meth:`choose` (waiting for its values to reach the host)."""
+        rows, decisions, top = self.rows, choice.decisions, choice.top
+        if choice.ready is not None:
+            choice.ready.synchronize()
+        host = choice.host
+        ids_h, lp_h, conf_h, stop_h = host.tolist() if isinstance(host, torch.Tensor) else host
+        emitted: list[tuple[_Row, Token]] = []
+        for i, r in enumerate(rows):
+            if r.finished:
+                continue
+            if r.request.is_cancelled:
+                r.finished = r.cancelled = True
+                continue
+            d = decisions[i]
+            tok = self._token(r, int(ids_h[i]), lp_h[i], conf_h[i], stop_h[i],
+                              d.flag if d is not None else None)
+            if top is not None and r.params.top_logprobs:
+                k = r.params.top_logprobs
+                tok.top_logprobs = list(zip(top[i][0][:k], top[i][1][:k], strict=True))
+            emitted.append((r, tok))
+        return emitted
+
+    def _token(self, r: _Row, tid: int, logprob: float, conf: float, stop: float,
+               flag: str | None) -> Token:
+        r.n += 1
+        r.conf_sum += conf
+        r.ids.append(tid)
+        special = tid in self.special
+        finish = None
+        if special and not r.params.ignore_eos:
+            text, _ = r.scanner.feed(r.decoder.decode(b"", final=True))
+            text += r.scanner.flush()
+            finish = "eos"
+        else:
+            text, matched = r.scanner.feed(r.decoder.decode(self.engine.token_bytes(tid)))
+            if matched:
+                finish = "stop"
+            elif r.n >= r.budget:
+                tail, matched = r.scanner.feed(r.decoder.decode(b"", final=True))
+                text += tail if matched else tail + r.scanner.flush()
+                finish = "stop" if matched else "length"
+        if finish is not None:
+            r.finished = True
+        return Token(text, tid, logprob, conf, stop, flag, finish, special)

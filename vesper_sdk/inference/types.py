@@ -1,0 +1,123 @@
+"""What the decoding loop hands out and takes in: tokens, requests, backend steps."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class TokenScore:
+    """One token of a text scored by the model (teacher forcing)."""
+
+    text: str
+    id: int
+    logprob: float
+    confidence: float
+
+
+@dataclass
+class Token:
+    """One generated token.
+
+    Attributes:
+        text: the text this token releases. Bytes of a character split across tokens are
+            held until the character is complete (so ``text`` may be ``""`` and a later
+            token carries them), as is any tail that might begin a stop string; joining
+            the ``text`` of a row's tokens gives exactly the generated text.
+        id: the token id.
+        logprob: log-probability of this token under the model's own distribution
+            (temperature 1, before top-k/top-p and repetition penalty).
+        confidence: the MetaHead's confidence at the position that chose this token (the
+            probability that the model's top-1 choice there is right).
+        stop_prob: the stop head's probability, at that position, that the answer ends.
+        regulated: ``None``, or what the metacognitive regulator did: ``"conservative"``,
+            ``"stopped"``, ``"retry k"``, ``"kept first of n"`` (joined by ", ").
+        finish_reason: set on a row's last token only: ``"eos"`` (the model or the
+            regulator ended the answer; this token is then the end-of-sequence token, with
+            ``special`` True and no text), ``"stop"`` (a stop string matched; ``text``
+            stops before it) or ``"length"`` (``max_new_tokens`` reached).
+        special: True for a special token (EOS, a role marker); it has no text.
+        top_logprobs: ``[(id, logprob), ...]`` most likely first, when asked for.
+    """
+
+    text: str
+    id: int
+    logprob: float
+    confidence: float
+    stop_prob: float
+    regulated: str | None = None
+    finish_reason: str | None = None
+    special: bool = False
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt and its own :class:`SamplingParams`, for :meth:`LLM.stream_batch`.
+
+    ``prompt`` is token ids (use ``tokenizer.encode(text, add_bos=True)`` or
+    ``tokenizer.chat_prompt_ids(messages)``) or a string (encoded with BOS). To stop a
+    request early from another thread, call :meth:`cancel` (or set ``cancelled``: a bool,
+    a ``threading.Event`` or a zero-argument callable returning True): the loop drops the
+    row before its next token and yields nothing more for it.
+    """
+
+    prompt: Sequence[int] | str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    cancelled: bool | threading.Event | Callable[[], bool] = False
+
+    def cancel(self) -> None:
+        """Ask the decoding loop to drop this request (thread-safe)."""
+        if isinstance(self.cancelled, threading.Event):
+            self.cancelled.set()
+        else:
+            self.cancelled = True
+
+    @property
+    def is_cancelled(self) -> bool:
+        flag = self.cancelled
+        if isinstance(flag, threading.Event):
+            return flag.is_set()
+        if callable(flag):
+            return bool(flag())
+        return bool(flag)
+
+
+@dataclass
+class StepOutput:
+    """One forward step of a decoding backend."""
+
+    logits: torch.Tensor  # [B,S,V] float32
+    confidence: torch.Tensor  # [B,S] MetaHead probability that the top-1 is right
+    stop: torch.Tensor  # [B,S] probability that the response ends here
+    past_key_values: Any  # the backend's own cache object, passed back unchanged
+
+    def select_rows(self, index: torch.Tensor, past: Any) -> StepOutput:
+        """The rows in ``index`` of this step, with ``past`` (the cache kept to them)."""
+        return StepOutput(self.logits.index_select(0, index),
+                          self.confidence.index_select(0, index),
+                          self.stop.index_select(0, index), past)
+
+
+class DecodeBackend(Protocol):
+    """What the decoding loop needs from a model: PyTorch, quantized or ONNX Runtime.
+
+    Optional extra: ``reorder_cache(past, index) -> past | None`` keeping only the batch
+    rows in ``index`` (a LongTensor); with it, rows that finish early stop costing compute.
+    """
+
+    vocab_size: int
+    max_seq_len: int
+    device: torch.device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, past_key_values: Any) -> StepOutput:
+        """input_ids/position_ids [B,S], attention_mask [B,past+S]; past None at prefill."""
+        ...
