@@ -39,6 +39,7 @@ from typing import Any  # noqa: E402
 import gradio as gr  # noqa: E402
 
 import vesper_sdk  # noqa: E402
+from vesper_sdk.folder import ModelFolder, ModelFolderError  # noqa: E402
 from vesper_sdk.inference import DEFAULT_TEMPERATURE, SamplingParams  # noqa: E402
 
 DEFAULT_MODEL_DIR = Path(vesper_sdk.__file__).resolve().parent / "assets" / "default_model"
@@ -435,16 +436,19 @@ def _resolve_model(llm_or_dir: Any, device: str) -> tuple[Any, Path | None]:
         llm_or_dir = DEFAULT_MODEL_DIR
     if isinstance(llm_or_dir, (str, Path)):
         path = Path(llm_or_dir)
-        if not (path / "config.json").is_file() and not (path / "model.onnx").is_file():
+        try:
+            ModelFolder(path)
+        except ModelFolderError:
             if path.resolve() == DEFAULT_MODEL_DIR:
                 raise FileNotFoundError(
                     f"the bundled default model is missing ({path} has no config.json): "
                     "this checkout does not include it yet. Pass a model folder instead: "
                     "`python demo/app.py MODEL_DIR` or `vesper demo MODEL_DIR` (train one "
-                    "with `vesper train`)")
+                    "with `vesper train`)") from None
             raise FileNotFoundError(
                 f"{path} is not a model folder (no config.json or model.onnx): pass the "
-                "folder written by `vesper train`, `vesper quantize` or `vesper export`")
+                "folder written by `vesper train`, `vesper quantize` or `vesper export`"
+            ) from None
         from vesper_sdk.serving import load_backend
 
         # dtype fp32: the selector's "PyTorch fp32" must mean what it says, even on a GPU.

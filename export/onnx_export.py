@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_folder
-from ..config import run_folder_hint
+from ..folder import ModelFolder
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
 from .lowering import fused_attention, lowered, paired_ffn_weights, translation_table
@@ -447,28 +447,15 @@ def _validate_request(model_dir: Path, out_dir: Path, opset: int, quantize: str 
     if quantize == "int4" and (block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"block_size {block_size} must be a power of two >= 16 "
                           "(e.g. 32, 64, 128)")
-    if not model_dir.is_dir():
-        raise ModelFolderError(
-            f"{model_dir} is not a folder: pass a model folder holding {CONFIG_NAME} and "
-            f"{WEIGHTS_NAME} (written by `vesper train`)")
-    config_path = model_dir / CONFIG_NAME
-    if (model_dir / ONNX_NAME).exists():
+    folder = ModelFolder(model_dir)  # not a folder, or not a model: named, with the fix
+    if folder.kind == "onnx":
         raise ModelFolderError(
             f"{model_dir} holds {ONNX_NAME}: it is an ONNX export already; export the model "
             "folder it came from (the one with model.safetensors)")
-    if not config_path.is_file():
-        raise ModelFolderError(
-            f"{model_dir} is not a VesperLM model folder: {CONFIG_NAME} is missing. "
-            "Pass the folder written by `vesper train` or model.save_pretrained."
-            + run_folder_hint(model_dir))
-    try:
-        quant = json.loads(config_path.read_text()).get("quantization")
-    except (json.JSONDecodeError, AttributeError):
-        quant = None  # from_pretrained reports a damaged config with its name
-    if quant:
+    if folder.kind == "bnb":
         raise ExportError(
-            f"{model_dir} is a bitsandbytes {quant.get('method')} model: export the "
-            "full-precision folder it came from, with --quantize int8|int4 for ONNX "
+            f"{model_dir} is a bitsandbytes {folder.quantization.get('method')} model: export "
+            "the full-precision folder it came from, with --quantize int8|int4 for ONNX "
             "quantization")
     if out_dir.resolve() == model_dir.resolve():
         raise ExportError(f"out_dir {out_dir} is the model folder: export to a new folder")

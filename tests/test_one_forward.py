@@ -4,6 +4,7 @@ the one sampling default all go through the model's and the SDK's single definit
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,34 @@ def test_model_folder_names_its_kind_and_refuses_what_is_not_a_model(model, tmp_
     onnx.mkdir()
     (onnx / "model.onnx").write_bytes(b"")
     assert ModelFolder(Path(onnx)).kind == "onnx"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_static_decode_step_traces_as_one_graph(model, padded):
+    """torch.compile(fullgraph=True) raises on any graph break in the one forward (a lock,
+    a shape compared as a Python bool, ...), which would silently slow the compiled step."""
+    from vesper_sdk.inference.decode_swaps import apply_cpu_decode
+    from vesper_sdk.inference.torch_backend import _static_step
+
+    m = copy.deepcopy(model)
+    apply_cpu_decode(m, parts=4)
+    cfg = m.config
+    shape = (1, cfg.num_heads, cfg.max_seq_len, cfg.head_dim)
+
+    def buffers():
+        torch.manual_seed(5)
+        keys = [torch.randn(shape) for _ in range(cfg.num_layers)]
+        values = [torch.randn(shape) for _ in range(cfg.num_layers)]
+        key_mask = torch.zeros(1, cfg.max_seq_len, dtype=torch.bool)
+        key_mask[:, :6] = True
+        return key_mask, keys, values
+
+    ids, pos, write = torch.tensor([[7]]), torch.tensor([[6]]), torch.tensor([6])
+    # dynamic: the lengths are symbolic, as in the backend after its first recompile.
+    step = torch.compile(functools.partial(_static_step, m), fullgraph=True, dynamic=True,
+                         backend="aot_eager")
+    with torch.no_grad():
+        want = _static_step(m, ids, pos, write, *buffers(), length=7, padded=padded)
+        got = step(ids, pos, write, *buffers(), length=7, padded=padded)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

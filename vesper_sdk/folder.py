@@ -50,8 +50,9 @@ class ModelFolder:
                 f"{run_folder_hint(self.path)}")
         if not (self.path / CONFIG_NAME).is_file() and not self.onnx_path.is_file():
             raise ModelFolderError(
-                f"{self.path} is not a model folder (no {CONFIG_NAME} or {ONNX_NAME})"
-                f"{run_folder_hint(self.path)}")
+                f"{self.path} is not a model folder: {CONFIG_NAME} is missing (and there is no "
+                f"{ONNX_NAME}). Pass the folder written by `vesper train` or "
+                f"model.save_pretrained.{run_folder_hint(self.path)}")
 
     @property
     def onnx_path(self) -> Path:

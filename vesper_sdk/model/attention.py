@@ -16,14 +16,13 @@ static cache over its whole capacity needs ``one_query``), else ``Attention.impl
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import VesperConfig
-from .cache import Cache
+from .cache import Cache, StaticCache
 
 
 class RotaryEmbedding(nn.Module):
@@ -82,10 +81,14 @@ class RopeTable:
     def __init__(self, rope: RotaryEmbedding, position_ids: torch.Tensor,
                  dtype: torch.dtype) -> None:
         self.rope, self.position_ids, self.dtype = rope, position_ids, dtype
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @cached_property
+    @property
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rope.table(self.position_ids, self.dtype)
+        # Not functools.cached_property: its lock is a graph break under torch.compile.
+        if self._table is None:
+            self._table = self.rope.table(self.position_ids, self.dtype)
+        return self._table
 
     @property
     def cos(self) -> torch.Tensor:
@@ -122,8 +125,9 @@ def sdpa_attention(attn: Attention, x: torch.Tensor, rope: RopeTable,
                    mask: torch.Tensor | None, cache: Cache | None, layer: int) -> torch.Tensor:
     q, k, v = _qkv(attn, x, rope, cache, layer)
     # No mask: causal over a square block (training, a prefill without padding), or every
-    # key for queries after all of them (a static cache step without padding).
-    causal = mask is None and q.shape[2] == k.shape[2]
+    # key for queries after all of them (a static cache step without padding). Decided by
+    # the cache's kind, not by comparing shapes (symbolic under torch.compile).
+    causal = mask is None and not isinstance(cache, StaticCache)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                        dropout_p=attn.dropout if attn.training else 0.0)
     return y.transpose(1, 2).reshape(x.shape)

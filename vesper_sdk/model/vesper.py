@@ -197,12 +197,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTable, mask: torch.Tensor | None,
                 cache: Cache | None, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the block's output, the MoE balancing loss or None for a dense block)."""
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache, layer))
+        a = self.attn(self.attn_norm(x), rope, mask, cache, layer)
+        # Dropout only trains: at decode time each module call is a fixed cost per token.
+        x = x + (self.drop(a) if self.training else a)
         h = self.ffn(self.ffn_norm(x))
         aux = None
         if isinstance(h, tuple):
             h, aux = h
-        return x + self.drop(h), aux
+        return x + (self.drop(h) if self.training else h), aux
 
 
 # ----------------------------------------------------------------------------- model
