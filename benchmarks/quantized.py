@@ -27,7 +27,7 @@ import torch
 
 from vesper_sdk.atomic import atomic_write_file
 from vesper_sdk.config import VesperConfig
-from vesper_sdk.eval.scorer import encode_examples
+from vesper_sdk.eval.scorer import encode_examples, score_labels
 from vesper_sdk.export.onnx_export import export_onnx
 from vesper_sdk.export.runner import OnnxBackend
 from vesper_sdk.folder import CONFIG_NAME, WEIGHTS_NAME
@@ -107,10 +107,9 @@ def backend_perplexity(backend: Any, chunks: Sequence[tuple[Sequence[int], Seque
         pos = torch.arange(s).unsqueeze(0)
         out = backend.forward(ids.to(backend.device), attention.to(backend.device),
                               pos.to(backend.device), None)
-        logp = out.logits[0, :-1].float().cpu().log_softmax(-1)
         scored = torch.tensor(list(chunk_mask[1:]), dtype=torch.bool)
-        token_lp = logp.gather(-1, ids[0, 1:, None])[:, 0]
-        nll -= token_lp[scored].sum().item()
+        token_lp = score_labels(out.logits[0, :-1], ids[0, 1:].to(out.logits.device)).logprob
+        nll -= token_lp.cpu()[scored].sum().item()
         count += int(scored.sum())
     return math.exp(nll / max(count, 1))
 

@@ -127,3 +127,18 @@ def test_txt_data_and_in_memory_llm(model_dir, tmp_path):
     assert report["documents"] == 2 and report["tokens"] > 5
     with pytest.raises(ValueError, match="out_dir"):
         evaluate(lm, str(data))
+
+
+def test_the_one_scorer_is_cross_entropy_and_top1_of_the_logits():
+    import torch.nn.functional as F
+
+    from vesper_sdk.eval.scorer import score_labels
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 11) * 3, torch.randint(0, 11, (2, 5))
+    labels[0, 0] = int(logits[0, 0].argmax())  # at least one right top-1
+    s = score_labels(logits, labels)
+    torch.testing.assert_close(-s.logprob, F.cross_entropy(
+        logits.reshape(-1, 11), labels.reshape(-1), reduction="none").view(2, 5))
+    assert torch.equal(s.correct, logits.argmax(-1) == labels) and bool(s.correct[0, 0])
+    torch.testing.assert_close(s.top1_prob, logits.softmax(-1).amax(-1))

@@ -1,24 +1,45 @@
 """The one teacher-forced scorer: per-token statistics of a model on encoded examples.
 
+:func:`score_labels` is the scoring itself (log-probability of each label, whether the
+top-1 prediction is the label, the top-1 probability), from logits; ``vesper eval``, the
+trainer's validation, ``LLM.score`` and the quantization report all use it.
 :func:`encode_examples` turns documents and chats into token ids plus a mask of the tokens
-to score; :func:`score_tokens` runs them through the model (windows of at most
-``seq_len`` tokens, left-padded batches) and returns, for every scored token, the negative
-log-likelihood, whether the model's top-1 prediction is the label, the MetaHead's
-``confidence`` and the maximum softmax probability (:class:`TokenStats`).
+to score; :func:`score_tokens` runs them through a model (windows of at most ``seq_len``
+tokens, left-padded batches) and returns, for every scored token, the negative
+log-likelihood, top-1 correctness, the MetaHead's ``confidence`` and the maximum softmax
+probability (:class:`TokenStats`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
-from ..inference import LLM
 from ..tokenizer import VesperTokenizer
 
+if TYPE_CHECKING:  # the generation API imports this module: no runtime import back
+    from ..inference import LLM
+
 Example = tuple[list[int], list[int]]  # token ids, 0/1 mask of the tokens to score
+
+
+class LabelScores(NamedTuple):
+    """Per position: log-probability of the label, top-1 == label, top-1 probability."""
+
+    logprob: torch.Tensor
+    correct: torch.Tensor
+    top1_prob: torch.Tensor
+
+
+def score_labels(logits: torch.Tensor, labels: torch.Tensor) -> LabelScores:
+    """Teacher-forced scores of ``labels`` [...] under ``logits`` [..., V] (in fp32)."""
+    logp = logits.float().log_softmax(-1)
+    top_lp, top = logp.max(-1)
+    return LabelScores(logp.gather(-1, labels[..., None])[..., 0], top == labels, top_lp.exp())
 
 
 def encode_examples(tok: VesperTokenizer, records: Sequence[str | list[dict]],
@@ -97,15 +118,14 @@ def score_tokens(lm: LLM, examples: Sequence[Example], seq_len: int = 512,
         with torch.inference_mode():
             out = lm.backend.forward(ids.to(lm.device), attn.to(lm.device), pos.to(lm.device),
                                      None)
-            logp = out.logits[:, :-1].float().log_softmax(-1).cpu()
             target = ids[:, 1:]
             sel = score[:, 1:]
-            lp = logp.gather(-1, target[..., None])[..., 0]
-            top_lp, top = logp.max(-1)
-            nll.append((-lp[sel]).numpy())
-            correct.append((top == target)[sel].numpy())
+            # Scored where the logits are; only the [B,S] results come to the host.
+            scores = score_labels(out.logits[:, :-1], target.to(out.logits.device))
+            nll.append((-scores.logprob.cpu()[sel]).numpy())
+            correct.append(scores.correct.cpu()[sel].numpy())
             conf.append(out.confidence[:, :-1].float().cpu()[sel].numpy())
-            msp.append(top_lp.exp()[sel].numpy())
+            msp.append(scores.top1_prob.cpu()[sel].numpy())
             docs = torch.tensor([w[2] for w in batch])[:, None].expand_as(sel)
             doc.append(docs[sel].numpy())
         total += int(sel.sum())

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..device import resolve_device
+from ..eval.scorer import score_labels
 from ..folder import ModelFolder, ModelFolderError
 from ..model import VesperLM
 from ..tokenizer import VesperTokenizer
@@ -84,9 +85,8 @@ class LLM:
         with torch.inference_mode():
             out = self.backend.forward(x, torch.ones_like(x), torch.arange(len(ids))[None]
                                        .to(self.device), None)
-            logp = out.logits[0, :-1].float().log_softmax(-1)
-            target = x[0, 1:].to(logp.device)
-            lp = logp.gather(-1, target[:, None])[:, 0].tolist()
+            target = x[0, 1:].to(out.logits.device)
+            lp = score_labels(out.logits[0, :-1], target).logprob.tolist()
             conf = out.confidence[0, :-1].float().tolist()
         return [TokenScore(self.tokenizer.decode([t], skip_special_tokens=False), t, lp[i],
                            conf[i]) for i, t in enumerate(target.tolist())]

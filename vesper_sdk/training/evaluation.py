@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from ..eval.metrics import bin_index, ece_from_bin_sums
+from ..eval.scorer import score_labels
 from ..model import VesperLM
 from ..model.metahead import metahead_loss, metahead_targets
 from .data import TokenCache, get_batch
 from .distributed import DistInfo
-from .losses import lm_loss_sum
 
 ECE_BINS = 15
 
@@ -65,7 +65,7 @@ def evaluate_blocks(model: VesperLM, cache: TokenCache, blocks: np.ndarray, seq_
         with autocast():
             out = model(x)
         targets = metahead_targets(out.logits, y, eos_id)
-        sums[0] += lm_loss_sum(out.logits, y, m).double()
+        sums[0] += -(score_labels(out.logits, y).logprob * m).sum().double()
         sums[1] += m.sum()
         sums[2] += (targets.correct & m).sum()
         sums[3] += metahead_loss(out, y, m, eos_id, normalizer=1.0, targets=targets).double()
