@@ -4,6 +4,8 @@ A folder is one of three kinds: ``torch`` (config.json + model.safetensors), ``b
 (the same with a ``quantization`` block in config.json, bitsandbytes layers) or ``onnx``
 (an export: model.onnx beside its config). Every loader (generate, serve, eval,
 calibrate, quantize, export, the demo) asks this class rather than looking for files.
+It reads files only; building the model is its loader's job (``vs.load``,
+``VesperLM.from_pretrained``, ``quantization.load_quantized``), so every module can use it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from .config import ConfigError, VesperConfig, run_folder_hint
-from .model import VesperLM
 from .model.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -24,7 +23,6 @@ from .model.files import (
     load_state_checked,
     load_weights,
 )
-from .quantization import load_quantized
 from .tokenizer import TOKENIZER_NAME, VesperTokenizer
 
 ONNX_NAME = "model.onnx"
@@ -94,16 +92,6 @@ class ModelFolder:
 
     def tokenizer(self) -> VesperTokenizer:
         return VesperTokenizer.from_file(self.path)
-
-    def load_model(self, device: str | torch.device = "cpu") -> VesperLM:
-        """The PyTorch model of a ``torch`` or ``bnb`` folder, on ``device``."""
-        if self.kind == "onnx":
-            raise ModelFolderError(
-                f"{self.path} is an ONNX export: load it with vesper_sdk.load(dir) (ONNX "
-                "Runtime), or point at the PyTorch folder it was exported from")
-        if self.kind == "bnb":
-            return load_quantized(self.path, device=device)
-        return VesperLM.from_pretrained(self.path, map_location=device)
 
     def __repr__(self) -> str:
         return f"ModelFolder({str(self.path)!r}, kind={self.kind!r})"

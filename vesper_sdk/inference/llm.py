@@ -23,6 +23,7 @@ from ..device import resolve_device
 from ..eval.scorer import score_labels
 from ..folder import ModelFolder, ModelFolderError
 from ..model import VesperLM
+from ..quantization import load_quantized
 from ..tokenizer import VesperTokenizer
 from .engine import Engine
 from .sampling import SamplingParams
@@ -178,9 +179,12 @@ def load(model_dir: str | Path, device: str | torch.device | None = "auto",
     if folder.kind == "onnx":
         return load_onnx(folder.path)
     dev = resolve_device(device)
-    model = folder.load_model(dev)
-    if dtype is not None and folder.kind == "torch":
-        model = model.to(dtype)
+    if folder.kind == "bnb":  # quantized layers fix their own dtype
+        model = load_quantized(folder.path, device=dev)
+    else:
+        model = VesperLM.from_pretrained(folder.path, map_location=dev)
+        if dtype is not None:
+            model = model.to(dtype)
     return LLM(TorchBackend(model, compile=compile), folder.tokenizer(), folder.path)
 
 

@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic import atomic_write_folder
-from ..config import ConfigError, VesperConfig, run_folder_hint
-from ..model import (  # not via vesper_sdk.folder, whose ModelFolder imports this package
+from ..config import ConfigError, VesperConfig
+from ..folder import ModelFolder
+from ..model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     FlyLoRALinear,
@@ -113,29 +114,13 @@ def quantization_record(model: VesperLM, method: str,
 
 # ----------------------------------------------------------------------------- folders
 def read_config(model_dir: Path) -> dict[str, Any]:
-    """config.json of a model folder as a dict; ModelFolderError naming the fix otherwise."""
-    if not model_dir.is_dir():
-        raise ModelFolderError(
-            f"{model_dir} is not a folder: pass a model folder holding {CONFIG_NAME}, "
-            f"{WEIGHTS_NAME} and {TOKENIZER_NAME} (written by `vesper train`)")
-    path = model_dir / CONFIG_NAME
-    if (model_dir / "model.onnx").exists():
+    """config.json of a PyTorch model folder as a dict; ModelFolderError naming the fix."""
+    folder = ModelFolder(model_dir)
+    if folder.kind == "onnx":
         raise ModelFolderError(
             f"{model_dir} is an ONNX export: quantize the model folder it came from (or "
             "export with --quantize int8|int4 for ONNX quantization)")
-    if not path.is_file():
-        raise ModelFolderError(
-            f"{model_dir} is not a VesperLM model folder: {CONFIG_NAME} is missing. "
-            "Pass the folder written by `vesper train` or model.save_pretrained."
-            + run_folder_hint(model_dir))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path} is not valid JSON ({exc}); restore or re-save it"
-                               ) from None
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} must hold a JSON object")
-    return data
+    return folder.config_data
 
 
 def _check_out_dir(out_dir: Path, src: Path) -> None:
