@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 
 from vesper_sdk.atomic import atomic_write_file
 from vesper_sdk.config import VesperConfig
-from vesper_sdk.eval.scorer import encode_examples, score_labels
+from vesper_sdk.eval.scorer import encode_examples, held_out_records, score_labels
 from vesper_sdk.export.onnx_export import export_onnx
 from vesper_sdk.export.runner import OnnxBackend
 from vesper_sdk.folder import CONFIG_NAME, WEIGHTS_NAME
@@ -36,12 +36,6 @@ from vesper_sdk.model import VesperLM
 from vesper_sdk.quantization import QuantizeError, load_quantized, quantize
 from vesper_sdk.quantization.api import read_config
 from vesper_sdk.tokenizer import TOKENIZER_NAME, VesperTokenizer
-from vesper_sdk.training.data import DataSource
-
-try:  # a vesper-sdk built without the skills set has no builtin:skills
-    from vesper_sdk import skills
-except ImportError:
-    skills = None
 
 
 def eval_token_docs(tokenizer: Any, data: str | Path, max_tokens: int = 8192,
@@ -57,7 +51,7 @@ def eval_token_docs(tokenizer: Any, data: str | Path, max_tokens: int = 8192,
     """
     docs: list[tuple[list[int], list[int]]] = []
     total = 0
-    for record in _eval_records(str(data)):
+    for record in held_out_records(str(data)):
         docs += encode_examples(tokenizer, [record])
         total += len(docs[-1][0]) if docs else 0
         if total >= max_tokens:
@@ -65,22 +59,6 @@ def eval_token_docs(tokenizer: Any, data: str | Path, max_tokens: int = 8192,
     if not docs:
         raise QuantizeError(f"--data {data} holds no text to evaluate on")
     return docs
-
-
-def _eval_records(spec: str) -> Iterable[Any]:
-    if spec == "builtin:skills":
-        if skills is None:
-            raise QuantizeError("builtin:skills is not in this vesper-sdk: pass --data FILE "
-                                "(.txt or .jsonl of held-out texts)")
-        for messages, answer in skills.held_out(2000):
-            yield [*messages, {"role": "assistant", "content": answer}]
-        return
-    if spec.startswith("builtin:"):
-        raise QuantizeError(f"unknown built-in data {spec!r}: use builtin:skills or a file")
-    if not Path(spec).exists():
-        raise QuantizeError(f"--data {spec}: no such file or folder; pass a .txt or .jsonl "
-                            "file of held-out texts (or builtin:skills)")
-    yield from DataSource(spec).records()
 
 
 def _token_chunks(docs: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,8 @@ import numpy as np
 
 from .. import skills
 from ..inference import LLM, GenerationRequest, SamplingParams, load
-from ..training.data import DataSource
 from .metrics import calibration_summary, mean, paired_bootstrap
-from .scorer import encode_examples, score_tokens
+from .scorer import encode_examples, held_out_records, score_tokens
 
 
 # ----------------------------------------------------------------------------- options
@@ -64,17 +62,6 @@ class EvalOptions:
 
 
 # ----------------------------------------------------------------------------- data
-def _records(data: str, max_examples: int, seed: int) -> Iterator[str | list[dict]]:
-    if data == "builtin:skills":
-        for _task, messages, answer in skills.held_out_tasks(max_examples, seed):
-            yield [*messages, {"role": "assistant", "content": answer}]
-        return
-    for i, record in enumerate(DataSource(data).records()):
-        if i >= max_examples:
-            return
-        yield record
-
-
 def skills_accuracy(lm: LLM, n: int, seed: int = 0, max_answer_tokens: int = 24,
                     batch_size: int = 8) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers to ``n`` held-out skills questions.
@@ -133,7 +120,7 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
             raise ValueError("out_dir is required when evaluating an in-memory LLM")
         out_dir = lm.model_dir / "eval"
     out_dir = Path(out_dir)
-    records = list(_records(data, max_examples, seed))
+    records = list(held_out_records(data, max_examples, seed))
     examples = encode_examples(lm.tokenizer, records)
     if not examples:
         raise ValueError(f"{data} holds no scorable text (no document with 2+ tokens, or no "

@@ -12,14 +12,17 @@ probability (:class:`TokenStats`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
+from .. import skills
 from ..tokenizer import VesperTokenizer
+from ..training.data import DataError, DataSource
 
 if TYPE_CHECKING:  # the generation API imports this module: no runtime import back
     from ..inference import LLM
@@ -40,6 +43,26 @@ def score_labels(logits: torch.Tensor, labels: torch.Tensor) -> LabelScores:
     logp = logits.float().log_softmax(-1)
     top_lp, top = logp.max(-1)
     return LabelScores(logp.gather(-1, labels[..., None])[..., 0], top == labels, top_lp.exp())
+
+
+def held_out_records(data: str, max_examples: int | None = None, seed: int = 0,
+                     ) -> Iterator[str | list[dict]]:
+    """The records to score: ``builtin:skills``' held-out chats (never trained on; the
+    answer included) or the texts and chats of a .txt / .jsonl file or folder (read by
+    ``DataSource``, the reader training uses), at most ``max_examples`` of them."""
+    if data == "builtin:skills":
+        for _task, messages, answer in skills.held_out_tasks(max_examples or 2000, seed):
+            yield [*messages, {"role": "assistant", "content": answer}]
+        return
+    if data.startswith("builtin:"):
+        raise DataError(f"unknown built-in data {data!r}: use builtin:skills or a file")
+    if not Path(data).exists():
+        raise DataError(f"{data}: no such file or folder; pass a .txt or .jsonl file of "
+                        "held-out texts (or builtin:skills)")
+    for i, record in enumerate(DataSource(data).records()):
+        if max_examples is not None and i >= max_examples:
+            return
+        yield record
 
 
 def encode_examples(tok: VesperTokenizer, records: Sequence[str | list[dict]],
