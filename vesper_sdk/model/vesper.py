@@ -7,7 +7,6 @@ embeddings, and the MetaHead that predicts, per token, how likely the model's ow
 prediction is to be right.
 """
 
-
 from __future__ import annotations
 
 import json

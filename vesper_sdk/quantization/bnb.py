@@ -7,6 +7,7 @@ a layer is first quantized or loaded, so this module imports without it.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -80,7 +81,7 @@ def _damaged(where: str, method: str, exc: Exception) -> ModelFolderError:
         "re-run `vesper quantize` on the full-precision folder")
 
 
-class _BitsAndBytes:
+class _BitsAndBytes(ABC):
     """What the bitsandbytes methods share: library, version, the host-copy quantize."""
 
     library = "bitsandbytes"
@@ -89,11 +90,13 @@ class _BitsAndBytes:
     def version(self) -> str:
         return _bnb().__version__
 
+    @abstractmethod
     def _new_layer(self, in_features: int, out_features: int) -> nn.Module:
-        raise NotImplementedError
+        """An empty bitsandbytes layer of this method (on the meta device)."""
 
+    @abstractmethod
     def _param(self, weight: torch.Tensor, layer: nn.Module) -> nn.Parameter:
-        raise NotImplementedError
+        """``weight`` as this method's bitsandbytes parameter (quantized when moved)."""
 
     def quantize_linear(self, weight: torch.Tensor, device: torch.device) -> nn.Module:
         out_features, in_features = weight.shape
