@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import socket
 import sys
 import threading
@@ -28,6 +27,7 @@ from _fixtures_serve import (
     solo_greedy,
     wait_until,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 import vesper_sdk as vs
 from vesper_sdk import serving as srv
@@ -303,8 +303,15 @@ def test_bad_regulator_field_is_400(server) -> None:
     ('{"model": "tiny"}', "prompt"),
     ('{"model": "tiny", "prompt": [99999]}', "prompt"),
     ('{"model": "tiny", "prompt": "hi", "n": 99}', "n"),
-    ('{"model": "tiny", "prompt": "hi", "echo": true}', "echo"),
-    ('{"model": "tiny", "prompt": "hi", "presence_penalty": 1.0}', "presence_penalty"),
+    ('{"model": "tiny", "prompt": "hi", "seed": 1180591620717411303424}', "seed"),
+    ('{"model": "tiny", "prompt": "hi", "seed": -9223372036854775809}', "seed"),
+    ('{"model": "tiny", "prompt": "hi", "logit_bias": {"abc": 1}}', "logit_bias"),
+    ('{"model": "tiny", "prompt": "hi", "logit_bias": {"3": 500}}', "logit_bias"),
+    ('{"model": "tiny", "prompt": "hi", "response_format": {"type": "json_object"}}',
+     "response_format"),
+    ('{"model": "tiny", "prompt": "hi", "tools": [{"type": "function"}]}', "tools"),
+    ('{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
+    ('{"model": "tiny", "prompt": "hi", "best_of": 3}', "best_of"),
     ('{"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
 ])
 def test_bad_completion_requests_are_400(server, body: str, param: str | None) -> None:
@@ -427,7 +434,7 @@ def test_vs_serve_is_callable_whatever_the_import_order() -> None:
 def test_vesper_serve_command_end_to_end(model_dir: Path) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "vesper_sdk.cli", "serve", str(model_dir), "--port",
-           str(port), "--api-key", "k3y", "--model-name", "vesper-tiny", "--device", "cpu"]
+           str(port), "--api-key", "k3y", "--served-model-name", "vesper-tiny", "--device", "cpu"]
     with launched(cmd, "serving") as line:
         assert f"http://127.0.0.1:{port}/v1" in line and "API key required" in line
         url = f"http://127.0.0.1:{port}"
@@ -606,23 +613,27 @@ def test_metrics_prometheus_text(server, client) -> None:
     client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
     httpx.post(f"{url}/v1/completions", content="{")
     text = httpx.get(f"{url}/metrics").text
-    sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+-]+$')
     values: dict[str, float] = {}
-    for line in text.strip().split("\n"):
-        if line.startswith("# "):
-            assert re.match(r"^# (HELP|TYPE) [a-z_]+ .+$", line), line
-            continue
-        assert sample.match(line), line
-        name, value = line.rsplit(" ", 1)
-        values[name] = float(value)
+    for family in text_string_to_metric_families(text):  # parses, or raises
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            values[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     assert values['vesper_requests_total{endpoint="/v1/completions",status="200"}'] >= 1
     assert values['vesper_requests_total{endpoint="/v1/completions",status="400"}'] >= 1
     assert values["vesper_generated_tokens_total"] >= 2
     assert values["vesper_prompt_tokens_total"] >= 2
     assert values['vesper_request_duration_seconds_count{endpoint="/v1/completions"}'] >= 2
-    assert values["vesper_queue_size"] == 0
-    assert "vesper_active_generations" in values
-    assert values["vesper_batches_total"] >= 1
+    assert values["vesper_num_requests_waiting"] == 0
+    assert values["vesper_num_requests_running"] == 0
+    assert values["vesper_engine_steps_total"] >= 1
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                 "request_queue_time_seconds", "e2e_request_latency_seconds",
+                 "token_confidence"):
+        assert values[f"vesper_{name}_count"] >= 1, name
+    # Every generated token's confidence is binned: the histogram counts them all.
+    assert values["vesper_token_confidence_count"] == values["vesper_generated_tokens_total"]
+    assert values['vesper_regulator_actions_total{action="stopped"}'] >= 0  # always exported
+    assert 0.0 <= values["vesper_prefix_cache_hit_rate"] <= 1.0
 
 
 # ----------------------------------------------------------------------------- backends

@@ -9,15 +9,16 @@ stop probability, and what the metacognitive regulator did at that position.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from ..eval.regulator import MetacognitiveRegulator, as_regulator, join_flags
+from ..eval.scorer import score_labels
 from ..tokenizer import VesperTokenizer
 from .sampling import sample
-from .types import DecodeBackend, GenerationRequest, StepOutput, Token
+from .types import DecodeBackend, GenerationRequest, PromptLogprobs, StepOutput, Token
 
 
 class _StopScanner:
@@ -90,6 +91,39 @@ class _Row:
 
 
 
+class Attempts:
+    """The regulator's retries: which attempts a request has had, and which one it keeps.
+
+    A request whose regulator plans several attempts decodes them one after another, its
+    tokens held back (``_Row.buffer``); :meth:`settle` decides, when an attempt ends,
+    whether to decode the next one or release the best so far.
+    """
+
+    def __init__(self) -> None:
+        self.plans: dict[Any, list] = {}
+        self.done: dict[Any, list[_Row]] = {}
+
+    def settle(self, row: _Row) -> tuple[_Row | None, list[Token]]:
+        """(the next attempt to decode or None, the tokens to release now) for an ended row."""
+        if row.buffer is None or row.cancelled:
+            return None, []
+        done = self.done[row.index]
+        done.append(row)
+        plan, reg = self.plans[row.index], row.regulator
+        assert reg is not None
+        if len(done) < len(plan) and not reg.accepts(row.mean_confidence):
+            nxt = plan[len(done)]
+            return _Row(row.index, row.request, row.prompt_ids, nxt.temperature, nxt.seed,
+                        reg, True), []
+        best = max(range(len(done)), key=lambda k: done[k].mean_confidence)
+        flag = reg.retry_flag(best, len(done))
+        tokens = done[best].buffer or []
+        for tok in tokens:
+            tok.regulated = join_flags(tok.regulated, flag)
+        del self.plans[row.index], self.done[row.index]
+        return None, tokens
+
+
 class Engine:
     """Decodes batches of :class:`GenerationRequest` over one backend and tokenizer.
 
@@ -142,44 +176,34 @@ class Engine:
         reqs = list(requests)
         for r in reqs:
             r.params.validate()
-        plans: dict[int, list] = {}
-        rows: list[_Row] = []
-        for i, req in enumerate(reqs):
-            reg = as_regulator(req.params.regulator)
-            ids = self.prompt_ids(req.prompt)
-            plan = reg.plan(req.params.temperature, req.params.seed) if reg else None
-            buffered = bool(plan and len(plan) > 1)
-            if buffered:
-                plans[i] = plan
-            rows.append(_Row(i, req, ids, req.params.temperature, req.params.seed, reg,
-                             buffered))
-        attempts: dict[int, list[_Row]] = {i: [] for i in plans}
+        attempts = Attempts()
+        rows = [self.new_row(i, req, attempts) for i, req in enumerate(reqs)]
         while rows:
-            for row, tok in self._decode(rows):
-                if row.buffer is None:
-                    yield row.index, tok
+            for row, item in self._decode(rows):
+                if row.buffer is None or not isinstance(item, Token):
+                    yield row.index, item
                 else:
-                    row.buffer.append(tok)
+                    row.buffer.append(item)
             retry: list[_Row] = []
             for row in rows:
-                if row.buffer is None or row.cancelled:
-                    continue
-                done = attempts[row.index]
-                done.append(row)
-                plan = plans[row.index]
-                reg = row.regulator
-                assert reg is not None
-                if len(done) < len(plan) and not reg.accepts(row.mean_confidence):
-                    nxt = plan[len(done)]
-                    retry.append(_Row(row.index, row.request, row.prompt_ids, nxt.temperature,
-                                      nxt.seed, reg, True))
-                    continue
-                best = max(range(len(done)), key=lambda k: done[k].mean_confidence)
-                flag = reg.retry_flag(best, len(done))
-                for tok in done[best].buffer or []:
-                    tok.regulated = join_flags(tok.regulated, flag)
+                nxt, tokens = attempts.settle(row)
+                if nxt is not None:
+                    retry.append(nxt)
+                for tok in tokens:
                     yield row.index, tok
             rows = retry
+
+    def new_row(self, index: Any, request: GenerationRequest, attempts: Attempts) -> _Row:
+        """The first attempt of ``request`` (its regulator's plan noted in ``attempts``)."""
+        reg = as_regulator(request.params.regulator)
+        ids = self.prompt_ids(request.prompt)
+        plan = reg.plan(request.params.temperature, request.params.seed) if reg else None
+        buffered = bool(plan and len(plan) > 1)
+        if buffered:
+            attempts.plans[index] = plan
+            attempts.done[index] = []
+        return _Row(index, request, ids, request.params.temperature, request.params.seed,
+                    reg, buffered)
 
     # --- the loop --------------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -198,20 +222,21 @@ class Engine:
             b = self._bytes[idx] = self.tokenizer.token_bytes(idx)
         return b
 
-    def _decode(self, rows: list[_Row]) -> Iterator[tuple[_Row, Token]]:
+    def _decode(self, rows: list[_Row]) -> Iterator[tuple[_Row, Token | PromptLogprobs]]:
         """Run ``rows`` to completion as one batch: one prefill, then one token per step."""
         backend, dev = self.backend, self.device
         p_len = max(len(r.prompt_ids) for r in rows)
         for r in rows:
             r.budget = min(r.budget, self.max_seq_len - p_len)
-        live = [r for r in rows if r.budget > 0 and not r.request.is_cancelled]
+        live = [r for r in rows if (r.budget > 0 or r.params.prompt_logprobs is not None)
+                and not r.request.is_cancelled]
         for r in rows:
             if r not in live:
                 r.finished, r.cancelled = True, r.request.is_cancelled
         if not live:
             return
         rows = live
-        b, steps = len(rows), max(r.budget for r in rows)
+        b, steps = len(rows), max(0, *(r.budget for r in rows))
         pad = self.tokenizer.pad_id
         with torch.inference_mode():
             ids = torch.full((b, p_len), pad, dtype=torch.long)
@@ -226,8 +251,17 @@ class Engine:
             out = backend.forward(ids, mask[:, :p_len], pos, None)
             past = out.past_key_values
             pos = pos[:, -1:] + 1
+            scored = []
+            for i, r in enumerate(rows):
+                if r.params.prompt_logprobs is not None:
+                    n = len(r.prompt_ids)
+                    scored.append((r, prompt_logprobs(out.logits[i, p_len - n:p_len - 1],
+                                                      r.prompt_ids, r.params.prompt_logprobs)))
+                if r.budget <= 0:  # scoring the prompt only (echo with no new token)
+                    r.finished = True
             state = _BatchState(self, rows, dev)
             choice = state.choose(out)
+        yield from scored
         t = p_len
 
         def launch() -> StepOutput:  # the next step, from the tokens chosen last
@@ -263,6 +297,28 @@ class Engine:
                 choice = state.choose(ahead if ahead is not None else launch())
 
 
+def score_prompt(logits: torch.Tensor, targets: Sequence[int], k: int,
+                 ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Log-probabilities of ``targets`` under ``logits`` [S,V] (position j predicts
+    ``targets[j]``), and the ``k`` most likely (id, logprob) at each position."""
+    if not len(targets):
+        return [], []
+    logits = logits[:len(targets)].float()
+    labels = torch.tensor(list(targets), device=logits.device)
+    lps = score_labels(logits, labels).logprob.tolist()
+    if not k:
+        return lps, [[] for _ in lps]
+    vals, idx = logits.log_softmax(-1).topk(k, dim=-1)
+    return lps, [list(zip(i, v, strict=True)) for i, v in zip(idx.tolist(), vals.tolist(),
+                                                              strict=True)]
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: Sequence[int], k: int) -> PromptLogprobs:
+    """A whole prompt scored: ``logits`` [len(ids) - 1, V] at the positions before ids[1:]."""
+    lps, tops = score_prompt(logits, ids[1:], k)
+    return PromptLogprobs(list(ids), [None, *lps], [None, *tops])
+
+
 class _Choice(NamedTuple):
     """One step's token choice (:meth:`_BatchState.choose`), before it becomes Tokens."""
 
@@ -279,23 +335,68 @@ class _BatchState:
         self.engine, self.rows, self.device = engine, rows, device
         self.eos = engine.tokenizer.eos_id
         self.special = engine.special
+        self.vocab = engine.backend.vocab_size
         self.next_ids: torch.Tensor | None = None
-        vocab = engine.backend.vocab_size
-        self.penalised = any(r.params.repetition_penalty != 1.0 for r in rows)
-        self.seen: torch.Tensor | None = None
-        if self.penalised:
-            self.seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
-            for i, r in enumerate(rows):
-                self.seen[i, torch.tensor(r.prompt_ids, device=device)] = True
+        # Per row [B,V], built only when some row needs them: tokens seen in the prompt or
+        # answer (repetition penalty), the answer's token counts (presence and frequency
+        # penalties), and the logit bias.
+        self.seen = self._rows_tensor(
+            rows, lambda r: r.params.repetition_penalty != 1.0, torch.bool,
+            lambda t, r: t.index_fill_(0, torch.tensor(r.prompt_ids, device=device), True))
+        self.counts = self._rows_tensor(rows, lambda r: r.params.penalises_output,
+                                        torch.float32, None)
+        self.bias = self._rows_tensor(rows, lambda r: bool(r.params.logit_bias),
+                                      torch.float32, _fill_bias)
         self._refresh()
+
+    def _rows_tensor(self, rows: list[_Row], needed: Callable[[_Row], bool],
+                     dtype: torch.dtype, fill: Callable[[torch.Tensor, _Row], Any] | None,
+                     ) -> torch.Tensor | None:
+        if not any(needed(r) for r in rows):
+            return None
+        out = torch.zeros((len(rows), self.vocab), dtype=dtype, device=self.device)
+        if fill is not None:
+            for i, r in enumerate(rows):
+                fill(out[i], r)
+        return out
 
     def _refresh(self) -> None:
         rows = self.rows
         self.any_regulator = any(r.regulator is not None for r in rows)
-        self.any_top = max(r.params.top_logprobs for r in rows) if rows else 0
-        if self.penalised:
+        self.any_top = max((r.params.top_logprobs for r in rows), default=0)
+        self.any_min_tokens = any(r.params.min_tokens for r in rows)
+        if self.seen is not None:
             self.penalty = torch.tensor([r.params.repetition_penalty for r in rows],
                                         device=self.device)[:, None]
+        if self.counts is not None:
+            self.presence = torch.tensor([r.params.presence_penalty for r in rows],
+                                         device=self.device)[:, None]
+            self.frequency = torch.tensor([r.params.frequency_penalty for r in rows],
+                                          device=self.device)[:, None]
+
+    def extend(self, other: _BatchState) -> None:
+        """Append ``other``'s rows (each with its next token chosen) after these."""
+        n, m = len(self.rows), len(other.rows)
+
+        def cat(a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype,
+                ) -> torch.Tensor | None:
+            if a is None and b is None:
+                return None
+            a = a if a is not None else torch.zeros((n, self.vocab), dtype=dtype,
+                                                   device=self.device)
+            b = b if b is not None else torch.zeros((m, self.vocab), dtype=dtype,
+                                                   device=self.device)
+            return torch.cat([a, b])
+
+        self.seen = cat(self.seen, other.seen, torch.bool)
+        self.counts = cat(self.counts, other.counts, torch.float32)
+        self.bias = cat(self.bias, other.bias, torch.float32)
+        if self.next_ids is not None and other.next_ids is not None:
+            self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        else:
+            self.next_ids = other.next_ids if self.next_ids is None else self.next_ids
+        self.rows = self.rows + other.rows
+        self._refresh()
 
     def any_live(self) -> bool:
         return any(not r.finished for r in self.rows)
@@ -319,8 +420,10 @@ class _BatchState:
         keep_dev = keep.to(self.device)
         if self.next_ids is not None:
             self.next_ids = self.next_ids.index_select(0, keep_dev)
-        if self.seen is not None:
-            self.seen = self.seen.index_select(0, keep_dev)
+        for name in ("seen", "counts", "bias"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, keep_dev))
         self._refresh()
 
     def next_input(self) -> torch.Tensor:
@@ -354,11 +457,7 @@ class _BatchState:
                 decisions[i] = d
                 if d.conservative:
                     temps[i] = min(temps[i], r.regulator.conservative_temperature)
-        scores = logits
-        if self.penalised:
-            assert self.seen is not None
-            pen = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-            scores = torch.where(self.seen, pen, logits)
+        scores = self._processed(logits)
         chosen = scores.argmax(-1)
         sampled = [i for i, r in enumerate(rows) if temps[i] > 0 and not r.finished]
         forced = [i for i, d in enumerate(decisions) if d is not None and d.stop]
@@ -369,7 +468,8 @@ class _BatchState:
                                 [temps[i] for i in sampled],
                                 [rows[i].params.top_k for i in sampled],
                                 [rows[i].params.top_p for i in sampled],
-                                [rows[i].generator(scores.device) for i in sampled])
+                                [rows[i].generator(scores.device) for i in sampled],
+                                [rows[i].params.min_p for i in sampled])
                 for i, tid in zip(sampled, picked, strict=True):
                     chosen_l[i] = tid
             for i in forced:
@@ -396,8 +496,11 @@ class _BatchState:
         if self.any_top:
             vals, idx = torch.topk(logprobs, self.any_top, dim=-1)
             top = list(zip(idx.tolist(), vals.tolist(), strict=True))
+        at = torch.arange(len(rows), device=chosen.device)
         if self.seen is not None:
-            self.seen[torch.arange(len(rows), device=self.seen.device), chosen] = True
+            self.seen[at, chosen] = True
+        if self.counts is not None:
+            self.counts[at, chosen] += 1.0
         if self.any_finished():  # finished rows (kept by a static cache) are fed padding
             self.next_ids = torch.where(
                 torch.tensor([not r.finished for r in rows], device=chosen.device), chosen,
@@ -405,6 +508,26 @@ class _BatchState:
         else:  # no host-to-device copy on the common step
             self.next_ids = chosen
         return _Choice(decisions, host, ready, top)
+
+    def _processed(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits every row chooses from: logit bias, penalties, ``min_tokens``."""
+        scores = logits
+        if self.bias is not None:
+            scores = scores + self.bias
+        if self.seen is not None:
+            pen = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
+            scores = torch.where(self.seen, pen, scores)
+        if self.counts is not None:
+            scores = (scores - self.frequency * self.counts
+                      - self.presence * (self.counts > 0).to(scores.dtype))
+        if self.any_min_tokens:
+            early = [i for i, r in enumerate(self.rows) if r.n < r.params.min_tokens]
+            if early:
+                scores = scores.clone() if scores is logits else scores
+                special = torch.tensor(sorted(self.special), device=scores.device)
+                rows = torch.tensor(early, device=scores.device)
+                scores[rows[:, None], special[None, :]] = float("-inf")
+        return scores
 
     def emit(self, choice: _Choice) -> list[tuple[_Row, Token]]:
         """The Tokens of a :meth:`choose` (waiting for its values to reach the host)."""
@@ -451,3 +574,12 @@ class _BatchState:
         if finish is not None:
             r.finished = True
         return Token(text, tid, logprob, conf, stop, flag, finish, special)
+
+
+def _fill_bias(row: torch.Tensor, r: _Row) -> None:
+    """Write a row's ``logit_bias`` ({token id: bias}) into its [V] tensor."""
+    bias = r.params.logit_bias or {}
+    ids = [t for t in bias if t < row.shape[0]]
+    if ids:
+        row[torch.tensor(ids, device=row.device)] = torch.tensor(
+            [float(bias[t]) for t in ids], device=row.device)

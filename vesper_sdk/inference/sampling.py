@@ -45,6 +45,12 @@ class SamplingParams:
     regulator: MetacognitiveRegulator | bool | None = None
     top_logprobs: int = 0
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the parameter that cannot work."""
@@ -60,6 +66,20 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+        for tid in self.logit_bias or {}:
+            if not isinstance(tid, int) or tid < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {tid!r}")
+
+    @property
+    def penalises_output(self) -> bool:
+        """Whether presence or frequency penalties apply (they count the answer's tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def stops(self) -> list[str]:
@@ -79,10 +99,11 @@ class SamplingParams:
 
 
 def sample(scores: torch.Tensor, temperatures: Sequence[float], top_k: Sequence[int],
-           top_p: Sequence[float], generators: Sequence[torch.Generator]) -> list[int]:
+           top_p: Sequence[float], generators: Sequence[torch.Generator],
+           min_p: Sequence[float] | None = None) -> list[int]:
     """One token id per row of ``scores`` [B,V], drawn with each row's own settings.
 
-    Temperature, top-k and top-p are applied to all rows at once, where the logits are
+    Temperature, top-k, top-p and min-p are applied to all rows at once, where the logits are
     (no copy of [B,V] to the host); each row then draws with its own generator (on the
     logits' device), so a row's tokens depend only on its own seed.
     """
@@ -103,5 +124,8 @@ def sample(scores: torch.Tensor, temperatures: Sequence[float], top_k: Sequence[
         drop[:, 0] = False
         x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = x.softmax(-1)
+    if min_p is not None and any(m > 0 for m in min_p):
+        floor = torch.tensor(min_p, device=scores.device)[:, None] * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)  # the most likely token always stays
     return [int(torch.multinomial(probs[i], 1, generator=g).item())
             for i, g in enumerate(generators)]

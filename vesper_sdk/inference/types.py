@@ -59,6 +59,20 @@ class Token:
 
 
 @dataclass
+class PromptLogprobs:
+    """A request's prompt scored by the model (``SamplingParams.prompt_logprobs``).
+
+    Per prompt token: ``logprobs`` its log-probability given the tokens before it (None
+    for the first, which nothing predicts) and ``top`` the ``[(id, logprob), ...]`` most
+    likely there (None for the first). Streamed before the request's first token.
+    """
+
+    ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass
 class GenerationRequest:
     """One prompt and its own :class:`SamplingParams`, for :meth:`LLM.stream_batch`.
 

@@ -5,7 +5,7 @@
 """
 
 from .attention import ATTENTION, Attention, RopeTable, RotaryEmbedding, register_attention
-from .cache import DynamicCache, StaticCache
+from .cache import DynamicCache, SlotCache, StaticCache
 from .files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -28,7 +28,7 @@ from .vesper import (
 
 __all__ = ["ATTENTION", "CONFIDENCE", "CONFIG_NAME", "ERA", "ERROR", "N_LOGIT_FEATURES", "STOP",
            "WEIGHTS_NAME", "Attention", "Block", "DynamicCache", "FlyLoRALinear",
-           "GLUFeedForward", "MetaHead", "RopeTable", "StaticCache",
+           "GLUFeedForward", "MetaHead", "RopeTable", "SlotCache", "StaticCache",
            "register_attention",
            "ModelFolderError", "MoEFeedForward", "RotaryEmbedding", "VesperLM", "VesperOutput",
            "load_state_checked", "load_weights", "logit_features", "paired_ffn_weights",

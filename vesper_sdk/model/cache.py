@@ -8,6 +8,8 @@ each attention layer and attends over what it returns. Two kinds:
 - :class:`StaticCache` writes into preallocated buffers at a position, so every shape of
   a decode step is fixed (``torch.compile``, CUDA graphs) and nothing is copied per token;
   it carries its own key mask and picks the attention variant that suits it.
+- :class:`SlotCache`, a static cache whose rows are independent requests, each at its own
+  position (the server's continuous batching: ``vesper_sdk.inference.continuous``).
 """
 
 from __future__ import annotations
@@ -102,6 +104,33 @@ class StaticCache:
         self.values[layer].index_copy_(2, self.write_index, value)
         if self.length is None:
             return self.keys[layer], self.values[layer]
+        return (self.keys[layer].narrow(2, 0, self.length),
+                self.values[layer].narrow(2, 0, self.length))
+
+
+class SlotCache(StaticCache):
+    """A :class:`StaticCache` whose rows sit at positions of their own (continuous batching).
+
+    Each row is one request's slot, holding its tokens from position 0 (no padding);
+    ``write_index`` [B] is each row's next position, written by this step, and
+    ``key_mask`` [B,C] marks each row's filled slots. ``length`` is the longest row's
+    filled length after the step (the columns attended over).
+    """
+
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                 key_mask: torch.Tensor, write_index: torch.Tensor, length: int) -> None:
+        super().__init__(keys, values, key_mask, write_index, length, padded=True)
+        self.rows = torch.arange(write_index.shape[0], device=write_index.device)
+
+    def step_mask(self) -> torch.Tensor | None:
+        self.key_mask[self.rows, self.write_index] = True
+        return self.key_mask[:, None, None, :self.length]
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> KVPair:
+        # key/value [B,H,1,D]: row i's goes to its own position write_index[i].
+        self.keys[layer][self.rows, :, self.write_index] = key[:, :, 0]
+        self.values[layer][self.rows, :, self.write_index] = value[:, :, 0]
+        assert self.length is not None
         return (self.keys[layer].narrow(2, 0, self.length),
                 self.values[layer].narrow(2, 0, self.length))
 

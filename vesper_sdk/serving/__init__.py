@@ -20,18 +20,20 @@ wrong field types and out-of-range values are 400 (never FastAPI's 422), an unkn
 is 404, a missing or wrong API key 401, a full queue 503, a request past its time 504.
 
 Modules: ``protocol`` (request bodies -> ``SamplingParams``, answer shapes), ``scheduler``
-(batching into the decoding loop, the worker thread, cancellation), ``app`` (the FastAPI
-app, its routes, SSE), ``metrics`` (what ``/metrics`` reports), ``command`` (``serve``,
-``ServeOptions``, ``vesper serve``).
+(continuous or static batching, the worker thread, cancellation), ``app`` (the FastAPI
+app, its routes, SSE), ``tokenizer_routes`` (vLLM's /tokenize, /detokenize,
+/tokenizer_info), ``limits`` (the body-size limit), ``metrics`` (what ``/metrics``
+reports, with prometheus_client), ``command`` (``serve``, ``ServeOptions``, ``vesper serve``).
 """
 
 from .app import VesperServer, create_app, load_backend
 from .command import API_KEY_ENV, ServeOptions, check_bind, check_port, cli, is_loopback, serve
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, RegulatorParams
-from .scheduler import BatchScheduler, context_window
+from .scheduler import BatchScheduler, ContinuousScheduler, context_window
 
 __all__ = ["API_KEY_ENV", "APIError", "BatchScheduler", "ChatRequest", "CompletionRequest",
+           "ContinuousScheduler",
            "Metrics", "RegulatorParams", "ServeOptions", "VesperServer", "check_bind",
            "check_port", "cli", "context_window", "create_app", "is_loopback", "load_backend",
            "serve"]

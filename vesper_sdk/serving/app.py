@@ -23,15 +23,18 @@ from typing import Any
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import export
 from ..device import resolve_device
 from ..eval.regulator import as_regulator
 from ..folder import ModelFolder
-from ..inference import GenerationRequest, SamplingParams, load
-from .metrics import Metrics, MetricsMiddleware
+from ..inference import GenerationRequest, PromptLogprobs, SamplingParams, load
+from ..inference.continuous import DEFAULT_PREFILL_CHUNK
+from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from .metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from .protocol import (
     MAX_CHOICES,
     APIError,
@@ -40,11 +43,13 @@ from .protocol import (
     CompletionRequest,
     chat_logprobs,
     completion_logprobs,
+    prompt_logprobs_fields,
     sse,
     validation_error,
     vesper_fields,
 )
-from .scheduler import DONE, BatchScheduler, ClientGone, RequestRun, context_window
+from .scheduler import DONE, ClientGone, RequestRun, context_window, make_scheduler
+from .tokenizer_routes import add_tokenizer_routes
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,7 @@ class _Prepared:
     want_logprobs: bool
     stream: bool
     include_usage: bool
+    echo: bool = False
 
     @property
     def top_logprobs(self) -> int:
@@ -129,7 +135,8 @@ class VesperServer:
 
     def __init__(self, llm: Any, model_name: str, api_key: str | None,
                  max_batch_size: int, max_queue: int, request_timeout: float,
-                 regulator: Any = None) -> None:
+                 regulator: Any = None, scheduler: str = "auto",
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         self.llm = llm
         self.regulator = as_regulator(regulator)
         self.tokenizer = llm.tokenizer
@@ -138,8 +145,12 @@ class VesperServer:
         self.request_timeout = request_timeout
         self.context = context_window(llm)
         self.metrics = Metrics()
-        self.scheduler = BatchScheduler(llm, self.metrics, max_batch_size, max_queue)
+        self.scheduler = make_scheduler(scheduler, llm, self.metrics, max_batch_size,
+                                        max_queue, prefill_chunk)
         self.created = int(time.time())
+        self.max_token_bytes = max(
+            [len(self.tokenizer.token_bytes(i)) for i in range(self.tokenizer.vocab_size)]
+            + [1])
 
     # --- checks ------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -182,7 +193,7 @@ class VesperServer:
     # --- preparing ----------------------------------------------------------------
     def prepare_completion(self, body: CompletionRequest) -> _Prepared:
         self.check_model(body.model)
-        body.check_supported()
+        body.check_supported(self.tokenizer.vocab_size)
         p = body.prompt
         if isinstance(p, str):
             raw: list[str | list[int]] = [p]
@@ -200,6 +211,7 @@ class VesperServer:
         prompts, texts, limits = [], [], []
         for item in raw:
             if isinstance(item, str):
+                self.check_length(item, "prompt")
                 ids = [self.tokenizer.bos_id, *self.tokenizer.encode(item)]
                 text = item
             else:
@@ -213,20 +225,34 @@ class VesperServer:
                                         "prompt"))
         return _Prepared(
             prompts=prompts, prompt_texts=texts,
-            params=[body.to_sampling_params(limit, self.regulator) for limit in limits],
+            params=[body.to_sampling_params(limit, self.regulator, vocab) for limit in limits],
             n=body.n, want_logprobs=body.want_logprobs, stream=body.stream,
-            include_usage=body.include_usage)
+            include_usage=body.include_usage, echo=body.echo)
 
     def prepare_chat(self, body: ChatRequest) -> _Prepared:
         self.check_model(body.model)
-        body.check_supported()
-        ids = self.tokenizer.chat_prompt_ids(body.chat_messages())
+        body.check_supported(self.tokenizer.vocab_size)
+        messages = body.chat_messages()
+        self.check_length("".join(m["content"] for m in messages), "messages")
+        ids = self.tokenizer.chat_prompt_ids(messages)
         limit = self._bounded(len(ids), body.requested_max_tokens, None, "messages")
         return _Prepared(
             prompts=[ids], prompt_texts=[""],
-            params=[body.to_sampling_params(limit, self.regulator)], n=body.n,
+            params=[body.to_sampling_params(limit, self.regulator,
+                                            self.tokenizer.vocab_size)], n=body.n,
             want_logprobs=body.want_logprobs, stream=body.stream,
             include_usage=body.include_usage)
+
+    def check_length(self, text: str, what: str) -> None:
+        """400 for a text that cannot fit the context window, before tokenizing it: no
+        token covers more than ``max_token_bytes`` bytes, so more bytes than
+        context x that are more tokens than the context holds."""
+        size = len(text.encode("utf-8"))
+        if size > self.context * self.max_token_bytes:
+            raise APIError(400, f"this model's maximum context length is {self.context} "
+                           f"tokens, and the {what} ({size} bytes of text) is longer than "
+                           f"that whatever its tokens: shorten it", param=what,
+                           code="context_length_exceeded")
 
     # --- running --------------------------------------------------------------------
     def start(self, prep: _Prepared) -> _Answer:
@@ -235,14 +261,15 @@ class VesperServer:
         for ids, text, params in zip(prep.prompts, prep.prompt_texts, prep.params,
                                      strict=True):
             for k in range(prep.n):
-                # Distinct seeds for the n samples of one prompt, so they can differ.
-                seed = None if params.seed is None else params.seed + k
+                # Distinct seeds for the n samples of one prompt, so they can differ (kept
+                # in the generator's 64-bit range).
+                seed = None if params.seed is None else (params.seed + k) % 2**64
                 requests.append(GenerationRequest(prompt=list(ids),
                                                   params=params.replace(seed=seed),
                                                   cancelled=threading.Event()))
                 choices.append(Choice(len(choices), text))
         run = RequestRun(self.scheduler, requests, self.request_timeout)
-        self.metrics.add("prompt_tokens", sum(len(ids) for ids in prep.prompts) * prep.n)
+        self.metrics.prompt_tokens.inc(sum(len(ids) for ids in prep.prompts) * prep.n)
         return _Answer(run, choices, prep)
 
 
@@ -253,13 +280,18 @@ def _error_response(exc: APIError) -> JSONResponse:
 def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str | None = None,
                max_batch_size: int = 32, max_queue: int = 256, request_timeout: float = 300.0,
                regulator: Any = None, device: str = "auto", dtype: str = "auto",
-               compile: bool | None = False) -> FastAPI:
+               compile: bool | None = False, scheduler: str = "auto",
+               prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving one model (an LLM-like object or a model folder).
 
     ``llm_or_dir`` may be anything with ``tokenizer``, a context window (``max_seq_len``
     on itself or its ``config``) and ``stream_batch(requests)``: the PyTorch ``LLM``, an
     ``OnnxModel``, or a test double. ``regulator`` (a MetacognitiveRegulator, True for its
     defaults, or None) applies to requests that do not set the ``regulator`` field.
+    ``scheduler``: ``continuous`` (a PyTorch model), ``static`` (any), or ``auto`` (the
+    first where it can run). ``model_name``: the id clients send as ``model`` (default:
+    the folder's name).
     """
     if isinstance(llm_or_dir, (str, Path)):
         model_dir: Path | None = Path(llm_or_dir)
@@ -270,7 +302,7 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
     if model_name is None:
         model_name = Path(model_dir).resolve().name if model_dir else "vesper"
     state = VesperServer(llm, model_name, api_key, max_batch_size, max_queue,
-                         request_timeout, regulator)
+                         request_timeout, regulator, scheduler, prefill_chunk)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -282,6 +314,7 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
     app = FastAPI(title="VesperLM (OpenAI-compatible API)", lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # the docs pages would fetch JS from a CDN
     app.state.vesper = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
 
     @app.exception_handler(APIError)
@@ -294,7 +327,8 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        kind = {404: "not_found", 405: "method_not_allowed",
+                413: "request_too_large"}.get(exc.status_code)
         return _error_response(APIError(exc.status_code, str(exc.detail), code=kind))
 
     @app.exception_handler(Exception)
@@ -314,11 +348,11 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
                              "active": state.scheduler.active},
                             status_code=200 if ok else 503)
 
-    @app.get("/metrics", dependencies=auth, response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(
-            state.metrics.render(state.scheduler.queue_size, state.scheduler.active),
-            media_type="text/plain; version=0.0.4; charset=utf-8")
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    add_tokenizer_routes(app, state, auth)
 
     def model_card() -> dict[str, Any]:
         return {"id": state.model_name, "object": "model", "created": state.created,
@@ -335,7 +369,9 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        answer = state.start(state.prepare_completion(body))
+        # Tokenizing a long prompt takes a while: off the event loop, so that /health and
+        # the other clients' streams keep going meanwhile.
+        answer = state.start(await run_in_threadpool(state.prepare_completion, body))
         prep = answer.prep
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if prep.stream:
@@ -346,9 +382,10 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
         choices = []
         for c in answer.choices:
             choices.append({
-                "index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                "logprobs": completion_logprobs(state.tokenizer, c.tokens, c.text_offsets,
-                                                prep.top_logprobs)
+                "index": c.index, "text": (c.prompt_text if prep.echo else "") + c.text,
+                "finish_reason": c.finish_reason,
+                "logprobs": _completion_logprobs(state, c, prep, c.scored_tokens(prep.echo),
+                                                 c.text_offsets, echo=prep.echo)
                 if prep.want_logprobs else None,
                 "vesper": vesper_fields(c.tokens, c.end_regulated)})
         return {"id": rid, "object": "text_completion", "created": created,
@@ -356,7 +393,7 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        answer = state.start(state.prepare_chat(body))
+        answer = state.start(await run_in_threadpool(state.prepare_chat, body))
         prep = answer.prep
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if prep.stream:
@@ -377,6 +414,18 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
     return app
 
 
+def _completion_logprobs(state: VesperServer, choice: Choice, prep: _Prepared,
+                         tokens: list, offsets: list[int], echo: bool) -> dict[str, list]:
+    """``logprobs`` of a completion choice: the generated tokens', after the prompt's own
+    when echoed (lm-evaluation-harness reads the prompt's part for loglikelihoods)."""
+    out = completion_logprobs(state.tokenizer, tokens, offsets, prep.top_logprobs)
+    if not echo or choice.prompt_scores is None:
+        return out
+    head = prompt_logprobs_fields(state.tokenizer, choice.prompt_scores, prep.top_logprobs)
+    return {k: (head[k] or []) + (out[k] or []) if out[k] is not None or head[k] is not None
+            else None for k in out}
+
+
 async def _collect(answer: _Answer, request: Request) -> bool:
     """Run a non-streaming request to its end; False if its client went away."""
     try:
@@ -386,6 +435,8 @@ async def _collect(answer: _Answer, request: Request) -> bool:
                                code="generation_failed")
             if item is DONE:
                 choice.end()
+            elif isinstance(item, PromptLogprobs):
+                choice.prompt_scores = item
             else:
                 choice.add(item)
     except ClientGone:
@@ -418,7 +469,10 @@ async def _stream_events(answer: _Answer, request: Request
         if isinstance(item, Exception):
             raise APIError(500, f"generation failed: {item}", type="server_error",
                            code="generation_failed")
-        if item is DONE:
+        if isinstance(item, PromptLogprobs):
+            choice.prompt_scores = item
+            yield choice, "", None, False
+        elif item is DONE:
             if choice.finish_reason is None:  # no finishing token came (cancel, error)
                 choice.end()
                 yield choice, "", None, True
@@ -443,8 +497,19 @@ async def _completion_chunks(state: VesperServer, answer: _Answer, rid: str, cre
                              request: Request) -> AsyncIterator[str]:
     prep = answer.prep
     chunk = _chunker(state, rid, "text_completion", created)
+    if prep.echo and not prep.want_logprobs:  # the prompt first, as its own chunk
+        for c in answer.choices:
+            c.echoed = True
+            yield chunk({"index": c.index, "text": c.prompt_text, "logprobs": None,
+                         "finish_reason": None})
     try:
         async for choice, text, token, finished in _stream_events(answer, request):
+            if prep.echo and not choice.echoed and choice.prompt_scores is not None:
+                choice.echoed = True  # the prompt, scored: came before any token
+                yield chunk({"index": choice.index, "text": choice.prompt_text,
+                             "logprobs": prompt_logprobs_fields(
+                                 state.tokenizer, choice.prompt_scores, prep.top_logprobs),
+                             "finish_reason": None})
             tokens = [token] if token is not None else []
             offsets = choice.text_offsets[-1:] if token is not None else []
             if not tokens and not text and not finished:

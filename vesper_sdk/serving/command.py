@@ -36,15 +36,28 @@ class ServeOptions:
     api_key: str | None = field(default=None, metadata={
         "help": f"require 'Authorization: Bearer KEY' on /v1 and /metrics (or set "
                 f"${API_KEY_ENV}, which keeps the key out of the process list)"})
-    model_name: str | None = field(default=None, metadata={
-        "help": "model id clients pass as 'model' (default: the folder's name)"})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "model id clients pass as 'model' and /v1/models lists (default: the "
+                "folder's name)"})
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA when present), cpu, cuda or cuda:N"})
     dtype: str = field(default="auto", metadata={
         "help": "weights dtype for PyTorch folders: auto (bf16 on GPU, fp32 on CPU), fp32, "
                 "bf16 or fp16", "choices": ["auto", "fp32", "bf16", "fp16"]})
+    scheduler: str = field(default="auto", metadata={
+        "help": "continuous: a request joins the running batch at the next step and leaves "
+                "it when done, reusing cached prompt prefixes (PyTorch folders); static: "
+                "waiting requests are decoded together as one batch and new ones wait for "
+                "it to end (any folder, ONNX too); auto: continuous where it can run",
+        "choices": ["auto", "continuous", "static"]})
     max_batch_size: int = field(default=32, metadata={
-        "help": "most requests decoded together in one batch"})
+        "help": "most requests decoded together (continuous: KV slots, allocated once at "
+                "start: each holds a whole context window)"})
+    prefill_chunk: int = field(default=256, metadata={
+        "help": "continuous: most prompt tokens prefilled per step; a longer prompt is "
+                "prefilled over several steps, so running answers never stall for long"})
+    max_body_mb: float = field(default=4.0, metadata={
+        "help": "largest request body in MB; a larger one gets HTTP 413 before it is read"})
     max_queue: int = field(default=256, metadata={
         "help": "most requests waiting for a batch; beyond it requests get HTTP 503"})
     request_timeout: float = field(default=300.0, metadata={
@@ -108,31 +121,36 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, *, model_name: str | None = None, device: str = "auto",
-          dtype: str = "auto", max_batch_size: int = 32, max_queue: int = 256,
-          request_timeout: float = 300.0, regulator: Any = None,
-          log_level: str = "info", compile: bool | None = None) -> None:
+          api_key: str | None = None, *, served_model_name: str | None = None,
+          device: str = "auto", dtype: str = "auto", max_batch_size: int = 32,
+          max_queue: int = 256, request_timeout: float = 300.0, regulator: Any = None,
+          log_level: str = "info", compile: bool | None = None, scheduler: str = "auto",
+          prefill_chunk: int = 256, max_body_mb: float = 4.0) -> None:
     """Serve ``model_dir`` over the OpenAI HTTP API until interrupted (blocks).
 
     ``api_key`` defaults to ``$VESPER_API_KEY``; it is required when ``host`` is not a
-    loopback address.
+    loopback address. The other options are ``vesper serve``'s (``ServeOptions``).
     """
     import uvicorn  # the serve extra's; needed only once a server listens
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, api_key)  # before the (slow) model load
     check_port(host, port)
-    app = create_app(model_dir, api_key=api_key, model_name=model_name,
+    if max_body_mb <= 0 or prefill_chunk < 1:
+        raise ValueError("--max-body-mb must be > 0 and --prefill-chunk >= 1")
+    app = create_app(model_dir, api_key=api_key, model_name=served_model_name,
                      max_batch_size=max_batch_size, max_queue=max_queue,
                      request_timeout=request_timeout, regulator=regulator, device=device,
-                     dtype=dtype, compile=compile)
+                     dtype=dtype, compile=compile, scheduler=scheduler,
+                     prefill_chunk=prefill_chunk, max_body_bytes=int(max_body_mb * 2**20))
     state: VesperServer = app.state.vesper
     shown = f"[{host}]" if ":" in host else host
     compiled = getattr(getattr(state.llm, "backend", None), "compile", False)
     print(f"serving '{state.model_name}' ({context_window(state.llm)}-token context) on "
           f"http://{shown}:{port}/v1" + (" (API key required)" if api_key else "")
+          + f", {state.scheduler.name} batching"
           + ("; decode step compiled: the first batches wait for torch.compile"
-             if compiled else ""), flush=True)
+             if compiled and state.scheduler.name == "static" else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
@@ -142,8 +160,9 @@ def cli(opts: ServeOptions) -> int:
     if opts.regulator or opts.retries:
         regulator = MetacognitiveRegulator(threshold=opts.threshold, retries=opts.retries)
     serve(opts.model_dir, host=opts.host, port=opts.port, api_key=opts.api_key,
-          model_name=opts.model_name, device=opts.device, dtype=opts.dtype,
+          served_model_name=opts.served_model_name, device=opts.device, dtype=opts.dtype,
           max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
           request_timeout=opts.request_timeout, regulator=regulator,
-          log_level=opts.log_level, compile=opts.compile)
+          log_level=opts.log_level, compile=opts.compile, scheduler=opts.scheduler,
+          prefill_chunk=opts.prefill_chunk, max_body_mb=opts.max_body_mb)
     return 0

@@ -1,101 +1,116 @@
-"""What ``GET /metrics`` reports: request, token, batch and cancellation counters.
+"""What ``GET /metrics`` reports, with ``prometheus_client``: latencies, tokens, load, and
+what only this server knows (each token's confidence, the regulator's actions, prefix reuse).
 
-Written by hand in Prometheus' text format (0.0.4), so serving needs no client library.
+Names follow vLLM's where they mean the same (time to first token, inter-token latency,
+queue time, end-to-end latency, running and waiting requests), prefixed ``vesper_``.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_STEP = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+         2.5)
+_CONFIDENCE = tuple(i / 10 for i in range(1, 11))
+_REGULATOR_ACTIONS = ("conservative", "stopped", "retry", "kept")
+
 
 class Metrics:
-    """The server's counters; the worker thread and the event loop both write them."""
+    """The server's metrics, in a registry of its own (one per app, so tests and several
+    apps in one process never share counters). Thread-safe: the worker thread and the
+    event loop both write them."""
 
     ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                 "/metrics")
+                 "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.duration_sum: dict[str, float] = {}
-        self.duration_count: dict[str, int] = {}
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.ttft_sum = 0.0
-        self.ttft_count = 0
-        self.batches = 0
-        self.batched_generations = 0
-        self.cancelled: dict[str, int] = {}
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("vesper_requests", "HTTP requests by endpoint and status.",
+                                ["endpoint", "status"], registry=r)
+        self.request_duration = Histogram(
+            "vesper_request_duration_seconds", "Time from request to last byte, by endpoint.",
+            ["endpoint"], buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("vesper_e2e_request_latency_seconds",
+                             "Generation requests: time from arrival to their last token.",
+                             buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("vesper_time_to_first_token_seconds",
+                              "Time from a request's arrival to its first generated token.",
+                              buckets=_LATENCY, registry=r)
+        self.itl = Histogram("vesper_inter_token_latency_seconds",
+                             "Time between two tokens of one generation.", buckets=_STEP,
+                             registry=r)
+        self.queue_time = Histogram("vesper_request_queue_time_seconds",
+                                    "Time a generation waited before its prefill began.",
+                                    buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("vesper_prompt_tokens", "Prompt tokens received.",
+                                     registry=r)
+        self.generated_tokens = Counter("vesper_generated_tokens", "Tokens generated.",
+                                        registry=r)
+        self.confidence = Histogram(
+            "vesper_token_confidence", "The MetaHead's confidence of each generated token.",
+            buckets=_CONFIDENCE, registry=r)
+        self.regulator = Counter(
+            "vesper_regulator_actions", "Tokens the metacognitive regulator acted on, by "
+            "action (conservative decoding, stopped, retry, kept an earlier attempt).",
+            ["action"], registry=r)
+        self.cancelled = Counter("vesper_cancelled_generations",
+                                 "Generations cancelled before their end, by reason.",
+                                 ["reason"], registry=r)
+        self.steps = Counter("vesper_engine_steps", "Decode steps (continuous) or batches "
+                             "(static) run.", registry=r)
+        self.prefix_queries = Counter(
+            "vesper_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            registry=r)
+        self.prefix_hits = Counter(
+            "vesper_prefix_cache_hits", "Prompt tokens found in the prefix cache (reused, "
+            "not computed again).", registry=r)
+        self.prefix_hit_rate = Gauge(
+            "vesper_prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries since "
+            "start.", registry=r)
+        self.prefix_hit_rate.set_function(self._hit_rate)
+        self.running = Gauge("vesper_num_requests_running",
+                             "Generations being decoded.", registry=r)
+        self.waiting = Gauge("vesper_num_requests_waiting",
+                             "Generations waiting for a slot or a batch.", registry=r)
+        for action in _REGULATOR_ACTIONS:  # present at 0 from the start
+            self.regulator.labels(action)
+
+    def _hit_rate(self) -> float:
+        queried = self.prefix_queries._value.get()
+        return self.prefix_hits._value.get() / queried if queried else 0.0
+
+    def watch(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Read the running and waiting gauges from the scheduler at each scrape."""
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         endpoint = path if path in self.ENDPOINTS else (
             "/v1/models" if path.startswith("/v1/models/") else "other")
-        with self._lock:
-            key = (endpoint, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.duration_sum[endpoint] = self.duration_sum.get(endpoint, 0.0) + seconds
-            self.duration_count[endpoint] = self.duration_count.get(endpoint, 0) + 1
+        self.requests.labels(endpoint, str(status)).inc()
+        self.request_duration.labels(endpoint).observe(seconds)
 
-    def add(self, name: str, value: float = 1) -> None:
-        with self._lock:
-            setattr(self, name, getattr(self, name) + value)
+    def observe_token(self, token: Any) -> None:
+        """A generated token: counted, its confidence binned, its regulator flags counted."""
+        self.generated_tokens.inc()
+        self.confidence.observe(float(token.confidence))
+        for flag in (getattr(token, "regulated", None) or "").split(", "):
+            if flag:
+                self.regulator.labels(flag.split(" ")[0]).inc()
 
-    def add_cancelled(self, reason: str) -> None:
-        with self._lock:
-            self.cancelled[reason] = self.cancelled.get(reason, 0) + 1
+    def observe_prefix(self, queried: int, hits: int) -> None:
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hits)
 
-    def render(self, queue_size: int, active: int) -> str:
-        with self._lock:
-            out: list[str] = []
-
-            def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]
-                       ) -> None:
-                out.append(f"# HELP {name} {help_}")
-                out.append(f"# TYPE {name} {kind}")
-                for labels, value in samples:
-                    out.append(f"{name}{labels} {_prom_number(value)}")
-
-            metric("vesper_requests_total", "counter", "HTTP requests by endpoint and status.",
-                   [(f'{{endpoint="{e}",status="{s}"}}', n)
-                    for (e, s), n in sorted(self.requests.items())])
-            out.append("# HELP vesper_request_duration_seconds Time from request to last "
-                       "byte, by endpoint.")
-            out.append("# TYPE vesper_request_duration_seconds summary")
-            for e in sorted(self.duration_count):
-                out.append(f'vesper_request_duration_seconds_sum{{endpoint="{e}"}} '
-                           f"{_prom_number(self.duration_sum[e])}")
-                out.append(f'vesper_request_duration_seconds_count{{endpoint="{e}"}} '
-                           f"{self.duration_count[e]}")
-            metric("vesper_prompt_tokens_total", "counter", "Prompt tokens processed.",
-                   [("", self.prompt_tokens)])
-            metric("vesper_generated_tokens_total", "counter", "Tokens generated.",
-                   [("", self.generated_tokens)])
-            out.append("# HELP vesper_time_to_first_token_seconds Time from request to its "
-                       "first generated token.")
-            out.append("# TYPE vesper_time_to_first_token_seconds summary")
-            out.append(f"vesper_time_to_first_token_seconds_sum {_prom_number(self.ttft_sum)}")
-            out.append(f"vesper_time_to_first_token_seconds_count {self.ttft_count}")
-            metric("vesper_batches_total", "counter", "Decode batches run.",
-                   [("", self.batches)])
-            metric("vesper_batched_generations_total", "counter",
-                   "Generations decoded, summed over batches (divided by "
-                   "vesper_batches_total: the mean batch size).",
-                   [("", self.batched_generations)])
-            metric("vesper_cancelled_generations_total", "counter",
-                   "Generations cancelled before their end, by reason.",
-                   [(f'{{reason="{r}"}}', n) for r, n in sorted(self.cancelled.items())])
-            metric("vesper_queue_size", "gauge", "Generations waiting for a batch.",
-                   [("", queue_size)])
-            metric("vesper_active_generations", "gauge", "Generations in the running batch.",
-                   [("", active)])
-            return "\n".join(out) + "\n"
-
-
-def _prom_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class MetricsMiddleware:

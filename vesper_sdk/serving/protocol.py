@@ -8,15 +8,16 @@ that sets no ``temperature`` samples at ``DEFAULT_TEMPERATURE`` (0.8), as the Py
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..eval.regulator import MetacognitiveRegulator
-from ..inference import DEFAULT_TEMPERATURE, SamplingParams, Token
+from ..inference import DEFAULT_TEMPERATURE, PromptLogprobs, SamplingParams, Token
 
 MAX_CHOICES = 16  # n (or prompts x n) per request: bounds what one client can enqueue
 MAX_STOP_SEQUENCES = 4  # as OpenAI
@@ -68,11 +69,30 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
 
 
 # ----------------------------------------------------------------------------- request bodies
-# Fields accepted only at their neutral value: honouring a penalty or best_of by ignoring
-# it would silently change what the client gets.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "best_of": (None, 1),
-    "suffix": (None, ""), "echo": (False,)}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_LOGIT_BIAS = 300  # entries: bounds the work one request can ask for
+
+
+def check_text(value: Any, param: str) -> None:
+    """400 for a string that is not valid Unicode (a lone surrogate such as "\\ud800" is
+    valid JSON but cannot be encoded, so it would fail deep in tokenization)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"'{param}' is not valid Unicode (a lone surrogate at "
+                           f"character {exc.start}): send UTF-8 text", param=param,
+                           code="invalid_value") from None
+    elif isinstance(value, list | tuple):
+        for v in value:
+            check_text(v, param)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, param)
+            check_text(v, param)
+    elif isinstance(value, BaseModel):
+        for name, v in value:
+            check_text(v, f"{param}.{name}")
 
 
 class _Body(BaseModel):
@@ -80,14 +100,12 @@ class _Body(BaseModel):
     # fields are accepted (OpenAI clients send some we do not use, e.g. 'user').
     model_config = ConfigDict(strict=True, extra="allow")
 
-    unsupported: ClassVar[tuple[str, ...]] = ()
-
-    def check_supported(self) -> None:
-        """400 for a field this server does not implement, set to a non-neutral value."""
-        for name in self.unsupported:
-            if getattr(self, name, None) not in _NEUTRAL[name]:
-                raise APIError(400, f"'{name}' is not supported by this server",
-                               param=name, code="unsupported_parameter")
+    def check(self) -> None:
+        """400 for text that is not valid Unicode, anywhere in the body."""
+        for name, value in self:
+            check_text(value, name)
+        for name, value in (self.model_extra or {}).items():
+            check_text(value, name)
 
 
 class StreamOptions(_Body):
@@ -126,35 +144,114 @@ def stop_sequences(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-class CompletionRequest(_Body):
-    """Body of POST /v1/completions (OpenAI's legacy completions).
+def _unsupported(name: str, why: str) -> APIError:
+    return APIError(400, f"'{name}' is not supported by this server: {why}", param=name,
+                    code="unsupported_parameter")
 
-    ``temperature`` defaults to ``DEFAULT_TEMPERATURE`` (0.8); 0 is greedy.
-    """
 
-    unsupported: ClassVar[tuple[str, ...]] = ("presence_penalty", "frequency_penalty",
-                                              "best_of", "suffix", "echo")
+class _Sampling(_Body):
+    """The sampling fields both endpoints share: OpenAI's, vLLM's extras (``top_k``,
+    ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``) and ours
+    (``regulator``). ``temperature`` defaults to ``DEFAULT_TEMPERATURE`` (0.8); 0 is
+    greedy."""
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    top_k: int = Field(0, ge=-1)  # vLLM: -1 or 0 = off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
     regulator: bool | RegulatorParams | None = None  # extension: see RegulatorParams
 
-    def to_sampling_params(self, max_new_tokens: int, regulator: Any = None
-                           ) -> SamplingParams:
+    def check_supported(self, vocab_size: int) -> None:
+        """400 for what this server does not do (rather than silently ignoring it), and for
+        invalid Unicode anywhere in the body."""
+        self.check()
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise _unsupported("response_format", "structured output (JSON mode, JSON "
+                               "schema) is not implemented; omit it or send {\"type\": "
+                               "\"text\"}")
+        if self.tools:
+            raise _unsupported("tools", "tool calling is not implemented; omit 'tools'")
+        extra = self.model_extra or {}
+        for name in ("tool_choice", "functions", "function_call"):
+            if extra.get(name) not in (None, "none", [], {}):
+                raise _unsupported(name, "tool calling is not implemented")
+        self.bias_ids(vocab_size)
+
+    def bias_ids(self, vocab_size: int) -> dict[int, float] | None:
+        """``logit_bias`` with token ids as ints (OpenAI sends them as strings), checked."""
+        if not self.logit_bias:
+            return None
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise APIError(400, f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens",
+                           param="logit_bias", code="invalid_value")
+        out = {}
+        for key, bias in self.logit_bias.items():
+            if not key.isdigit() or int(key) >= vocab_size or not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias maps token ids (0..{vocab_size - 1}) to "
+                               f"values in [-100, 100]; got {key!r}: {bias}",
+                               param="logit_bias", code="invalid_value")
+            out[int(key)] = float(bias)
+        return out
+
+    def sampling_params(self, max_new_tokens: int, regulator: Any, top_logprobs: int,
+                        vocab_size: int, prompt_logprobs: int | None = None,
+                        ) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=max(self.top_k, 0), min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logit_bias=self.bias_ids(vocab_size), min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos, stop=stop_sequences(self.stop) or None,
+            seed=self.seed, regulator=regulator_for(self.regulator, regulator),
+            top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    """Body of POST /v1/completions (OpenAI's legacy completions).
+
+    ``echo`` returns the prompt before the completion, and with ``logprobs`` the prompt's
+    own tokens scored (the first has none): what lm-evaluation-harness's loglikelihood
+    tasks read. ``max_tokens`` may then be 0 (score the prompt only).
+    """
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    def check_supported(self, vocab_size: int) -> None:
+        super().check_supported(vocab_size)
+        if self.best_of not in (None, 1):
+            raise _unsupported("best_of", "use n")
+        if self.suffix:
+            raise _unsupported("suffix", "insertion is not implemented")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo, to score the "
+                           "prompt)", param="max_tokens", code="invalid_value")
+
+    def to_sampling_params(self, max_new_tokens: int, regulator: Any = None,
+                           vocab_size: int = 0) -> SamplingParams:
         """This request's sampling settings.
 
         ``max_new_tokens``: ``max_tokens`` once bounded by the context window (the server
@@ -162,19 +259,13 @@ class CompletionRequest(_Body):
         body's ``regulator`` field says otherwise. Raises APIError (400) for too many stop
         sequences.
         """
-        return SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-            stop=stop_sequences(self.stop) or None, seed=self.seed,
-            regulator=regulator_for(self.regulator, regulator),
-            top_logprobs=self.logprobs or 0)
+        scored = self.logprobs if self.echo and self.logprobs is not None else None
+        return self.sampling_params(max_new_tokens, regulator, self.logprobs or 0,
+                                    vocab_size, prompt_logprobs=scored)
 
     @property
     def want_logprobs(self) -> bool:
         return self.logprobs is not None
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
     @property
     def default_max_tokens(self) -> int | None:
@@ -192,47 +283,25 @@ class ChatMessage(_Body):
     content: str | list[ContentPart] | None = None
 
 
-class ChatRequest(_Body):
-    """Body of POST /v1/chat/completions.
+class ChatRequest(_Sampling):
+    """Body of POST /v1/chat/completions."""
 
-    ``temperature`` defaults to ``DEFAULT_TEMPERATURE`` (0.8); 0 is greedy.
-    """
-
-    unsupported: ClassVar[tuple[str, ...]] = ("presence_penalty", "frequency_penalty")
-
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    regulator: bool | RegulatorParams | None = None  # extension: see RegulatorParams
 
-    def to_sampling_params(self, max_new_tokens: int, regulator: Any = None
-                           ) -> SamplingParams:
+    def to_sampling_params(self, max_new_tokens: int, regulator: Any = None,
+                           vocab_size: int = 0) -> SamplingParams:
         """This request's sampling settings: see ``CompletionRequest.to_sampling_params``."""
-        return SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-            stop=stop_sequences(self.stop) or None, seed=self.seed,
-            regulator=regulator_for(self.regulator, regulator),
-            top_logprobs=(self.top_logprobs or 0) if self.logprobs else 0)
+        return self.sampling_params(max_new_tokens, regulator,
+                                    (self.top_logprobs or 0) if self.logprobs else 0,
+                                    vocab_size)
 
     @property
     def want_logprobs(self) -> bool:
         return self.logprobs
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -278,6 +347,9 @@ class Choice:
     index: int
     prompt_text: str
     tokens: list[Token] = field(default_factory=list)  # visible tokens (no EOS)
+    prompt_scores: PromptLogprobs | None = None  # the prompt's own logprobs (echo)
+    end_token: Token | None = None  # the end-of-sequence token, when one ended it
+    echoed: bool = False  # the prompt was streamed back (echo)
     text: str = ""
     finish_reason: str | None = None
     end_regulated: str | None = None
@@ -289,6 +361,7 @@ class Choice:
             # The end-of-sequence token has no text; what the regulator did there ("stopped")
             # is reported once for the choice instead of as a token.
             self.end_regulated = token.regulated or None
+            self.end_token = token
         else:
             self.text_offsets.append(len(self.prompt_text) + len(self.text))
             self.tokens.append(token)
@@ -297,6 +370,11 @@ class Choice:
             self.finish_reason = _FINISH.get(token.finish_reason, "stop")
             return True
         return False
+
+    def scored_tokens(self, echo: bool) -> list[Token]:
+        """The tokens whose logprobs a completion reports: with echo, the end-of-sequence
+        token too (a loglikelihood client counts one generated entry after the prompt)."""
+        return self.tokens + [self.end_token] if echo and self.end_token else self.tokens
 
     def end(self) -> None:
         """The backend ended this generation without a finish reason (cancel, error)."""
@@ -344,6 +422,33 @@ def completion_logprobs(tokenizer: Any, tokens: Sequence[Token], offsets: Sequen
                          for t in tokens] if k else None,
         "text_offset": list(offsets),
     }
+
+
+def prompt_logprobs_fields(tokenizer: Any, scores: PromptLogprobs, k: int
+                           ) -> dict[str, list]:
+    """The prompt's tokens in ``completion_logprobs``' shape (echo), offsets from 0.
+
+    The first token's logprob and alternatives are null (nothing predicts it), as
+    OpenAI's and vLLM's. The alternatives come from the same log-softmax as the token's own
+    logprob, so a greedy token's logprob equals its top alternative's exactly.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tokens, offsets, seen = [], [], 0
+    for tid in scores.ids:
+        offsets.append(seen)
+        raw = tokenizer.token_bytes(tid)
+        tokens.append(_id_str(tokenizer, tid, raw))
+        seen += len(decoder.decode(raw))
+    top = [None if alts is None else {_id_str(tokenizer, a, tokenizer.token_bytes(a)): lp
+                                      for a, lp in alts[:k]} for alts in scores.top]
+    return {"tokens": tokens, "token_logprobs": list(scores.logprobs),
+            "top_logprobs": top if k else None, "text_offset": offsets}
+
+
+def _id_str(tokenizer: Any, tid: int, raw: bytes) -> str:
+    if not raw:  # a special token: its name
+        return tokenizer.decode([tid], skip_special_tokens=False)
+    return raw.decode("utf-8", errors="backslashreplace")
 
 
 def chat_logprobs(tokenizer: Any, tokens: Sequence[Token], k: int) -> dict[str, list]:

@@ -1,11 +1,12 @@
-"""Batching: one worker thread decodes every waiting request together, and cancels.
+"""Scheduling: one worker thread owns the model and decodes what the requests queue.
 
-Requests that arrive together are decoded together: the worker takes every generation
-waiting in the queue and decodes them as one batch through ``LLM.stream_batch``;
-generations that arrive meanwhile form the next batch. Each has its own
-``SamplingParams`` and a cancel flag, raised when its client disconnects or its time runs
-out, and checked by the decoding loop. :class:`RequestRun` is the event loop's side of
-one HTTP request: its generations' tokens, its deadline and its disconnect checks.
+:class:`ContinuousScheduler` (the default) batches continuously: a generation joins the
+running batch at the next step and leaves it when done. :class:`BatchScheduler`
+(``--scheduler static``) decodes whatever is waiting as one batch, and what arrives
+meanwhile waits for the next. Each generation has its own ``SamplingParams`` and a cancel
+flag, raised when its client disconnects or its time runs out. :class:`RequestRun` is the
+event loop's side of one HTTP request: its generations' tokens, its deadline, its
+disconnect checks and its latency metrics.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..inference import GenerationRequest
+from ..inference import GenerationRequest, Token
+from ..inference.continuous import DEFAULT_PREFILL_CHUNK, SlotEngine, supports_slots
 from .metrics import Metrics
 from .protocol import APIError
 
@@ -50,8 +52,9 @@ class Job:
     """One generation (one choice of one HTTP request) waiting for, or in, a batch."""
 
     request: GenerationRequest  # prompt as token ids, and its own SamplingParams
-    push: Callable[[Any], None]  # thread-safe: Token, DONE or an Exception
+    push: Callable[[Any], None]  # thread-safe: Token, PromptLogprobs, DONE or an Exception
     finished: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
 
     @property
     def prompt_len(self) -> int:
@@ -69,21 +72,21 @@ class Job:
         """Raise the cancel flag; the decode loop drops the row before its next token."""
         self.request.cancel()
 
+    def end(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.push(DONE)
 
-class BatchScheduler:
-    """One worker thread that decodes every waiting request together as one batch.
 
-    ``submit`` enqueues jobs; the worker waits for the first, takes whatever else is
-    waiting (up to ``max_batch_size``) and runs ``llm.stream_batch`` over the lot,
-    routing each ``(index, token)`` back to the job at that index. Requests that arrive
-    during a batch wait for the next one. Only this thread touches the model, so the
-    backend needs no locking.
+class Scheduler:
+    """One worker thread that owns the model and decodes what ``submit`` queues.
 
-    A batch is left-padded to its longest prompt, and ``stream_batch`` caps every row at
-    ``context - longest prompt`` new tokens; so a job joins a batch only if the batch's
-    longest prompt plus its largest ``max_tokens`` still fits the context window, else it
-    waits (first in line) for the next batch. No request is ever cut short by another.
+    The queue, its limit, start and stop are shared; :class:`ContinuousScheduler` and
+    :class:`BatchScheduler` decide how queued generations become decode steps. Only the
+    worker touches the model, so the backend needs no locking.
     """
+
+    name = ""
 
     def __init__(self, llm: Any, metrics: Metrics, max_batch_size: int = 32,
                  max_queue: int = 256) -> None:
@@ -94,9 +97,9 @@ class BatchScheduler:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._active: list[Job] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        metrics.watch(lambda: self.active, lambda: self.queue_size)
 
     @property
     def queue_size(self) -> int:
@@ -104,7 +107,14 @@ class BatchScheduler:
 
     @property
     def active(self) -> int:
-        return sum(not j.finished for j in list(self._active))
+        """Generations admitted and not yet over."""
+        raise NotImplementedError
+
+    def _running_jobs(self) -> list[Job]:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        raise NotImplementedError
 
     @property
     def alive(self) -> bool:
@@ -120,7 +130,7 @@ class BatchScheduler:
             if self.alive:
                 return
             self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="vesper-batcher",
+            self._thread = threading.Thread(target=self._run, name=f"vesper-{self.name}",
                                             daemon=True)
             self._thread.start()
 
@@ -130,16 +140,15 @@ class BatchScheduler:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
             self._cond.notify_all()
-        for job in [*waiting, *self._active]:
+        for job in [*waiting, *self._running_jobs()]:
             job.cancel()
         for job in waiting:
-            job.finished = True
-            job.push(DONE)
+            job.end()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queue a request's jobs together (so they land in the same batch when possible)."""
+        """Queue a request's jobs together (so they start together when possible)."""
         self.start()
         with self._cond:
             if len(self._waiting) + len(jobs) > self.max_queue:
@@ -148,6 +157,111 @@ class BatchScheduler:
                                code="server_overloaded")
             self._waiting.extend(jobs)
             self._cond.notify()
+
+    def _deliver(self, job: Job, item: Any) -> None:
+        if job.finished:
+            return
+        if isinstance(item, Token):
+            self.metrics.observe_token(item)
+        job.push(item)
+        if getattr(item, "finish_reason", None):
+            job.end()  # the row is over: answer its request now, not when the batch ends
+
+
+class ContinuousScheduler(Scheduler):
+    """Continuous batching (:class:`~vesper_sdk.inference.continuous.SlotEngine`): a
+    generation is admitted into a free slot at the next step boundary, prefilled in
+    chunks of ``prefill_chunk`` tokens between decode steps, joins the running batch and
+    leaves it when done. No generation waits for another's end, only for a free slot
+    (``max_batch_size`` slots)."""
+
+    name = "continuous"
+
+    def __init__(self, llm: Any, metrics: Metrics, max_batch_size: int = 32,
+                 max_queue: int = 256, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        super().__init__(llm, metrics, max_batch_size, max_queue)
+        self.engine = SlotEngine(llm, max_batch_size, prefill_chunk)
+        self._jobs: dict[int, Job] = {}
+        self._next_key = 0
+
+    @property
+    def active(self) -> int:
+        return len(self._jobs)
+
+    def _running_jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def _admit(self) -> None:
+        """Move queued generations into free slots (waiting a little when idle)."""
+        with self._cond:
+            if not self._waiting and not self.engine.busy:
+                self._cond.wait(0.1)
+            taken: list[Job] = []
+            while self._waiting and len(taken) < self.engine.free_slots:
+                taken.append(self._waiting.popleft())
+        for job in taken:
+            if job.cancelled:  # client gone or timed out while queued: answered, not run
+                job.end()
+                continue
+            key, self._next_key = self._next_key, self._next_key + 1
+            hits, queried = self.engine.reused_tokens, self.engine.prompt_tokens
+            try:
+                self.engine.add(key, job.request)
+            except Exception as exc:  # this request cannot run; its neighbours can
+                job.push(exc)
+                job.end()
+                continue
+            self.metrics.observe_prefix(self.engine.prompt_tokens - queried,
+                                        self.engine.reused_tokens - hits)
+            self.metrics.queue_time.observe(time.perf_counter() - job.submitted)
+            self._jobs[key] = job
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._admit()
+            if not self.engine.busy:
+                continue
+            try:
+                events, ended = self.engine.step()
+            except Exception as exc:  # the step failed: every generation in it gets the error
+                log.exception("decode step over %d generations failed", len(self._jobs))
+                for key in self.engine.reset():
+                    job = self._jobs.pop(key)
+                    job.push(exc)
+                    job.end()
+                continue
+            self.metrics.steps.inc()
+            for key, item in events:
+                self._deliver(self._jobs[key], item)
+            for key in ended:
+                self._jobs.pop(key).end()
+
+
+class BatchScheduler(Scheduler):
+    """Static batching (``--scheduler static``): the worker takes every waiting generation
+    (up to ``max_batch_size``) and decodes them as one batch through ``llm.stream_batch``;
+    generations that arrive meanwhile wait for the next batch. Works with any backend
+    (ONNX Runtime too).
+
+    A batch is left-padded to its longest prompt, and ``stream_batch`` caps every row at
+    ``context - longest prompt`` new tokens; so a job joins a batch only if the batch's
+    longest prompt plus its largest ``max_tokens`` still fits the context window, else it
+    waits (first in line) for the next batch. No request is ever cut short by another.
+    """
+
+    name = "static"
+
+    def __init__(self, llm: Any, metrics: Metrics, max_batch_size: int = 32,
+                 max_queue: int = 256) -> None:
+        super().__init__(llm, metrics, max_batch_size, max_queue)
+        self._active: list[Job] = []
+
+    @property
+    def active(self) -> int:
+        return sum(not j.finished for j in list(self._active))
+
+    def _running_jobs(self) -> list[Job]:
+        return list(self._active)
 
     def _take_batch(self) -> list[Job]:
         with self._cond:
@@ -158,9 +272,7 @@ class BatchScheduler:
             longest_prompt = most_tokens = 0
             for job in self._waiting:
                 if job.cancelled:
-                    # Cancelled while queued (client gone, timed out): answered, not decoded.
-                    job.finished = True
-                    job.push(DONE)
+                    job.end()  # cancelled while queued (client gone, timed out)
                     continue
                 p = max(longest_prompt, job.prompt_len)
                 t = max(most_tokens, job.max_tokens)
@@ -171,7 +283,10 @@ class BatchScheduler:
                 longest_prompt, most_tokens = p, t
             self._waiting = later
             self._active = batch
-            return batch
+        now = time.perf_counter()
+        for job in batch:
+            self.metrics.queue_time.observe(now - job.submitted)
+        return batch
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -180,21 +295,12 @@ class BatchScheduler:
                 self._decode(batch)
 
     def _decode(self, batch: list[Job]) -> None:
-        self.metrics.add("batches")
-        self.metrics.add("batched_generations", len(batch))
+        self.metrics.steps.inc()
         stream: Any = None
         try:
             stream = self.llm.stream_batch([job.request for job in batch])
-            for index, token in stream:
-                job = batch[index]
-                if job.finished:
-                    continue
-                self.metrics.add("generated_tokens")
-                job.push(token)
-                if getattr(token, "finish_reason", None):
-                    # The row is over: answer its request now, not when the batch ends.
-                    job.finished = True
-                    job.push(DONE)
+            for index, item in stream:
+                self._deliver(batch[index], item)
                 # The loop checks each cancel flag itself; this is the backstop that ends
                 # the batch at once when nobody is left to read it.
                 if all(j.cancelled or j.finished for j in batch):
@@ -210,10 +316,27 @@ class BatchScheduler:
                 with contextlib.suppress(Exception):  # the worker must outlive any batch
                     close()
             for job in batch:
-                if not job.finished:
-                    job.finished = True
-                    job.push(DONE)
+                job.end()
             self._active = []
+
+
+SCHEDULERS = {"continuous": ContinuousScheduler, "static": BatchScheduler}
+
+
+def make_scheduler(kind: str, llm: Any, metrics: Metrics, max_batch_size: int,
+                   max_queue: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Scheduler:
+    """The scheduler ``kind`` names: ``continuous``, ``static``, or ``auto`` (continuous
+    where the backend allows it: a PyTorch model; static for ONNX Runtime)."""
+    if kind == "auto":
+        kind = "continuous" if supports_slots(llm) else "static"
+    if kind == "continuous":
+        if not supports_slots(llm):
+            raise ValueError("--scheduler continuous needs a PyTorch model folder; an ONNX "
+                             "export is served with --scheduler static (or auto)")
+        return ContinuousScheduler(llm, metrics, max_batch_size, max_queue, prefill_chunk)
+    if kind == "static":
+        return BatchScheduler(llm, metrics, max_batch_size, max_queue)
+    raise ValueError(f"unknown scheduler {kind!r}: choose auto, continuous or static")
 
 
 class ClientGone(Exception):
@@ -236,7 +359,7 @@ class RequestRun:
     the queue is full). ``timeout`` (seconds, 0 = none) counts from here.
     """
 
-    def __init__(self, scheduler: BatchScheduler, requests: Sequence[GenerationRequest],
+    def __init__(self, scheduler: Scheduler, requests: Sequence[GenerationRequest],
                  timeout: float) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -247,6 +370,7 @@ class RequestRun:
         self.started = time.perf_counter()
         self.deadline = self.started + timeout if timeout > 0 else None
         self.first_token_seen = False
+        self.last_token: dict[int, float] = {}
 
     def cancel(self, reason: str) -> None:
         """Stop every unfinished generation (client gone, timeout, server error)."""
@@ -256,7 +380,7 @@ class RequestRun:
                 job.cancel()
                 n += 1
         if n:
-            self.metrics.add_cancelled(reason)
+            self.metrics.cancelled.labels(reason).inc()
 
     async def events_until_done(self, is_disconnected: Callable[[], Awaitable[bool]] | None
                                 ) -> AsyncIterator[tuple[int, Any]]:
@@ -293,9 +417,14 @@ class RequestRun:
                 continue
             if item is DONE:
                 pending.discard(index)
-            elif not isinstance(item, Exception):
+                if not pending:
+                    self.metrics.e2e.observe(time.perf_counter() - self.started)
+            elif isinstance(item, Token):
+                now = time.perf_counter()
                 if not self.first_token_seen:
                     self.first_token_seen = True
-                    self.metrics.add("ttft_count")
-                    self.metrics.add("ttft_sum", time.perf_counter() - self.started)
+                    self.metrics.ttft.observe(now - self.started)
+                if index in self.last_token:
+                    self.metrics.itl.observe(now - self.last_token[index])
+                self.last_token[index] = now
             yield index, item
