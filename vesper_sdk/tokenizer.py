@@ -7,6 +7,7 @@ to learn arithmetic. Byte-level, so any Unicode text round-trips exactly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ TOKENIZER_NAME = "tokenizer.json"
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS.values()]
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
 class TokenizerError(ValueError):
@@ -115,6 +117,16 @@ class VesperTokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode_spelled_specials(self, text: str) -> list[int]:
+        """Like :meth:`encode`, but a special token's name in ``text`` ("<|eos|>") becomes
+        that token (as Hugging Face tokenizers do): for clients that look a special
+        token's id up by tokenizing its name. Prompts never go through this."""
+        ids: list[int] = []
+        for piece in _SPECIAL_SPLIT.split(text):
+            tid = self._tok.token_to_id(piece) if piece in SPECIAL_TOKENS else None
+            ids += [tid] if tid is not None else self.encode(piece) if piece else []
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

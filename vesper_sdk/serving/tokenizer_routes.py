@@ -49,7 +49,9 @@ def add_tokenizer_routes(app: FastAPI, state: Any, auth: list[Any]) -> None:
         else:
             assert body.prompt is not None
             state.check_length(body.prompt, "prompt")
-            ids = [tok.bos_id] * body.add_special_tokens + tok.encode(body.prompt)
+            # As vLLM's (HF tokenizers): a special token's name becomes that token here.
+            ids = [tok.bos_id] * body.add_special_tokens + tok.encode_spelled_specials(
+                body.prompt)
         out: dict[str, Any] = {"count": len(ids), "max_model_len": state.context,
                                "tokens": ids, "token_strs": None}
         if body.return_token_strs:
