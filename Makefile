@@ -14,7 +14,7 @@ PIP    := -m pip install --disable-pip-version-check
 GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH  := $(if $(GPU),torch,torch==2.13.0)
 
-.PHONY: setup test test-latest lock demo bench lint clean optimum-check
+.PHONY: setup test test-latest lock demo bench lint clean optimum-check lmeval-check
 
 setup: $(STAMP)
 
@@ -72,8 +72,21 @@ optimum-check: .venv-optimum/.installed
 	    "optimum-onnx[onnxruntime]"
 	@touch $@
 
+# EleutherAI's lm-evaluation-harness against `vesper serve` (loglikelihood through
+# local-completions, generation through local-chat-completions), offline, on the bundled model.
+lmeval-check: setup .venv-lmeval/.installed
+	.venv-lmeval/bin/python tests/lmeval/run_check.py
+
+# Its own venv: the harness and what it pulls stay out of ours; torch's CPU build first, or a
+# dependency would pull the multi-GB CUDA one.
+.venv-lmeval/.installed:
+	@test -x .venv-lmeval/bin/python || $(PYTHON) -m venv .venv-lmeval
+	@.venv-lmeval/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	@.venv-lmeval/bin/python -m pip install -q --disable-pip-version-check "lm_eval[api]==0.4.13"
+	@touch $@
+
 lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(LATEST) .venv-optimum .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-optimum .venv-lmeval .pytest_cache build *.egg-info

@@ -267,14 +267,16 @@ def test_regulator_flags_reach_the_client(client) -> None:
                                       temperature=1.0, seed=3)
     assert plain.choices[0].model_extra["vesper"]["regulated"] == [None] * 5
     # Satisficing stop as soon as allowed: the answer ends with the regulator's EOS, which
-    # shows as finish_reason "stop" and vesper.end_regulated, not as a token.
+    # shows as finish_reason "stop" and vesper.end_regulated, not as text; like vLLM, the
+    # completion's logprobs and usage count it.
     stop_now = {"threshold": 0.0, "stop_threshold": 0.0}
     r = client.completions.create(model=MODEL, prompt="the cat", max_tokens=20, temperature=0,
                                   logprobs=0, extra_body={"regulator": stop_now})
     choice = r.choices[0]
     assert choice.finish_reason == "stop"
     assert choice.model_extra["vesper"]["end_regulated"] == "stopped"
-    assert r.usage.completion_tokens == len(choice.logprobs.tokens) == 1
+    assert r.usage.completion_tokens == len(choice.logprobs.tokens) == 2
+    assert choice.logprobs.tokens[-1] == "<|eos|>" and choice.text == choice.logprobs.tokens[0]
     chunks = list(client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20,
         temperature=0, stream=True, extra_body={"regulator": stop_now}))

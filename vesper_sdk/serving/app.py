@@ -125,7 +125,7 @@ class _Answer:
 
     def usage(self) -> dict[str, int]:
         prompt = sum(len(ids) for ids in self.prep.prompts)
-        completion = sum(len(c.tokens) for c in self.choices)
+        completion = sum(len(c.generated) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
@@ -384,8 +384,7 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
             choices.append({
                 "index": c.index, "text": (c.prompt_text if prep.echo else "") + c.text,
                 "finish_reason": c.finish_reason,
-                "logprobs": _completion_logprobs(state, c, prep, c.scored_tokens(prep.echo),
-                                                 c.text_offsets, echo=prep.echo)
+                "logprobs": _completion_logprobs(state, c, prep)
                 if prep.want_logprobs else None,
                 "vesper": vesper_fields(c.tokens, c.end_regulated)})
         return {"id": rid, "object": "text_completion", "created": created,
@@ -415,11 +414,12 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
 
 
 def _completion_logprobs(state: VesperServer, choice: Choice, prep: _Prepared,
-                         tokens: list, offsets: list[int], echo: bool) -> dict[str, list]:
+                         ) -> dict[str, list]:
     """``logprobs`` of a completion choice: the generated tokens', after the prompt's own
     when echoed (lm-evaluation-harness reads the prompt's part for loglikelihoods)."""
-    out = completion_logprobs(state.tokenizer, tokens, offsets, prep.top_logprobs)
-    if not echo or choice.prompt_scores is None:
+    out = completion_logprobs(state.tokenizer, choice.generated, choice.generated_offsets,
+                              prep.top_logprobs)
+    if not prep.echo or choice.prompt_scores is None:
         return out
     head = prompt_logprobs_fields(state.tokenizer, choice.prompt_scores, prep.top_logprobs)
     return {k: (head[k] or []) + (out[k] or []) if out[k] is not None or head[k] is not None

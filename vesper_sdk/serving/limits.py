@@ -1,8 +1,11 @@
 """The request-body limit: a body over the limit gets 413 before anything parses it.
 
-Pure ASGI: a ``Content-Length`` over the limit is answered at once, unread; a body sent
-without one (chunked) is counted as it arrives and refused as soon as it passes the limit.
-Either way no handler sees it, so a huge body never reaches JSON parsing or the tokenizer.
+Pure ASGI: a ``Content-Length`` over the limit is refused before the body is read; a body
+sent without one (chunked) is counted as it arrives and refused as soon as it passes the
+limit. Either way no handler sees it, so a huge body never reaches JSON parsing or the
+tokenizer. The rest of the body is read and dropped (up to ``DRAIN_FACTOR`` times the
+limit, then the connection is closed) before the answer goes out: a client still sending
+would otherwise see its connection reset instead of the 413.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 from fastapi import HTTPException
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DRAIN_FACTOR = 32
 
 
 class _TooLarge(HTTPException):
@@ -34,7 +38,17 @@ class BodyLimitMiddleware:
                                      "type": "invalid_request_error", "param": None,
                                      "code": "request_too_large"}}).encode()
 
-    async def _refuse(self, send: Callable, size: str) -> None:
+    async def _drain(self, receive: Callable, message: dict) -> None:
+        """Read and drop the rest of the body (a bounded amount)."""
+        drained = 0
+        while message.get("more_body", False) and drained <= DRAIN_FACTOR * self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            drained += len(message.get("body", b""))
+
+    async def _refuse(self, receive: Callable, send: Callable, size: str) -> None:
+        await self._drain(receive, {"more_body": True})
         body = self._message(size)
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
@@ -48,7 +62,7 @@ class BodyLimitMiddleware:
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._refuse(send, f"{int(length)} bytes")
+            await self._refuse(receive, send, f"{int(length)} bytes")
             return
         received = 0
         started = False
@@ -59,6 +73,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    await self._drain(receive, message)
                     raise _TooLarge(413, self._text(f"over {self.max_bytes} bytes"))
             return message
 
@@ -70,6 +85,6 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+        except _TooLarge:  # raised outside FastAPI's body reading (it answers those itself)
             if not started:
-                await self._refuse(send, f"over {self.max_bytes} bytes")
+                await self._refuse(receive, send, f"over {self.max_bytes} bytes")

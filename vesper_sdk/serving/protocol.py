@@ -371,10 +371,17 @@ class Choice:
             return True
         return False
 
-    def scored_tokens(self, echo: bool) -> list[Token]:
-        """The tokens whose logprobs a completion reports: with echo, the end-of-sequence
-        token too (a loglikelihood client counts one generated entry after the prompt)."""
-        return self.tokens + [self.end_token] if echo and self.end_token else self.tokens
+    @property
+    def generated(self) -> list[Token]:
+        """Every generated token, the end-of-sequence one included (as vLLM reports them:
+        a loglikelihood client counts one generated entry after the echoed prompt)."""
+        return self.tokens + [self.end_token] if self.end_token else self.tokens
+
+    @property
+    def generated_offsets(self) -> list[int]:
+        """``text_offset`` of each of :attr:`generated` (the end token's: the text's end)."""
+        end = [len(self.prompt_text) + len(self.text)] if self.end_token else []
+        return self.text_offsets + end
 
     def end(self) -> None:
         """The backend ended this generation without a finish reason (cancel, error)."""
@@ -383,10 +390,13 @@ class Choice:
 
 
 def _token_str(tokenizer: Any, token: Token) -> str:
-    """The token as OpenAI shows it: its text, or its raw bytes when not valid UTF-8 alone."""
+    """The token as OpenAI shows it: its text, or its raw bytes when not valid UTF-8 alone;
+    a special token by its name (as in ``top_logprobs``)."""
     raw = tokenizer.token_bytes(token.id)
+    if not raw:
+        return _id_str(tokenizer, token.id, raw)
     try:
-        return raw.decode("utf-8") if raw else token.text
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         return "".join(f"\\x{b:02x}" for b in raw) if not token.text else token.text
 
