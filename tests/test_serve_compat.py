@@ -18,6 +18,7 @@ import vesper_sdk as vs
 from vesper_sdk import serving as srv
 
 MODEL = "tiny-compat"
+SCHEDULER = "continuous"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def llm(model_dir: Path):
 @pytest.fixture(scope="module")
 def url(llm):
     # No model_name: the id is the folder's name.
-    with server_thread(srv.create_app(llm, max_body_bytes=64 * 1024)) as base:
+    with server_thread(srv.create_app(llm, max_body_bytes=64 * 1024, scheduler=SCHEDULER)) as base:
         yield base
 
 
@@ -196,3 +197,33 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(url, llm
 def test_served_model_name_option() -> None:
     opts = srv.ServeOptions(model_dir="x")
     assert opts.served_model_name is None and opts.scheduler == "auto"
+
+
+def test_a_short_request_finishes_during_a_long_stream(url) -> None:
+    """Continuous batching over HTTP: the short request does not wait for the long one."""
+    order: list[str] = []
+
+    async def go() -> None:
+        async with httpx.AsyncClient(timeout=120) as http:
+            first_chunk = asyncio.Event()
+
+            async def long() -> None:
+                body = {"model": MODEL, "prompt": "the cat", "max_tokens": 200,
+                        "temperature": 0, "stream": True, "ignore_eos": True}
+                async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data: {"):
+                            first_chunk.set()
+                order.append("long")
+
+            async def short() -> None:
+                await first_chunk.wait()
+                resp = await http.post(f"{url}/v1/completions", json={
+                    "model": MODEL, "prompt": "hello", "max_tokens": 2, "temperature": 0})
+                assert resp.status_code == 200
+                order.append("short")
+
+            await asyncio.gather(long(), short())
+
+    asyncio.run(go())
+    assert order == ["short", "long"]
