@@ -21,6 +21,7 @@ import torch
 
 from ..config import ConfigError, VesperConfig
 from ..inference.types import StepOutput
+from ..integrity import require_intact, verify_file
 from ..model import ModelFolderError
 
 ONNX_NAME = "model.onnx"
@@ -86,8 +87,17 @@ def make_session(path: str | Path, providers: list[str] | None = None,
     opts.intra_op_num_threads = threads or physical_cores()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # warnings about unused initializers etc. are noise here
-    return ort.InferenceSession(str(path), sess_options=opts,
-                                providers=providers or default_providers())
+    path = Path(path)
+    # The graph and its external weights, against the folder's manifest: a zeroed range
+    # of weights would otherwise load and silently change the answers.
+    require_intact(path.parent)
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts,
+                                    providers=providers or default_providers())
+    except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+        raise ModelFolderError(f"{path} cannot be loaded by ONNX Runtime: the file is damaged "
+                               f"or not an ONNX model ({type(exc).__name__}: "
+                               f"{str(exc)[:300]}); re-run the export") from None
 
 
 # Below this many parameters each operation is too small to split across threads: one
@@ -106,10 +116,11 @@ def read_export_config(model_dir: str | Path) -> tuple[VesperConfig, dict[str, A
         raise ModelFolderError(f"{model_dir} is not an ONNX export: {ONNX_NAME} is missing"
                                f"{hint}")
     try:
+        verify_file(path)
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelFolderError(f"{path} is missing: re-run the export") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"{path} is not valid JSON ({exc}): re-run the export") from None
     known = {f for f in VesperConfig.__dataclass_fields__}
     try:

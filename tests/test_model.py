@@ -324,6 +324,7 @@ def test_folders_from_before_the_logit_features_still_load(tmp_path):
     state = load_file(str(tmp_path / "model.safetensors"))
     del state["metahead.calibration"]
     save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "manifest.json").unlink()  # nor a manifest
     loaded = vs.VesperLM.from_pretrained(tmp_path)
     assert loaded.config.metahead_logit_features is False
     assert loaded.metahead.calibration.tolist() == [1.0, 0.0]

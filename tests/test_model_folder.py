@@ -34,7 +34,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
     assert torch.equal(a.logits, b.logits)
     assert torch.equal(a.confidence, b.confidence)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "config.json", "model.safetensors"]
+        "config.json", "manifest.json", "model.safetensors"]
 
 
 def test_frozen_flylora_buffers_are_saved_and_tied_weights_stored_once(tmp_path):
@@ -92,6 +92,10 @@ def test_truncated_weights_are_reported_as_damaged(tmp_path):
     make_model().save_pretrained(tmp_path / "m")
     w = tmp_path / "m" / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors is damaged: .*truncated"):
+        vs.VesperLM.from_pretrained(tmp_path / "m")
+    # Without a manifest (a folder from before them) the parse itself names the file.
+    (tmp_path / "m" / "manifest.json").unlink()
     with pytest.raises(ModelFolderError, match=r"model\.safetensors is damaged or truncated"):
         vs.VesperLM.from_pretrained(tmp_path / "m")
 
@@ -101,6 +105,7 @@ def test_weights_from_another_config_are_reported_as_mismatched(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["ffn_hidden_size"] = 128
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "m" / "manifest.json").unlink()  # edited by hand, as before manifests
     with pytest.raises(ModelFolderError, match="shape mismatch"):
         vs.VesperLM.from_pretrained(tmp_path / "m")
 
@@ -108,6 +113,9 @@ def test_weights_from_another_config_are_reported_as_mismatched(tmp_path):
 def test_bad_config_json_is_reported_with_its_path(tmp_path):
     make_model().save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("{ not json")
+    with pytest.raises(ModelFolderError, match=r"config\.json is damaged"):
+        vs.VesperLM.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").unlink()
     with pytest.raises(ModelFolderError, match=r"config\.json.*not valid JSON"):
         vs.VesperLM.from_pretrained(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps({"hidden_size": 100,

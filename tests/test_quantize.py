@@ -38,7 +38,7 @@ def _probe(vocab: int) -> torch.Tensor:
 def test_quantize_save_load_round_trip_is_close_to_fp32(model_dir, tmp_path, method, max_rel):
     out = quantize(model_dir, method, tmp_path / f"q-{method}", verbose=False)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
+        "config.json", "manifest.json", "model.safetensors", "tokenizer.json"]
     block = json.loads((out / "config.json").read_text())["quantization"]
     assert block["method"] == method and block["library"] == "bitsandbytes"
     assert block["version"]
@@ -200,6 +200,9 @@ def test_damaged_quantized_weights_name_the_file(model_dir, tmp_path):
     state = load_file(str(out / "model.safetensors"))
     del state["blocks.1.ffn.down.SCB"]
     save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors is damaged"):
+        load_quantized(out, "cpu")
+    (out / "manifest.json").unlink()  # without one, the missing tensor is named
     with pytest.raises(ModelFolderError, match=r"model\.safetensors.*blocks\.1\.ffn\.down"):
         load_quantized(out, "cpu")
 

@@ -1,12 +1,51 @@
-"""Atomic writes: a model folder, checkpoint or export appears whole or not at all."""
+"""Atomic writes: a model folder, checkpoint or export appears whole or not at all.
+
+Every folder written here carries ``manifest.json`` (each file's size and SHA-256),
+written last, just before the folder is renamed into place; a file written later into
+such a folder (:func:`atomic_write_file`) updates its entry. ``vesper_sdk.integrity``
+checks files against it when they are loaded.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+_CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> dict[str, int | str]:
+    """``{"size", "sha256"}`` of a file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def manifest_files(folder: Path) -> list[Path]:
+    """The files a folder's manifest covers: its regular, non-hidden top-level files."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST_NAME)
+
+
+def write_manifest(folder: Path) -> None:
+    """Write ``folder/manifest.json`` for the files in it now (the folder's last write)."""
+    entries = {p.name: file_digest(p) for p in manifest_files(folder)}
+    _write_json(folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": entries})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def _umask() -> int:
@@ -48,6 +87,8 @@ def atomic_write_folder(directory: str | Path, files: dict[str, bytes | Path] | 
                 shutil.copy2(content, tmp / name)
         if writer is not None:
             writer(tmp)
+        (tmp / MANIFEST_NAME).unlink(missing_ok=True)  # a copied one would be stale
+        write_manifest(tmp)
         for item in tmp.iterdir():
             if item.is_file():
                 item.chmod(0o666 & ~mask)  # some writers (safetensors) make 0600 files
@@ -81,4 +122,19 @@ def atomic_write_file(path: str | Path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    manifest = path.parent / MANIFEST_NAME
+    if path.name != MANIFEST_NAME and not path.name.startswith(".") and manifest.is_file():
+        _update_manifest(manifest, path)
     return path
+
+
+def _update_manifest(manifest: Path, path: Path) -> None:
+    """Record the file just written in its folder's manifest (a folder written whole
+    has one; a file added or rewritten later must not look damaged)."""
+    try:
+        data = json.loads(manifest.read_text())
+        files = data["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a damaged manifest stays damaged: verifying it says so
+    files[path.name] = file_digest(path)
+    _write_json(manifest, data)

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("vesper_sdk.demo.app", "DemoOptions",
              "the Gradio chat demo with per-token confidence"),
     "bench": ("vesper_sdk.bench", "BenchOptions", "run the benchmark suite"),
+    "verify": ("vesper_sdk.verify", "VerifyOptions",
+               "check a model folder, checkpoint or export for damaged files"),
 }
 
 
@@ -118,7 +120,7 @@ def build_parser(only: str | None = None, prog: str | None = None,
     parser = argparse.ArgumentParser(
         prog="vesper",
         description="VesperLM from training to deployment: train, generate, eval, calibrate, "
-                    "quantize, export, serve, demo, bench. `vesper COMMAND --help` for a "
+                    "quantize, export, serve, demo, bench, verify. `vesper COMMAND --help` for a "
                     "command's options.")
     parser.add_argument("--version", action="version", version=f"vesper-sdk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .integrity import verify_file
+
 # hidden size / layers / heads / FFN width, as in the seed.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=256, num_layers=6, num_heads=4, ffn_hidden_size=1024),
@@ -149,6 +151,8 @@ class VesperConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> VesperConfig:
         path = Path(path)
+        if path.is_file():
+            verify_file(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -157,7 +161,7 @@ class VesperConfig:
                 "(write one with model.save_pretrained(dir) or `vesper train`)."
                 + run_folder_hint(path.parent)
             ) from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc}); the file is damaged, "
                               "restore it or re-save the model") from None
         if not isinstance(data, dict):

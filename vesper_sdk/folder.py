@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ConfigError, VesperConfig, run_folder_hint
+from .integrity import verify_file
 from .model.files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -62,6 +63,7 @@ class ModelFolder:
         path = self.path / CONFIG_NAME
         if not path.is_file():
             return {}
+        verify_file(path)
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .atomic import atomic_write_file
+from .integrity import verify_file
 
 TOKENIZER_NAME = "tokenizer.json"
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -89,6 +90,7 @@ class VesperTokenizer:
             raise TokenizerError(
                 f"{path} is missing: pass a tokenizer.json or a model folder that has one "
                 "(vesper train writes it beside the weights)")
+        verify_file(path)
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..integrity import ModelFolderError, verify_file
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-
-class ModelFolderError(RuntimeError):
-    """A model folder is missing a file, or a file is damaged or does not match config.json."""
-
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ModelFolderError", "load_state_checked",
+           "load_weights"]
 
 
 def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -25,6 +25,7 @@ def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[s
         raise ModelFolderError(
             f"{path} is missing: the model folder has config.json but no weights; "
             "re-save the model (model.save_pretrained) or point at the right folder")
+    verify_file(path)
     try:
         return load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:

@@ -11,8 +11,10 @@ A checkpoint is a folder ``<run>/checkpoints/step-00000020/``:
   scheduler and grad-scaler state, best validation loss, and the RNG states (python,
   numpy, torch, CUDA) of every rank.
 
-The folder is assembled aside and renamed into place (``atomic_write_folder``), so a crash
-or a kill mid-write leaves the previous checkpoints intact and no half-written one.
+The folder is assembled aside and renamed into place (``atomic_write_folder``), with a
+``manifest.json`` of every file's size and SHA-256 written last, so a crash or a kill
+mid-write leaves the previous checkpoints intact and no half-written one; a file damaged
+afterwards is found before anything is loaded from it (``latest_intact_checkpoint``).
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_write_file, atomic_write_folder
 from ..folder import CONFIG_NAME, WEIGHTS_NAME, load_state_checked, load_weights
+from ..integrity import ModelFolderError, require_intact
 from ..model import VesperLM
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -140,6 +144,64 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (a damaged file), or None.
+
+    Every file against the manifest, then the small files parsed and the tensor files'
+    headers read: what loading it would meet, without building a model.
+    """
+    try:
+        require_intact(path)
+        read_trainer_state(path)
+        _read_json(path / OPTIMIZER_JSON)
+        for name in (WEIGHTS_NAME, OPTIMIZER_TENSORS):
+            with safe_open(str(path / name), framework="pt") as fh:
+                fh.keys()
+    except (ModelFolderError, CheckpointError) as exc:
+        return str(exc)
+    except Exception as exc:  # safetensors' own error types: a header that does not parse
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def latest_intact_checkpoint(root: str | Path, log: Callable[[str], None] = print,
+                             ) -> Path | None:
+    """The newest checkpoint under ``root`` whose files are intact; each newer one that is
+    damaged is named, with why, and skipped."""
+    for step, path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log(f"resume: skipping the checkpoint of step {step} ({path.name}), it is damaged: "
+            f"{problem}")
+    return None
+
+
+def remove_orphans(*folders: Path) -> list[Path]:
+    """Delete what an interrupted atomic write left behind (``.NAME.tmp-*``, ``.NAME.old-*``
+    folders and files) in ``folders``; the paths removed."""
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged or missing ({exc}); resume from an earlier "
+                              "checkpoint (delete this folder) or start afresh") from None
+
+
 def best_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint with the lowest validation loss so far (``best.json``), if any."""
     path = Path(root) / BEST_JSON
@@ -202,12 +264,24 @@ def save_checkpoint(path: str | Path, model: VesperLM, optimizer: torch.optim.Op
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     """The trainer state of a checkpoint (tensors restored), without touching a model."""
     path = Path(path)
+    structure = _read_json(path / STATE_JSON)
+    tensors = _load_tensors(path / STATE_TENSORS)
     try:
-        tensors = load_file(str(path / STATE_TENSORS))
-        return unflatten_state(json.loads((path / STATE_JSON).read_text()), tensors)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged ({exc}); resume from an earlier "
-                              "one (delete this folder) or start afresh") from None
+        return unflatten_state(structure, tensors)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / STATE_JSON} does not match "
+                              f"{path / STATE_TENSORS} ({exc}); resume from an earlier "
+                              "checkpoint (delete this folder) or start afresh") from None
+
+
+def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file, its damage named by file."""
+    try:
+        return load_file(str(path), device=device)
+    except Exception as exc:  # SafetensorError, OSError, ... : all mean a damaged file
+        raise CheckpointError(f"{path} is damaged or missing ({type(exc).__name__}: {exc}); "
+                              "resume from an earlier checkpoint (delete this folder) or "
+                              "start afresh") from None
 
 
 def load_checkpoint(path: str | Path, model: VesperLM,
@@ -219,11 +293,19 @@ def load_checkpoint(path: str | Path, model: VesperLM,
     state = read_trainer_state(path)
     load_state_checked(model, load_weights(path / WEIGHTS_NAME, map_location), path)
     if optimizer is not None:
-        meta = json.loads((path / OPTIMIZER_JSON).read_text())
+        meta = _read_json(path / OPTIMIZER_JSON)
+        if not isinstance(meta, dict) or "class" not in meta or "state_dict" not in meta:
+            raise CheckpointError(f"{path / OPTIMIZER_JSON} is damaged (no optimizer class "
+                                  "and state); resume from an earlier checkpoint")
         if meta["class"] != type(optimizer).__name__:
             warn(f"checkpoint {path.name} holds {meta['class']} state but this run uses "
                  f"{type(optimizer).__name__}: starting the optimizer afresh")
         else:
-            tensors = load_file(str(path / OPTIMIZER_TENSORS), device=str(map_location))
-            optimizer.load_state_dict(unflatten_state(meta["state_dict"], tensors))
+            tensors = _load_tensors(path / OPTIMIZER_TENSORS, str(map_location))
+            try:
+                optimizer.load_state_dict(unflatten_state(meta["state_dict"], tensors))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{path / OPTIMIZER_JSON} does not match the optimizer "
+                                      f"or its tensors ({exc}); resume from an earlier "
+                                      "checkpoint") from None
     return state

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..integrity import ModelFolderError, require_intact
 from ..tokenizer import TOKENIZER_NAME
 from . import checkpoint as ckpt
 from .data import write_json
@@ -43,6 +44,12 @@ def run(opts: TrainOptions, log: Callable[[str], None] | None = None) -> TrainRe
     stop request), save, and report."""
     tr = Trainer(opts, log=log)
     tr.setup()
+    if _already_finished(tr):
+        tr.log(f"resume: this run already finished at step {tr.step} and its model is in "
+               f"{tr.out_dir / MODEL_DIRNAME}: nothing to do (nothing was changed)")
+        curve = tr.out_dir / "loss_curve.png"
+        return _result(tr, tr.out_dir / MODEL_DIRNAME, False, None,
+                       curve if curve.is_file() else None)
     _open_records(tr)
     tr.stop.install()
     interrupted = False
@@ -145,6 +152,22 @@ def _interval_row(tr: Trainer, interval: list[dict[str, float]],
             "skipped": tr.skipped, key: mem}
 
 
+def _already_finished(tr: Trainer) -> bool:
+    """Resumed from the run's last step, and its model folder is there and intact."""
+    model_dir = tr.out_dir / MODEL_DIRNAME
+    if tr.resume_from is None or tr.step < tr.max_steps or not model_dir.is_dir():
+        return False
+    try:
+        require_intact(model_dir)
+    except ModelFolderError as exc:
+        tr.log(f"resume: the run finished but its model folder is damaged ({exc}); writing "
+               "it again from the last checkpoint")
+        return False
+    if tr.dist.owns_group:
+        dist.destroy_process_group()
+    return True
+
+
 def _finish(tr: Trainer, interrupted: bool, last_ckpt: Path | None) -> TrainResult:
     model_dir = None if interrupted else tr.out_dir / MODEL_DIRNAME
     if model_dir is not None and tr.opts.calibrate:
@@ -161,11 +184,18 @@ def _finish(tr: Trainer, interrupted: bool, last_ckpt: Path | None) -> TrainResu
     tr.dist.barrier()
     if tr.dist.owns_group:
         dist.destroy_process_group()
-    rows = read_metrics(tr.metrics_path) if tr.dist.main else []
-    speeds = [r["tok_s"] for r in rows if "tok_s" in r]
-    final_loss = tr.history[-1]["loss"] if tr.history else None
     if interrupted:
         tr.log(f"stopped at step {tr.step}; resume with resume=True (--resume)")
+    return _result(tr, model_dir, interrupted, last_ckpt, curve)
+
+
+def _result(tr: Trainer, model_dir: Path | None, interrupted: bool, last_ckpt: Path | None,
+            curve: Path | None) -> TrainResult:
+    rows = read_metrics(tr.metrics_path) if tr.dist.main else []
+    speeds = [r["tok_s"] for r in rows if "tok_s" in r]
+    # This session's last loss, else the last one the run recorded (a resumed, finished run).
+    losses = [r["loss"] for r in rows if "loss" in r and r.get("step", 0) <= tr.step]
+    final_loss = tr.history[-1]["loss"] if tr.history else (losses[-1] if losses else None)
     return TrainResult(
         model_dir=model_dir, out_dir=tr.out_dir, steps=tr.step, final_loss=final_loss,
         metrics={k: v for k, v in tr.last_val.items() if k != "step"},

@@ -124,8 +124,18 @@ class Trainer:
         opts = self.opts
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.resume_from = ckpt.latest_checkpoint(self.ckpt_root) if opts.resume else None
+        if self.dist.main:
+            # What a killed write left behind (a half-assembled checkpoint or model folder).
+            for orphan in ckpt.remove_orphans(self.ckpt_root, self.out_dir):
+                self.log(f"removed {orphan}, left by an interrupted write")
+        self.dist.barrier()
+        self.resume_from = (ckpt.latest_intact_checkpoint(self.ckpt_root, self.log)
+                            if opts.resume else None)
         if opts.resume and self.resume_from is None:
+            if ckpt.list_checkpoints(self.ckpt_root):
+                raise ckpt.CheckpointError(
+                    f"every checkpoint in {self.ckpt_root} is damaged (listed above): restore "
+                    "one from a backup, or delete them to start afresh")
             self.log(f"resume: no checkpoint in {self.ckpt_root}, starting afresh")
         if not opts.resume and ckpt.list_checkpoints(self.ckpt_root):
             # Mixing two runs' checkpoints and metrics in one folder would make "latest",
