@@ -38,13 +38,20 @@ def manifest_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST_NAME)
 
 
+def manifest_checksum(files: dict) -> str:
+    """The manifest's own checksum over its entries: damage to the manifest itself is then
+    told apart from damage to a file it lists."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(folder: Path) -> None:
     """Write ``folder/manifest.json`` for the files in it now (the folder's last write)."""
     entries = {p.name: file_digest(p) for p in manifest_files(folder)}
-    _write_json(folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": entries})
+    _write_manifest(folder / MANIFEST_NAME, entries)
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_manifest(path: Path, files: dict) -> None:
+    data = {"format": MANIFEST_FORMAT, "files": files, "checksum": manifest_checksum(files)}
     atomic_write_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
@@ -68,6 +75,7 @@ def atomic_write_folder(directory: str | Path, files: dict[str, bytes | Path] | 
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    clean_orphans(directory.parent, directory.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     # mkdtemp/mkstemp make private 0700/0600 entries; a saved model follows the user's umask
     # like any other file, so the rest of a team can read it.
@@ -107,6 +115,34 @@ def atomic_write_folder(directory: str | Path, files: dict[str, bytes | Path] | 
     return directory
 
 
+def clean_orphans(parent: str | Path, name: str | None = None) -> list[Path]:
+    """Undo what a killed :func:`atomic_write_folder` left in ``parent`` (for the folder
+    ``name`` only, or every one): a ``.NAME.tmp-*`` being assembled is deleted; a
+    ``.NAME.old-*`` moved aside is renamed back when ``NAME`` is missing (the kill fell
+    between the two renames) and deleted otherwise. Returns what it removed or restored."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    done = []
+    for p in sorted(parent.iterdir()):
+        base, sep, _ = p.name[1:].rpartition(".tmp-")
+        kind = "tmp" if sep else None
+        if not sep:
+            base, sep, _ = p.name[1:].rpartition(".old-")
+            kind = "old" if sep else None
+        if not p.name.startswith(".") or kind is None or (name is not None and base != name):
+            continue
+        target = parent / base
+        if kind == "old" and not target.exists():
+            os.rename(p, target)  # the previous version, complete: it comes back
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(p)
+    return done
+
+
 def atomic_write_file(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -132,9 +168,8 @@ def _update_manifest(manifest: Path, path: Path) -> None:
     """Record the file just written in its folder's manifest (a folder written whole
     has one; a file added or rewritten later must not look damaged)."""
     try:
-        data = json.loads(manifest.read_text())
-        files = data["files"]
+        files = json.loads(manifest.read_text())["files"]
+        files[path.name] = file_digest(path)
     except (OSError, ValueError, KeyError, TypeError):
         return  # a damaged manifest stays damaged: verifying it says so
-    files[path.name] = file_digest(path)
-    _write_json(manifest, data)
+    _write_manifest(manifest, files)

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .atomic import MANIFEST_NAME, file_digest
+from .atomic import MANIFEST_NAME, file_digest, manifest_checksum
 
 
 class ModelFolderError(RuntimeError):
@@ -40,6 +40,8 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]] | None:
                 isinstance(e, dict) and isinstance(e.get("size"), int)
                 and isinstance(e.get("sha256"), str) for e in files.values()):
             raise ValueError("unexpected layout")
+        if "checksum" in data and data["checksum"] != manifest_checksum(files):
+            raise ValueError("its own checksum does not match its entries")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ModelFolderError(f"{path} is damaged ({exc}): the folder's integrity cannot be "
                                "checked; restore the folder from a copy or re-save it"

@@ -177,23 +177,6 @@ def latest_intact_checkpoint(root: str | Path, log: Callable[[str], None] = prin
     return None
 
 
-def remove_orphans(*folders: Path) -> list[Path]:
-    """Delete what an interrupted atomic write left behind (``.NAME.tmp-*``, ``.NAME.old-*``
-    folders and files) in ``folders``; the paths removed."""
-    removed = []
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes())

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import clean_orphans
 from ..model import VesperLM
 from ..model.metahead import metahead_loss
 from . import checkpoint as ckpt
@@ -126,8 +127,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.main:
             # What a killed write left behind (a half-assembled checkpoint or model folder).
-            for orphan in ckpt.remove_orphans(self.ckpt_root, self.out_dir):
-                self.log(f"removed {orphan}, left by an interrupted write")
+            for orphan in [*clean_orphans(self.ckpt_root), *clean_orphans(self.out_dir)]:
+                self.log(f"cleaned up {orphan.name}, left by an interrupted write")
         self.dist.barrier()
         self.resume_from = (ckpt.latest_intact_checkpoint(self.ckpt_root, self.log)
                             if opts.resume else None)
@@ -217,11 +218,13 @@ class Trainer:
         cache = self.cache
         report = cache.report
         self.log(f"data: {report.summary()}")
-        if self.dist.main:
-            write_json(self.out_dir / "data_report.json",
-                       {**report.to_dict(), "num_tokens": cache.num_tokens,
-                        "num_target_tokens": cache.meta["num_target_tokens"],
-                        "cache": str(cache.path), "rebuilt": cache.rebuilt})
+        path = self.out_dir / "data_report.json"
+        data = {**report.to_dict(), "num_tokens": cache.num_tokens,
+                "num_target_tokens": cache.meta["num_target_tokens"],
+                "cache": str(cache.path)}
+        # Rewritten only when it says something new (a resumed run must not touch it).
+        if self.dist.main and (not path.is_file() or _json_or_none(path) != data):
+            write_json(path, data)
 
     # --- checkpoints -----------------------------------------------------------------
     def _trainer_state(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -289,9 +292,11 @@ class Trainer:
         self.log(f"resume: continuing from {path} (step {self.step})")
         if self.dist.main and self.metrics_path.is_file():
             # Rows past the checkpoint would be written again: drop them.
-            rows = [ln for ln in self.metrics_path.read_text().splitlines()
+            lines = self.metrics_path.read_text().splitlines()
+            rows = [ln for ln in lines
                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+            if rows != lines:
+                self.metrics_path.write_text("".join(r + "\n" for r in rows))
 
     # --- evaluation ------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -451,3 +456,10 @@ class Trainer:
                 f"in a row (last loss {loss}). Likely causes, most likely first: "
                 + "; ".join(causes) + f". The last good checkpoint, if any, is in "
                 f"{self.ckpt_root} (resume=True continues from it).")
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
