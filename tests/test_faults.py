@@ -22,8 +22,8 @@ import vesper_sdk as vs
 from vesper_sdk.atomic import MANIFEST_NAME, clean_orphans
 from vesper_sdk.integrity import ModelFolderError, forget_verified
 from vesper_sdk.training import TrainOptions
-from vesper_sdk.training import run as run_training
 from vesper_sdk.training import checkpoint as ckpt
+from vesper_sdk.training import run as run_training
 
 RUN = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_hidden_size=128, vocab_size=384,
            builtin_examples=300, progress=False, eval_batches=2, calibrate=False, seq_len=32,
