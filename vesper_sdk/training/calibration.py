@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,27 @@ from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
 from .data import DataSource
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-MIN_TOKENS = 100
+# Below these the fit is noise or undefined (the cross-validation that picks the penalty
+# needs a group in each of its folds; with fewer its log loss is NaN), so the MetaHead
+# keeps the confidence it has. (All tokens right, or all wrong, is a valid fit: the
+# confidence learns to say so.)
+MIN_TOKENS = 100  # scored held-out tokens
+MIN_GROUPS = 5  # questions / documents / validation blocks: the cross-validation's folds
+
+
+class CalibrationWarning(UserWarning):
+    """The MetaHead's confidence was not refit: too little held-out data to fit on."""
+
+
+def shortfall(tokens: int, groups: int) -> str | None:
+    """What the held-out data lacks for a confidence fit (None: enough), in words."""
+    need = (f"a fit needs at least {MIN_TOKENS} scored tokens in at least {MIN_GROUPS} "
+            "groups: documents, questions or validation blocks")
+    if tokens < MIN_TOKENS:
+        return f"{tokens} scored token(s): fewer than {MIN_TOKENS} scored tokens ({need})"
+    if groups < MIN_GROUPS:
+        return f"{tokens} scored tokens in only {groups} group(s) ({need})"
+    return None
 
 
 def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], groups: Sequence[int],
@@ -76,16 +97,35 @@ def skills_batches(tokenizer: VesperTokenizer, examples: int, seed: int, seq_len
     return pack(encoded, groups, seq_len, batch_size)
 
 
-@torch.no_grad()
 def refit_confidence(model: VesperLM, batches: Iterator[Batch], eos_id: int,
                      autocast: Callable[[], contextlib.AbstractContextManager] =
-                     contextlib.nullcontext) -> dict[str, float] | None:
+                     contextlib.nullcontext,
+                     warn: Callable[[str], None] | None = None) -> dict[str, float] | None:
     """Refit ``model``'s confidence row on the scored tokens of ``batches`` (in place).
 
     Returns the fit's figures (tokens, groups, cross-validated log loss of the chosen
     penalty and of Platt scaling alone, ECE on these tokens before and after), or None,
-    leaving the model as it was, when fewer than 100 tokens are scored.
+    leaving the model as it was (its calibration, identity after training, included),
+    when the data is too little to fit on (:func:`shortfall`: fewer than ``MIN_TOKENS``
+    scored tokens or ``MIN_GROUPS`` groups) or the fit is not finite. Why is said through
+    ``warn`` (default: a :class:`CalibrationWarning`).
     """
+    fit, reason = _refit(model, batches, eos_id, autocast)
+    if fit is None:
+        message = (f"MetaHead calibration skipped, the confidence stays as it was: the "
+                   f"held-out data gave {reason}")
+        if warn is None:
+            warnings.warn(message, CalibrationWarning, stacklevel=2)
+        else:
+            warn(message)
+    return fit
+
+
+@torch.no_grad()
+def _refit(model: VesperLM, batches: Iterator[Batch], eos_id: int,
+           autocast: Callable[[], contextlib.AbstractContextManager],
+           ) -> tuple[dict[str, float] | None, str]:
+    """:func:`refit_confidence`'s work: (figures, "") or (None, why not)."""
     head = model.metahead
     was_training = model.training
     model.eval()
@@ -102,9 +142,14 @@ def refit_confidence(model: VesperLM, batches: Iterator[Batch], eos_id: int,
             groups.append(g[m.cpu()])
     finally:
         model.train(was_training)
-    if sum(len(c) for c in correct) < MIN_TOKENS:
-        return None
+    n = sum(len(c) for c in correct)
+    n_groups = len(torch.cat(groups).unique()) if n else 0
+    reason = shortfall(n, n_groups)
+    if reason:
+        return None, reason
     a, c, g = torch.cat(acts).double(), torch.cat(correct), torch.cat(groups)
+    if not bool(torch.isfinite(a).all()):
+        return None, f"{n} scored tokens, but non-finite MetaHead activations on them"
     # The confidence logit as it stands, its Platt scaling included.
     scale, shift = head.calibration.tolist()
     w0 = head.out.weight[0].detach().double().cpu() * scale
@@ -123,10 +168,13 @@ def refit_confidence(model: VesperLM, batches: Iterator[Batch], eos_id: int,
     }
     if not math.isinf(fit.l2):
         result["calibration_l2"] = fit.l2
+    if not (bool(torch.isfinite(new_w).all()) and math.isfinite(fit.bias)
+            and all(math.isfinite(v) for v in result.values())):
+        return None, f"{n} scored tokens, but the fit came out non-finite"
     head.out.weight[0] = new_w.to(head.out.weight)
     head.out.bias[0] = fit.bias
     head.calibration.copy_(torch.tensor([1.0, 0.0]))
-    return result
+    return result, ""
 
 
 def describe(fit: dict[str, float]) -> str:
@@ -150,7 +198,8 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
     ``seed``) or a .jsonl/.txt file or folder the model did not train on (its first
     ``examples`` documents; chats are scored on the assistant turns). The model is
     written to ``out_dir`` (default: back into ``model_dir``, atomically). Returns the
-    fit's figures. Raises ValueError when the data gives fewer than 100 tokens.
+    fit's figures. Raises ValueError, writing nothing, when the data is too little to
+    fit on (:func:`shortfall`).
     """
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else model_dir
@@ -172,10 +221,10 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
             records.append(record)
         encoded = encode_examples(tokenizer, records)
         batches = pack(encoded, range(len(encoded)), seq_len, batch_size)
-    fit = refit_confidence(model, batches, tokenizer.eos_id)
+    fit, reason = _refit(model, batches, tokenizer.eos_id, contextlib.nullcontext)
     if fit is None:
-        raise ValueError(f"{data} gave fewer than {MIN_TOKENS} scored tokens: pass more "
-                         "held-out data (more --examples, or a bigger file)")
+        raise ValueError(f"{data} gave {reason}: pass more held-out data (more --examples, "
+                         "or a bigger file); the model is left as it was")
     model.save_pretrained(out, extra_files={TOKENIZER_NAME: model_dir / TOKENIZER_NAME})
     return fit
 
@@ -214,5 +263,5 @@ def cli(opts: CalibrateOptions) -> int:
     return 0
 
 
-__all__ = ["CalibrateOptions", "calibrate", "cli", "describe", "pack", "refit_confidence",
-           "skills_batches"]
+__all__ = ["CalibrateOptions", "CalibrationWarning", "calibrate", "cli", "describe", "pack",
+           "refit_confidence", "shortfall", "skills_batches"]

@@ -14,10 +14,18 @@ What ``data=`` may name:
 - a Python iterable of strings (documents), of ``{"text": ...}`` / ``{"messages": [...]}``
   dicts, or of message lists. It is read into memory once.
 
-Malformed lines (bad JSON, a missing field, an unknown role, undecodable UTF-8) are
-skipped, counted and reported with ``file:line`` examples; a file where more than
-``max_bad_fraction`` of the lines are bad stops the run with :class:`DataError`, since
-it is almost surely the wrong file or the wrong format.
+Malformed lines (bad JSON, a missing field, an unknown role, undecodable UTF-8, a NUL
+byte, a .jsonl line over ``MAX_JSONL_LINE_BYTES`` = 128 MiB, nested deeper than
+``MAX_JSON_DEPTH`` = 64 or holding over ``MAX_JSON_VALUES`` values) are skipped, counted
+and reported with ``file:line`` examples; a file where more than ``max_bad_fraction`` of
+the lines are bad stops the run with :class:`DataError`, since it is almost surely the
+wrong file or the wrong format. So does a binary file (NUL bytes in its first 8 KiB).
+
+Memory stays bounded whatever the input: .txt files are read ``TXT_READ_BYTES`` (1 MiB)
+at a time, however long their lines and paragraphs, and no text reaches the tokenizer
+(encoding, or training one) in a piece longer than ``PIECE_CHARS`` (64 Ki) characters;
+pieces end before a space that starts a word, where the tokenizer splits anyway, so the
+tokens are those of the whole text (see :func:`split_text`).
 
 Every document becomes ``<|bos|> ... <|eos|>`` (text) or the chat template; the token
 ids and a per-token loss mask are written once into ``cache_dir/tokens-<key>/`` (numpy
@@ -33,7 +41,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,156 +50,30 @@ import torch
 
 from .. import skills
 from ..atomic import atomic_write_file, atomic_write_folder
-from ..tokenizer import ROLE_TOKENS, VesperTokenizer
+from ..tokenizer import VesperTokenizer
+from . import reading
+from .reading import (
+    BUILTIN,
+    DATA_SUFFIXES,
+    DataError,
+    DataReport,
+    Item,
+    Record,
+    _check_bad_fraction,
+    _Piece,
+    _read_jsonl,
+    _read_txt,
+    _text_pieces,
+    parse_record,
+    split_text,
+)
 
 CACHE_VERSION = 1
-DATA_SUFFIXES = (".txt", ".jsonl")
-BUILTIN = ("builtin:skills",)
-MAX_EXAMPLES = 8  # bad-line examples kept for the report
 
-Record = str | list[dict[str, str]]  # a text document or a chat
-
-
-class DataError(ValueError):
-    """The training data cannot be used as given; the message names the file and the fix."""
-
-
-@dataclass
-class DataReport:
-    """What reading the data found: documents, chats, and the malformed lines skipped."""
-
-    files: int = 0
-    texts: int = 0
-    chats: int = 0
-    bad: int = 0
-    examples: list[str] = field(default_factory=list)
-
-    @property
-    def documents(self) -> int:
-        return self.texts + self.chats
-
-    def add_bad(self, where: str, reason: str) -> None:
-        self.bad += 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"{where}: {reason}")
-
-    def summary(self) -> str:
-        """One line, plus the bad-line examples when there are any."""
-        line = (f"{self.documents} documents ({self.texts} texts, {self.chats} chats) "
-                f"from {self.files or 'in-memory'} source(s)")
-        if self.bad:
-            line += f"; skipped {self.bad} malformed line(s), e.g.\n  " + "\n  ".join(
-                self.examples)
-        return line
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (stored in the token cache's meta.json)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DataReport:
-        return cls(**data)
-
-
-# ----------------------------------------------------------------------------- parsing
-def parse_record(obj: Any) -> tuple[Record | None, str | None]:
-    """(record, None) for a usable item, or (None, reason) for a malformed one."""
-    if isinstance(obj, str):
-        return (obj, None) if obj.strip() else (None, "empty text")
-    if isinstance(obj, list):
-        obj = {"messages": obj}
-    if not isinstance(obj, dict):
-        return None, f"expected an object with 'text' or 'messages', got {type(obj).__name__}"
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            return None, "'messages' must be a non-empty list"
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
-                return None, f"message {i} needs a string 'content'"
-            if msg.get("role") not in ROLE_TOKENS:
-                return None, (f"message {i} has role {msg.get('role')!r}; use one of "
-                              f"{', '.join(ROLE_TOKENS)}")
-        if not any(m["role"] == "assistant" for m in messages):
-            return None, "no assistant message (nothing to learn from)"
-        return [{"role": m["role"], "content": m["content"]} for m in messages], None
-    if "text" in obj:
-        text = obj["text"]
-        if not isinstance(text, str):
-            return None, f"'text' must be a string, got {type(text).__name__}"
-        return (text, None) if text.strip() else (None, "empty text")
-    return None, "no 'text' or 'messages' field"
-
-
-def _check_bad_fraction(where: str, good: int, bad: int, max_bad_fraction: float,
-                        report: DataReport) -> None:
-    total = good + bad
-    if bad and bad > max_bad_fraction * total:
-        examples = "\n  ".join(e for e in report.examples if e.startswith(where)) or "-"
-        raise DataError(
-            f"{where}: {bad} of {total} lines are malformed (more than "
-            f"{max_bad_fraction:.0%}), so this is probably the wrong file or format. "
-            f"Examples:\n  {examples}\nExpected .jsonl lines like {{\"text\": \"...\"}} or "
-            "{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]}, or plain .txt")
-
-
-def _read_jsonl(path: Path, report: DataReport, max_bad_fraction: float) -> Iterator[Record]:
-    good = bad = 0
-    try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                record, reason = None, "not valid UTF-8"
-            except json.JSONDecodeError as exc:
-                record, reason = None, f"invalid JSON ({exc.msg} at column {exc.colno})"
-            else:
-                record, reason = parse_record(obj)
-            if record is None:
-                bad += 1
-                report.add_bad(where, reason or "unusable")
-                continue
-            good += 1
-            yield record
-    _check_bad_fraction(str(path), good, bad, max_bad_fraction, report)
-
-
-def _read_txt(path: Path, report: DataReport, split: str, max_bad_fraction: float,
-              ) -> Iterator[str]:
-    good = bad = 0
-    lines: list[str] = []
-    try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                bad += 1
-                report.add_bad(f"{path}:{lineno}", "not valid UTF-8")
-                continue
-            if line.strip():
-                good += 1
-            elif split == "paragraph":
-                if lines:
-                    yield "\n".join(lines)
-                lines = []
-                continue
-            lines.append(line)
-    _check_bad_fraction(str(path), good, bad, max_bad_fraction, report)
-    text = "\n".join(lines)
-    if text.strip():
-        yield text
-
+__all__ = ["BUILTIN", "DATA_SUFFIXES", "BlockSampler", "DataError", "DataReport", "DataSource",
+           "Record", "TokenCache", "build_token_cache", "cache_key", "get_batch",
+           "open_token_cache", "parse_record", "split_blocks", "split_text", "train_tokenizer",
+           "write_json"]
 
 # ----------------------------------------------------------------------------- sources
 class DataSource:
@@ -257,7 +139,24 @@ class DataSource:
         return h.hexdigest()
 
     def records(self) -> Iterator[Record]:
-        """Usable documents in order; malformed ones are counted in ``self.report``."""
+        """Usable documents in order, whole; malformed ones are counted in ``self.report``.
+
+        Each document is held in memory whole; training reads :meth:`items` instead,
+        which streams long texts in bounded pieces.
+        """
+        parts: list[str] = []
+        for item in self.items_stream():
+            if isinstance(item, _Piece):
+                parts.append(item.text)
+                if item.last:
+                    yield "".join(parts)
+                    parts = []
+            else:
+                yield item
+
+    def items_stream(self) -> Iterator[Item]:
+        """The documents in order, texts as :class:`_Piece` s of at most ``PIECE_CHARS``
+        characters (see :func:`split_text`), chats whole; fills ``self.report``."""
         self.report = report = DataReport(files=len(self.files))
         if self.kind == "builtin":
             for ex in skills.generate(self.builtin_examples, self.seed):
@@ -273,34 +172,39 @@ class DataSource:
                     report.add_bad(f"item {i}", reason or "unusable")
                     continue
                 good += 1
-                _count(report, record)
-                yield record
+                yield from _counted(report, record)
             _check_bad_fraction("<python data>", good, bad, self.max_bad_fraction, report)
             return
         for path in self.files:
             if path.suffix == ".jsonl":
-                it: Iterator[Record] = _read_jsonl(path, report, self.max_bad_fraction)
+                for record in _read_jsonl(path, report, self.max_bad_fraction):
+                    yield from _counted(report, record)
             else:
-                it = _read_txt(path, report, self.txt_split, self.max_bad_fraction)
-            for record in it:
-                _count(report, record)
-                yield record
+                for piece in _read_txt(path, report, self.txt_split, self.max_bad_fraction):
+                    report.texts += piece.first
+                    yield piece
 
     def texts(self) -> Iterator[str]:
-        """The raw strings (texts and message contents), for training a tokenizer."""
-        for record in self.records():
-            if isinstance(record, str):
-                yield record
+        """The raw strings (texts and message contents) in pieces of at most
+        ``PIECE_CHARS`` characters, for training a tokenizer (whose word counts do not
+        change where a piece ends at a space before a word; see :func:`split_text`)."""
+        for item in self.items_stream():
+            if isinstance(item, _Piece):
+                if item.text:
+                    yield item.text
             else:
-                for msg in record:
-                    yield msg["content"]
+                for msg in item:
+                    yield from split_text(msg["content"])
 
 
-def _count(report: DataReport, record: Record) -> None:
+def _counted(report: DataReport, record: Record) -> Iterator[Item]:
+    """A whole record as stream items (a text in pieces), counted in ``report``."""
     if isinstance(record, str):
         report.texts += 1
+        yield from _text_pieces(record)
     else:
         report.chats += 1
+        yield record
 
 
 def _resolve_files(path: Path) -> list[Path]:
@@ -377,30 +281,72 @@ def cache_key(source: DataSource, tokenizer: VesperTokenizer) -> str:
     return h.hexdigest()
 
 
-def _encode_records(records: Iterable[Record], tokenizer: VesperTokenizer, chunk: int = 512,
-                    ) -> Iterator[tuple[list[int], list[int]]]:
-    # Texts are encoded in batches (the Rust tokenizer parallelises them); chats go
-    # through encode_chat, the one definition of the chat template and its loss mask.
+def _encode_items(items: Iterable[Item], tokenizer: VesperTokenizer,
+                  batch_chars: int | None = None, batch_items: int = 512,
+                  ) -> Iterator[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) for the stream of :meth:`DataSource.items_stream`, in
+    bounded parts: a text piece's ids (with <|bos|> before a document's first piece and
+    <|eos|> after its last), a chat's template, or parts of a chat with a long message.
+
+    Text pieces are encoded in batches of about ``batch_chars`` characters (default
+    ``reading.ENCODE_BATCH_CHARS``; the Rust tokenizer parallelises them); chats go
+    through ``encode_chat``, the one definition of the chat template and its loss mask.
+    """
+    batch_chars = reading.ENCODE_BATCH_CHARS if batch_chars is None else batch_chars
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    buf: list[Record] = []
+    buf: list[Item] = []
+    chars = 0
 
     def flush() -> Iterator[tuple[list[int], list[int]]]:
-        texts = [r for r in buf if isinstance(r, str)]
+        texts = [p.text for p in buf if isinstance(p, _Piece)]
         encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
-        for r in buf:
-            if isinstance(r, str):
+        for item in buf:
+            if isinstance(item, _Piece):
                 ids = next(encoded)
-                yield [bos, *ids, eos], [0] + [1] * (len(ids) + 1)
-            else:
-                enc = tokenizer.encode_chat(r)
+                ids = ([bos] if item.first else []) + ids + ([eos] if item.last else [])
+                yield ids, [0] * item.first + [1] * (len(ids) - item.first)
+            elif all(len(m["content"]) <= reading.PIECE_CHARS for m in item):
+                enc = tokenizer.encode_chat(item)
                 yield enc.ids, enc.loss_mask
+            else:
+                yield from _encode_long_chat(item, tokenizer, batch_chars)
         buf.clear()
 
-    for record in records:
-        buf.append(record)
-        if len(buf) >= chunk:
+    for item in items:
+        buf.append(item)
+        chars += (len(item.text) if isinstance(item, _Piece)
+                  else sum(len(m["content"]) for m in item))
+        if chars >= batch_chars or len(buf) >= batch_items:
             yield from flush()
+            chars = 0
     yield from flush()
+
+
+def _encode_long_chat(messages: list[dict[str, str]], tokenizer: VesperTokenizer,
+                      batch_chars: int) -> Iterator[tuple[list[int], list[int]]]:
+    """``encode_chat`` of a chat with a message too long to encode at once: the template
+    comes from ``encode_chat`` on the empty messages (<|bos|>, then per message its role
+    token and <|eos|>), each content is encoded in pieces and goes before its <|eos|>,
+    masked as that <|eos|> is."""
+    skeleton = tokenizer.encode_chat([{**m, "content": ""} for m in messages])
+    ids, mask = skeleton.ids, skeleton.loss_mask
+    if len(ids) != 1 + 2 * len(messages):  # a template of another shape: encode whole
+        enc = tokenizer.encode_chat(messages)
+        yield enc.ids, enc.loss_mask
+        return
+    yield ids[:1], mask[:1]
+    for i, msg in enumerate(messages):
+        role, end = 1 + 2 * i, 2 + 2 * i
+        yield ids[role:role + 1], mask[role:role + 1]
+        batch: list[str] = []
+        for piece in [*split_text(msg["content"]), None]:
+            if piece is not None:
+                batch.append(piece)
+            if batch and (piece is None or sum(map(len, batch)) >= batch_chars):
+                for piece_ids in tokenizer.encode_batch(batch):
+                    yield piece_ids, [mask[end]] * len(piece_ids)
+                batch = []
+        yield ids[end:end + 1], mask[end:end + 1]
 
 
 def build_token_cache(source: DataSource, tokenizer: VesperTokenizer, cache_dir: str | Path,
@@ -419,7 +365,7 @@ def build_token_cache(source: DataSource, tokenizer: VesperTokenizer, cache_dir:
     def write(tmp: Path) -> None:
         n_tokens = n_targets = 0
         with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
-            for ids, mask in _encode_records(source.records(), tokenizer):
+            for ids, mask in _encode_items(source.items_stream(), tokenizer):
                 np.asarray(ids, dtype=dtype).tofile(ft)
                 np.asarray(mask, dtype=np.uint8).tofile(fm)
                 n_tokens += len(ids)

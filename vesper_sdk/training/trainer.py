@@ -29,7 +29,7 @@ from ..model import VesperLM
 from ..model.metahead import metahead_loss
 from . import checkpoint as ckpt
 from .build import build_model, build_optimizer, load_tokenizer
-from .calibration import MIN_TOKENS, describe, refit_confidence, skills_batches
+from .calibration import describe, refit_confidence, skills_batches
 from .data import BlockSampler, DataSource, build_token_cache, get_batch, split_blocks, write_json
 from .distributed import init_distributed, process_device, sum_rank_loads, wrap_ddp
 from .evaluation import evaluate_blocks
@@ -339,14 +339,12 @@ class Trainer:
         """Refit the MetaHead's confidence on held-out tokens (:mod:`.calibration`).
 
         Every rank computes the same fit from the same data, so no exchange is needed.
-        Returns the fit's figures, or None when there are too few tokens to fit on.
+        Returns the fit's figures, or None when the held-out data is too little to fit on
+        (the fit says why, in the log; the MetaHead keeps the confidence it has).
         """
         fit = refit_confidence(self.raw_model, self._calibration_batches(),
-                               self.tokenizer.eos_id, self._autocast)
-        if fit is None:
-            self.log(f"calibration skipped: fewer than {MIN_TOKENS} held-out "
-                     "tokens")
-        else:
+                               self.tokenizer.eos_id, self._autocast, warn=self.log)
+        if fit is not None:
             self.log(describe(fit))
         return fit
 
