@@ -49,10 +49,12 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
     out = tmp_path / "report"
     assert cli.main(["eval", str(model_dir), "--data", "builtin:skills", "--out-dir", str(out),
                      "--max-examples", "40", "--skills-questions", "6",
-                     "--max-answer-tokens", "4", "--device", "cpu"]) == 0
+                     "--max-answer-tokens", "4", "--device", "cpu",
+                     "--json", str(tmp_path / "full.json")]) == 0
     text = capsys.readouterr().out
     for needle in ("perplexity", "ECE (15 bins)", "AUROC", "MetaHead confidence",
-                   "max softmax prob (baseline)", "skills accuracy"):
+                   "max softmax prob (baseline)", "max softmax, recalibrated",
+                   "answers (greedy, exact match)", "answer confidence signal", "PRR"):
         assert needle in text
     png = (out / "reliability.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -72,6 +74,18 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
     assert diff["ece"] == pytest.approx(report["metahead"]["ece"] - report["max_softmax"]["ece"])
     assert "bootstrap resamples of the 40 documents" in text
     assert report["skills"]["n"] == 6 and 0.0 <= report["skills"]["accuracy"] <= 1.0
+    # The answer-level comparison, in the shape the --json report promises.
+    full = json.loads((tmp_path / "full.json").read_text())
+    ans = full["answers"]
+    assert ans["n"] == 6 and set(ans["methods"]) >= {"metahead_mean", "sequence_probability",
+                                                      "mean_token_probability",
+                                                      "min_token_probability"}
+    for m in ans["methods"].values():
+        assert {"auroc", "auroc_ci95", "prr", "ece", "selective_accuracy_80"} <= set(m)
+    d = ans["metahead_minus_best_baseline"]
+    assert d["baseline"] in ans["methods"] and not d["baseline"].startswith("metahead")
+    assert "max_softmax_calibrated" in full and full["max_softmax_calibrated"]["n"] == \
+        report["tokens"]
 
 
 def test_scores_match_a_direct_computation(model_dir, tmp_path):
@@ -142,3 +156,42 @@ def test_the_one_scorer_is_cross_entropy_and_top1_of_the_logits():
         logits.reshape(-1, 11), labels.reshape(-1), reduction="none").view(2, 5))
     assert torch.equal(s.correct, logits.argmax(-1) == labels) and bool(s.correct[0, 0])
     torch.testing.assert_close(s.top1_prob, logits.softmax(-1).amax(-1))
+
+
+def test_prr_is_one_for_an_oracle_zero_for_chance_and_negative_when_inverted() -> None:
+    from vesper_sdk.eval.answers import prr, risk_coverage, selective_accuracy
+
+    correct = np.array([1, 1, 0, 1, 0, 0, 1, 0], dtype=float)
+    assert prr(correct, correct) == pytest.approx(1.0)
+    assert prr(-correct, correct) < 0
+    rng = np.random.default_rng(0)
+    chance = [prr(rng.random(correct.size), correct) for _ in range(2000)]
+    assert abs(np.mean(chance)) < 0.05
+    assert selective_accuracy(correct, correct, 0.5) == 1.0
+    cov, risk = risk_coverage(correct, correct)
+    assert cov[-1] == 1.0 and risk[-1] == pytest.approx(0.5) and risk[0] == 0.0
+
+
+def test_answer_signals_come_from_one_forward_over_the_answer() -> None:
+    from vesper_sdk.eval.answers import signals_of
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    answer = torch.tensor([0, 2])
+    s = signals_of(logits, torch.tensor([0.9, 0.5]), answer)
+    lp = logits.log_softmax(-1)
+    assert s["metahead_mean"] == pytest.approx(0.7) and s["metahead_min"] == pytest.approx(0.5)
+    assert s["sequence_probability"] == pytest.approx(float((lp[0, 0] + lp[1, 2]).exp()))
+    assert s["min_token_probability"] == pytest.approx(float(lp[1, 2].exp()))
+    assert s["neg_max_entropy"] <= s["neg_mean_entropy"] <= 0
+
+
+def test_recalibrated_max_softmax_is_fitted_out_of_fold() -> None:
+    from vesper_sdk.eval.report import recalibrated_msp
+
+    rng = np.random.default_rng(1)
+    msp = rng.uniform(0.5, 1.0, 4000)
+    correct = (rng.random(4000) < msp ** 3).astype(float)  # over-confident softmax
+    groups = np.repeat(np.arange(400), 10)
+    fixed = recalibrated_msp(msp, correct, groups)
+    assert expected_calibration_error(fixed, correct) < expected_calibration_error(msp, correct)
+    assert auroc(fixed, correct) == pytest.approx(auroc(msp, correct), abs=0.01)  # monotone

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import skills
-from ..inference import LLM, GenerationRequest, SamplingParams, load
-from .metrics import calibration_summary, mean, paired_bootstrap
+from ..inference import LLM, load
+from .answers import METAHEAD, answer_questions, answer_report, plot_risk_coverage, questions
+from .metrics import calibration_summary, fit_platt, paired_bootstrap
 from .scorer import encode_examples, held_out_records, score_tokens
 
 
@@ -54,52 +54,48 @@ class EvalOptions:
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
     bins: int = field(default=15, metadata={"help": "equal-width bins for ECE and the diagram"})
     skills_questions: int = field(default=200, metadata={
-        "help": "held-out questions answered greedily for accuracy (builtin:skills only)"})
+        "help": "held-out questions answered greedily and graded, for accuracy and the "
+                "answer-level comparison of confidence signals (builtin:skills, or the "
+                "chats of a .jsonl whose last message is the assistant's reference answer)"})
     max_answer_tokens: int = field(default=24, metadata={
         "help": "longest answer generated per skills question"})
     seed: int = field(default=0, metadata={"help": "seed of the built-in held-out split"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    json: str | None = field(default=None, metadata={
+        "help": "also write the whole report to this JSON file"})
 
 
 # ----------------------------------------------------------------------------- data
-def skills_accuracy(lm: LLM, n: int, seed: int = 0, max_answer_tokens: int = 24,
-                    batch_size: int = 8) -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers to ``n`` held-out skills questions.
-
-    Also the answer-level calibration of the mean token confidence (is a confident answer
-    more often right?), which is what the regulator's retries rely on.
-    """
-    items = skills.held_out_tasks(n, seed)
+def skills_accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact-match accuracy of graded greedy answers (:func:`.answers.answer_questions`),
+    overall and per task."""
     per_task: dict[str, list[int]] = {}
-    rows: list[dict[str, Any]] = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        greedy = SamplingParams(max_new_tokens=max_answer_tokens, temperature=0.0)
-        reqs = [GenerationRequest(prompt=lm.tokenizer.chat_prompt_ids(msgs), params=greedy)
-                for _, msgs, _ in chunk]
-        answers: list[list[Any]] = [[] for _ in chunk]
-        for j, tok in lm.stream_batch(reqs):
-            answers[j].append(tok)
-        for (task, msgs, expected), toks in zip(chunk, answers, strict=True):
-            reply = "".join(t.text for t in toks)
-            ok = skills.is_correct(msgs[-1]["content"], reply)
-            per_task.setdefault(task, []).append(int(ok))
-            rows.append({"task": task, "question": msgs[-1]["content"], "expected": expected,
-                         "reply": reply, "correct": ok,
-                         "mean_confidence": mean([t.confidence for t in toks])})
-    correct = [r["correct"] for r in rows]
-    confs = [r["mean_confidence"] for r in rows]
-    usable = [i for i, c in enumerate(confs) if not math.isnan(c)]
-    answer_cal = calibration_summary([confs[i] for i in usable], [correct[i] for i in usable])
-    answer_cal.pop("reliability")
+    for r in rows:
+        per_task.setdefault(r["task"], []).append(int(r["correct"]))
+    correct = [int(r["correct"]) for r in rows]
     return {
         "n": len(rows),
         "accuracy": float(np.mean(correct)) if rows else float("nan"),
         "per_task": {k: {"n": len(v), "accuracy": float(np.mean(v))}
                      for k, v in sorted(per_task.items())},
-        "answer_confidence": answer_cal,
-        "examples": rows[:20],
+        "examples": [{k: r[k] for k in ("task", "question", "reference", "reply", "correct",
+                                        METAHEAD) if k in r} for r in rows[:20]],
     }
+
+
+def recalibrated_msp(msp: np.ndarray, correct: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """The max-softmax probability after Platt scaling, cross-fitted over two halves of
+    the documents (each half scaled by the fit on the other): the baseline gets a
+    calibration as the MetaHead has one, never fitted on the tokens it is scored on."""
+    logit = np.log(np.clip(msp, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(msp, 1e-7, 1 - 1e-7))
+    half = np.unique(groups, return_inverse=True)[1] % 2 == 0
+    out = np.empty_like(msp, dtype=np.float64)
+    for fit_on in (half, ~half):
+        if not fit_on.any() or fit_on.all():
+            return msp.astype(np.float64)
+        a, b = fit_platt(logit[fit_on], correct[fit_on])
+        out[~fit_on] = 1 / (1 + np.exp(-(a * logit[~fit_on] + b)))
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -107,7 +103,8 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
              out_dir: str | Path | None = None, max_examples: int = 3000,
              max_tokens: int = 50_000, seq_len: int = 512, batch_size: int = 8,
              bins: int = 15, skills_questions: int = 200, max_answer_tokens: int = 24,
-             seed: int = 0, device: str = "auto") -> dict[str, Any]:
+             seed: int = 0, device: str = "auto", json_path: str | Path | None = None,
+             ) -> dict[str, Any]:
     """Evaluate a model folder (or an ``LLM``) on ``data``; write JSON + PNG; return the report.
 
     The report has ``perplexity``, ``tokens``, ``token_accuracy``, ``metahead`` and
@@ -144,20 +141,35 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
     boot = paired_bootstrap(stats.confidence, stats.msp, stats.correct, stats.doc, bins,
                             seed=seed)
     report["metahead"]["ci95"], report["max_softmax"]["ci95"] = boot["a"], boot["b"]
+    # The baseline recalibrated too, so ECE compares like with like.
+    report["max_softmax_calibrated"] = calibration_summary(
+        recalibrated_msp(np.asarray(stats.msp), np.asarray(stats.correct),
+                         np.asarray(stats.doc)), stats.correct, bins)
     report["metahead_minus_baseline"] = {
         "ece": report["metahead"]["ece"] - report["max_softmax"]["ece"],
         "auroc": report["metahead"]["auroc"] - report["max_softmax"]["auroc"],
         "ci95": boot["a_minus_b"], "resamples": boot["resamples"],
         "documents": boot["groups"]}
-    if data == "builtin:skills" and skills_questions > 0:
-        report["skills"] = skills_accuracy(lm, skills_questions, seed, max_answer_tokens,
-                                           batch_size)
+    qs = questions(records, data, skills_questions, seed) if skills_questions > 0 else []
+    rows = answer_questions(lm, qs, max_answer_tokens, batch_size) if qs else []
     out_dir.mkdir(parents=True, exist_ok=True)
+    if rows:
+        report["skills"] = skills_accuracy(rows)
+        report["answers"] = answer_report(rows, seed=seed)
+        if report["answers"]["n"]:
+            plot_risk_coverage(rows, report["answers"], out_dir / "risk_coverage.png")
     png = out_dir / "reliability.png"
     plot_reliability(report, png)
     js = out_dir / "calibration.json"
     report["files"] = {"json": str(js), "png": str(png)}
-    js.write_text(json.dumps(_finite(report), indent=2, ensure_ascii=False) + "\n")
+    if (out_dir / "risk_coverage.png").is_file() and "answers" in report:
+        report["files"]["risk_coverage"] = str(out_dir / "risk_coverage.png")
+    text = json.dumps(_finite(report), indent=2, ensure_ascii=False) + "\n"
+    js.write_text(text)
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text)
+        report["files"]["report"] = str(json_path)
     return report
 
 
@@ -241,7 +253,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'AUROC':>22}{'Brier':>8}{'mean conf':>11}",
     ]
     for key, name in (("metahead", "MetaHead confidence"),
-                      ("max_softmax", "max softmax prob (baseline)")):
+                      ("max_softmax", "max softmax prob (baseline)"),
+                      ("max_softmax_calibrated", "max softmax, recalibrated")):
+        if key not in report:
+            continue
         s = report[key]
         ci = s.get("ci95", {})
         lines.append(f"{name:<28}{_with_ci(s['ece'], ci.get('ece')):>22}"
@@ -255,14 +270,34 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{d['documents']} documents")
     if "skills" in report:
         sk = report["skills"]
-        lines += ["", f"skills accuracy (greedy answer, exact match): {_fmt(sk['accuracy'])} "
-                      f"on {sk['n']} held-out questions; answer-confidence AUROC "
-                      f"{_fmt(sk['answer_confidence']['auroc'])}"]
-        for task, v in sk["per_task"].items():
-            lines.append(f"  {task:<24}{_fmt(v['accuracy'])}  (n={v['n']})")
+        lines += ["", f"answers (greedy, exact match): accuracy {_fmt(sk['accuracy'])} on "
+                      f"{sk['n']} held-out questions"]
+        if len(sk["per_task"]) > 1:
+            for task, v in sk["per_task"].items():
+                lines.append(f"  {task:<24}{_fmt(v['accuracy'])}  (n={v['n']})")
+    if "answers" in report:
+        lines += ["", *format_answers(report["answers"])]
     if "files" in report:
         lines += ["", f"wrote {report['files']['json']} and {report['files']['png']}"]
     return "\n".join(lines)
+
+
+def format_answers(ans: dict[str, Any]) -> list[str]:
+    """The answer-level table: each confidence signal's AUROC, PRR, ECE, selective accuracy."""
+    lines = [f"{'answer confidence signal':<26}{'AUROC':>22}{'PRR':>22}{'ECE':>8}"
+             f"{'acc@80%':>9}{'acc@90%':>9}"]
+    for name, m in ans["methods"].items():
+        lines.append(f"{name:<26}{_with_ci(m['auroc'], m.get('auroc_ci95')):>22}"
+                     f"{_with_ci(m['prr'], m.get('prr_ci95')):>22}{_fmt(m['ece']):>8}"
+                     f"{_fmt(m['selective_accuracy_80']):>9}"
+                     f"{_fmt(m['selective_accuracy_90']):>9}")
+    d = ans["metahead_minus_best_baseline"]
+    lines.append(f"MetaHead (mean) - best baseline ({d['baseline']}): AUROC "
+                 f"{_with_ci(d['auroc'], d['ci95'], 4, True)}, PRR "
+                 f"{_with_ci(d['prr'], d['prr_ci95'], 4, True)}")
+    lines.append(f"[...]: 95 % intervals from {ans['resamples']} paired bootstrap resamples of "
+                 f"the {ans['n']} questions")
+    return lines
 
 
 def cli(opts: EvalOptions) -> int:
@@ -272,6 +307,6 @@ def cli(opts: EvalOptions) -> int:
                       seq_len=opts.seq_len, batch_size=opts.batch_size, bins=opts.bins,
                       skills_questions=opts.skills_questions,
                       max_answer_tokens=opts.max_answer_tokens, seed=opts.seed,
-                      device=opts.device)
+                      device=opts.device, json_path=opts.json)
     print(format_report(report))
     return 0
