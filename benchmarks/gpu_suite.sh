@@ -25,12 +25,16 @@
 #     generate_plain  the same at batch 1, beside ours without the FFN pair and the
 #                  pipelined loop (--plain)                 (generate-plain.json in the bundle)
 #   6 bnb          bitsandbytes int8/nf4 quantize + reload + generate on the GPU -> bnb.json
+#     serve_load   benchmarks/serve_load.py through the suite: vesper serve under Poisson
+#                  load at 0.3x/1x/2x capacity, continuous vs static scheduler, 'small'
+#                  shape and demo model; about 60 s (2 s of arrivals per point)
+#                                          (serve_load.json/.png in the bundle: $OUT is full)
 #   7 train_step   benchmarks/train_step.py, medium, B=8, S=1024 (bf16, compile, SDPA) vs
 #                  seed-style; last, as its compile takes what the budget has left
 #                                                                           -> train_step.json
 #   8 ort          ONNX Runtime CUDA provider: reported, "absent" in the image -> env.json
-# Steps 4, 5 and 7 go through benchmarks/suite.py (its cuda-sized arguments), so their JSON
-# carries the command, machine, versions and date like every other result.
+# Steps 4, 5, 7 and serve_load go through benchmarks/suite.py (its cuda-sized arguments), so
+# their JSON carries the command, machine, versions and date like every other result.
 #
 # $OUT gets at most 8 files (the device returns no more): the 7 JSON files above and
 # bundle.tar.gz (every step's log, the markdown tables, SUMMARY.md, charts, steps table).
@@ -271,6 +275,15 @@ else
     why="$why (run benchmarks/fetch_gpu_wheels.sh first, and carry .whl)"
     printf '{"status": "absent", "why": "%s"}\n' "$why" >"$OUT/bnb.json"
     record bnb "absent(no wheel)" 0 "$OUT/bnb.json"
+fi
+
+# vesper serve under load (continuous vs static scheduler): through the suite like the
+# benchmarks above, but its JSON and PNG stay in the bundle ($OUT already holds 8 files).
+if wanted_step serve_load; then
+    limit=$(limit_for 80)
+    run_step serve_load "$limit" "$WORK/results/serve_load.json" \
+        "$PY" benchmarks/suite.py --only serve_load --device cuda --out-dir "$WORK/results" \
+        --no-charts --timeout $((limit > 25 ? limit - 10 : 15))
 fi
 
 bench_step train_step 200

@@ -371,6 +371,26 @@ def quantized_headline(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def serve_load_headline(result: dict[str, Any]) -> str:
+    """Per model at the saturating load: continuous vs static tokens/s and p99 TTFT."""
+    sat = [r for r in _rows(result) if r.get("load") == "saturating"]
+    parts = []
+    for model in dict.fromkeys(r.get("model") for r in sat):
+        got = {r.get("scheduler"): r for r in sat if r.get("model") == model}
+        c, s = got.get("continuous"), got.get("static")
+        if c and s and c.get("output_tok_s") and s.get("output_tok_s") and c.get("ttft_p99_ms"):
+            tput, ttft = c["output_tok_s"], c["ttft_p99_ms"]
+            parts.append(f"{model} at 1x: continuous {_short(tput)} tok/s vs static "
+                         f"{_short(s['output_tok_s'])} ({tput / s['output_tok_s']:.2f}x), "
+                         f"p99 TTFT {_short(ttft)} vs {_short(s['ttft_p99_ms'] or 0)} ms "
+                         f"({(s['ttft_p99_ms'] or 0) / ttft:.2f}x lower)")
+        for r in (got.values() if not (c and s) else ()):
+            parts.append(f"{model} {r.get('scheduler')} at {r.get('offered_rps')} req/s: "
+                         f"{_short(r.get('output_tok_s') or 0)} tok/s, p99 TTFT "
+                         f"{_short(r.get('ttft_p99_ms') or 0)} ms")
+    return "; ".join(parts)
+
+
 BENCHMARKS: dict[str, BenchSpec] = {}
 
 
@@ -421,6 +441,19 @@ register(BenchSpec(
     args={"cpu": [], "quick": ["--quick"], "cuda": []},
     timeout_s={"cpu": 3600, "quick": 600, "cuda": 900}, out_dir_arg=True,
     default=False))  # ~10 minutes on its own: asked for by name (--only convergence)
+register(BenchSpec(
+    name="serve_load", module="vesper_sdk.benchmarks.serve_load",
+    description="vesper serve under open-loop Poisson load at 0.3x/1x/2x the static "
+                "scheduler's capacity: output tokens/s, p50/p99 TTFT and inter-token latency, "
+                "continuous vs static scheduler ('small' shape and the demo model)",
+    args={"cpu": ["--duration", "20", "--probe-requests", "64", "--max-requests", "300"],
+          "quick": ["--quick"],
+          # gpu_suite.sh's step, about 60 s in all: 4 server starts, 2 probes, 12 points of
+          # 2 s of arrivals each (estimated, not yet timed on a GPU).
+          "cuda": ["--duration", "2", "--drain-factor", "1", "--probe-requests", "64"]},
+    timeout_s={"cpu": 1500, "quick": 300, "cuda": 150}, out_dir_arg=True,
+    headline=serve_load_headline,
+    default=False))  # ~10 minutes on a 2-core CPU: asked for by name (--only serve_load)
 
 
 def select(only: str | Iterable[str] | None,
