@@ -73,16 +73,19 @@ optimum-check: .venv-optimum/.installed
 	@touch $@
 
 # EleutherAI's lm-evaluation-harness against `vesper serve` (loglikelihood through
-# local-completions, generation through local-chat-completions), offline, on the bundled model.
-lmeval-check: setup .venv-lmeval/.installed
+# local-completions, generation through local-chat-completions) and through transformers
+# (`--model hf`, the folder's auto_map), offline, on the bundled model.
+lmeval-check: setup .venv-lmeval/.installed-hf
 	.venv-lmeval/bin/python tests/lmeval/run_check.py
 
 # Its own venv: the harness and what it pulls stay out of ours; torch's CPU build first, or a
-# dependency would pull the multi-GB CUDA one.
-.venv-lmeval/.installed:
+# dependency would pull the multi-GB CUDA one. The hf extra at the lock's transformers; the SDK
+# itself comes from the repo root (PYTHONPATH, set by run_check.py), not installed.
+.venv-lmeval/.installed-hf: $(LOCK)
 	@test -x .venv-lmeval/bin/python || $(PYTHON) -m venv .venv-lmeval
 	@.venv-lmeval/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	@.venv-lmeval/bin/python -m pip install -q --disable-pip-version-check "lm_eval[api]==0.4.13"
+	@.venv-lmeval/bin/python -m pip install -q --disable-pip-version-check \
+	    "lm_eval[api,hf]==0.4.13" $$(grep -E '^(transformers|tokenizers|safetensors)==' $(LOCK))
 	@touch $@
 
 lint: setup

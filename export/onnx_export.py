@@ -61,6 +61,8 @@ from torch import nn
 
 from ..atomic import atomic_write_folder
 from ..folder import ModelFolder
+from ..hf.card import onnx_section, update_model_card
+from ..hf.files import write_folder_files
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
 from .lowering import fused_attention, lowered, paired_ffn_weights, translation_table
@@ -545,9 +547,12 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
         config = json.loads(model.config.to_json())
         config["onnx"] = info
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        write_folder_files(tmp, model.config, "onnx", {"ONNX opset": opset,
+                                                       "Weights": quantize or "fp32"})
         result.update(stats)
 
     atomic_write_folder(out_dir, files, writer=write, keep_existing=False)
+    update_model_card(model_dir, "ONNX export", onnx_section(out_dir, info, result))
     if verbose:
         size = sum(p.stat().st_size for p in out_dir.iterdir()
                    if p.name not in (CONFIG_NAME, TOKENIZER_NAME)) / 1e6

@@ -264,28 +264,13 @@ def register_optimum() -> type:
     what it lacks is a config class, which maps HF's attribute names onto ours. The
     MetaHead outputs (``confidence``, ``stop``) are computed but ignored by Optimum.
     """
-    global _OPTIMUM_CONFIG
-    if _OPTIMUM_CONFIG is not None:
-        return _OPTIMUM_CONFIG
-    from transformers import AutoConfig, PretrainedConfig
+    # One config class for the model type: the one vesper_sdk.hf registers for the Auto
+    # classes (it maps HF's attribute names onto ours), so Optimum and AutoModelForCausalLM
+    # agree on what "vesper" is.
+    from ..hf import register_config
+    from ..hf.config import VesperHFConfig
 
-    class VesperOnnxConfig(PretrainedConfig):
-        """transformers view of a VesperLM config.json (for Optimum's ONNX Runtime models)."""
-
-        model_type = "vesper"
-        attribute_map = {"num_attention_heads": "num_heads",
-                         "num_hidden_layers": "num_layers",
-                         "max_position_embeddings": "max_seq_len",
-                         "intermediate_size": "ffn_hidden_size"}
-
-    try:
-        AutoConfig.register("vesper", VesperOnnxConfig)
-        _OPTIMUM_CONFIG = VesperOnnxConfig
-    except ValueError:  # someone registered "vesper" first: use theirs
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        _OPTIMUM_CONFIG = CONFIG_MAPPING["vesper"]
-    return _OPTIMUM_CONFIG
+    register_config()
+    return VesperHFConfig
 
 
-_OPTIMUM_CONFIG: type | None = None

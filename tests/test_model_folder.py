@@ -34,7 +34,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
     assert torch.equal(a.logits, b.logits)
     assert torch.equal(a.confidence, b.confidence)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "config.json", "manifest.json", "model.safetensors"]
+        "README.md", "config.json", "manifest.json", "model.safetensors", "modeling_vesper.py"]
 
 
 def test_frozen_flylora_buffers_are_saved_and_tied_weights_stored_once(tmp_path):

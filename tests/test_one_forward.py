@@ -114,7 +114,10 @@ def test_model_folder_names_its_kind_and_refuses_what_is_not_a_model(model, tmp_
     with pytest.raises(ModelFolderError, match="is not a folder"):
         ModelFolder(tmp_path / "nowhere")
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(ModelFolderError, match="config.json is not valid JSON"):
+    with pytest.raises(ModelFolderError, match=r"config\.json is damaged"):
+        ModelFolder(folder).config  # noqa: B018
+    (folder / "manifest.json").unlink()  # as a folder from before manifests
+    with pytest.raises(ModelFolderError, match=r"config\.json is not valid JSON"):
         ModelFolder(folder).config  # noqa: B018
     onnx = tmp_path / "export"
     onnx.mkdir()

@@ -56,8 +56,9 @@ def _weights_size(folder: Path) -> int:
 
 def test_fp32_export_matches_pytorch_over_prefill_and_decode(model_dir, exports):
     out = exports["fp32"]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json",
-                                                     "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "manifest.json", "model.onnx", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json"]
     info = json.loads((out / "config.json").read_text())["onnx"]
     assert info["verification"]["max_abs"] <= 1e-4  # recorded by the export's own check
     model = vs.VesperLM.from_pretrained(model_dir).eval()

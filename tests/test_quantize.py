@@ -38,7 +38,8 @@ def _probe(vocab: int) -> torch.Tensor:
 def test_quantize_save_load_round_trip_is_close_to_fp32(model_dir, tmp_path, method, max_rel):
     out = quantize(model_dir, method, tmp_path / f"q-{method}", verbose=False)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "manifest.json", "model.safetensors", "tokenizer.json"]
+        "README.md", "config.json", "manifest.json", "model.safetensors", "modeling_vesper.py",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     block = json.loads((out / "config.json").read_text())["quantization"]
     assert block["method"] == method and block["library"] == "bitsandbytes"
     assert block["version"]

@@ -161,7 +161,8 @@ def test_training_on_skills_lowers_val_loss_and_writes_a_loadable_model(base_run
     assert {"step", "loss", "lr", "tok_s", "peak_rss_mb", "grad_norm"} <= set(train_rows[0])
     assert r.steps == 80 and r.skipped_steps == 0 and r.tokens_per_second > 0
     assert sorted(p.name for p in r.model_dir.iterdir()) == [
-        "config.json", "manifest.json", "model.safetensors", "tokenizer.json"]
+        "README.md", "config.json", "manifest.json", "model.safetensors", "modeling_vesper.py",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     assert r.loss_curve.is_file() and r.loss_curve.read_bytes()[:4] == b"\x89PNG"
     lm = vs.load(r.model_dir, device="cpu")
     assert lm.tokenizer.vocab_size <= lm.config.vocab_size

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .api import PUBLIC, resolve
 from .config import ConfigError, VesperConfig
+from .hf import install_import_hook
 from .model import ModelFolderError, VesperLM, VesperOutput
 from .tokenizer import VesperTokenizer
 
@@ -39,3 +40,8 @@ __all__ = ["ConfigError", "ModelFolderError", "VesperConfig", "VesperLM", "Vespe
 
 # train, load, calibrate, quantize, export_onnx, serve, ...: resolved on first use (api.py).
 __getattr__ = resolve
+
+# transformers (optional): VesperLM joins AutoConfig / AutoModelForCausalLM when transformers'
+# Auto classes are imported (at once if they already are); nothing of transformers is imported
+# here, which would add seconds to `import vesper_sdk` (vesper_sdk.hf says how).
+install_import_hook()

@@ -129,7 +129,8 @@ class VesperConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VesperConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"model_type", "architectures", "quantization"})
+        unknown = sorted(set(data) - known - {"model_type", "architectures", "quantization",
+                                                "auto_map"})
         if unknown:
             raise ConfigError(
                 f"unknown config field(s) {', '.join(unknown)}: this config.json was written "

@@ -7,20 +7,34 @@ to learn arithmetic. Byte-level, so any Unicode text round-trips exactly.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .atomic import atomic_write_file
 from .integrity import verify_file
 
 TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"  # what transformers' AutoTokenizer reads
+SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS.values()]
+# encode_chat as Jinja, for transformers' apply_chat_template: the same ids on any content
+# that does not spell a special token (docs/huggingface.md says what happens when it does).
+CHAT_TEMPLATE = (
+    "{{- '" + BOS + "' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('role must be system, user or assistant, got ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '" + EOS + "' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ROLE_TOKENS["assistant"] + "' -}}{%- endif -%}")
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
@@ -78,6 +92,7 @@ class VesperTokenizer:
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)
+        _add_bos_processor(tok)
         return cls(tok)
 
     @classmethod
@@ -98,11 +113,21 @@ class VesperTokenizer:
         return cls(tok)
 
     def save(self, path: str | Path) -> Path:
-        """Write tokenizer.json atomically (a folder gets ``folder/tokenizer.json``)."""
+        """Write tokenizer.json atomically (a folder gets ``folder/tokenizer.json``), and
+        beside a ``tokenizer.json`` the files transformers' AutoTokenizer reads
+        (:meth:`hf_files`)."""
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path = path / TOKENIZER_NAME
-        return atomic_write_file(path, self.to_json().encode())
+        out = atomic_write_file(path, with_bos_processor(self.to_json()).encode())
+        if path.name == TOKENIZER_NAME:
+            for name, data in self.hf_files(_max_len_beside(path.parent)).items():
+                atomic_write_file(path.parent / name, data)
+        return out
+
+    def hf_files(self, model_max_length: int | None = None) -> dict[str, bytes]:
+        """See :func:`hf_tokenizer_files`."""
+        return hf_tokenizer_files(model_max_length)
 
     def to_json(self) -> str:
         return self._tok.to_str(pretty=False)
@@ -182,6 +207,53 @@ class VesperTokenizer:
 
     def __repr__(self) -> str:
         return f"VesperTokenizer(vocab_size={self.vocab_size})"
+
+
+def hf_tokenizer_files(model_max_length: int | None = None) -> dict[str, bytes]:
+    """tokenizer_config.json and special_tokens_map.json for transformers' AutoTokenizer: a
+    PreTrainedTokenizerFast over tokenizer.json with BOS/EOS/PAD, the role tokens, BOS added
+    to plain text (as the SDK's prompts have it) and :data:`CHAT_TEMPLATE`."""
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+               "additional_special_tokens": list(ROLE_TOKENS.values())}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+              "add_bos_token": True, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "padding_side": "left",
+              "chat_template": CHAT_TEMPLATE}
+    if model_max_length:
+        config["model_max_length"] = int(model_max_length)
+    return {TOKENIZER_CONFIG_NAME: json.dumps(config, indent=2).encode(),
+            SPECIAL_TOKENS_MAP_NAME: json.dumps(special, indent=2).encode()}
+
+
+def _add_bos_processor(tok: Tokenizer) -> None:
+    # What add_special_tokens=True adds (transformers' default when it tokenizes a plain
+    # prompt): BOS, as the SDK's prompts start. The SDK itself never asks for it.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+
+
+def with_bos_processor(tokenizer_json: str) -> str:
+    """``tokenizer_json`` with the BOS post-processor when it has none (see
+    :func:`_add_bos_processor`); encoding in the SDK is unchanged."""
+    try:
+        if json.loads(tokenizer_json).get("post_processor") is not None:
+            return tokenizer_json
+        tok = Tokenizer.from_str(tokenizer_json)
+        if tok.token_to_id(BOS) is None:
+            return tokenizer_json
+    except Exception:  # not a tokenizer we can read (tokenizers raises bare Exception)
+        return tokenizer_json  # left as it is: loading it says what is wrong
+    _add_bos_processor(tok)
+    return tok.to_str(pretty=False)
+
+
+def _max_len_beside(folder: Path) -> int | None:
+    """max_seq_len from a model folder's config.json, if there is one to read."""
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("max_seq_len")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _bytes_to_unicode() -> dict[int, str]:

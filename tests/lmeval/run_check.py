@@ -15,6 +15,11 @@ and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE are set for lm_e
    lm_eval summed (and agree with its is_greedy).
 2. ``--model local-chat-completions --apply_chat_template`` on ``vesper_chat_gen``
    (generate_until) through ``/v1/chat/completions``.
+3. ``--model hf`` (transformers' AutoModelForCausalLM through the folder's ``auto_map``,
+   ``trust_remote_code=True``, vesper-sdk importable from the repo root) on both tasks, on a
+   copy of the model folder written by the SDK (tokenizer_config.json with the chat template):
+   each choice's log-probability must equal the local-completions run's, and each generated
+   answer the chat-completions run's.
 
 Exits 1 when lm_eval fails, a result or metric is missing, or a check does not hold; the
 output folder is kept then (its path is printed, with lm_eval's and the server's logs).
@@ -308,6 +313,71 @@ def check_gen(rows: list[dict], limit: int) -> list[str]:
     return answers
 
 
+# ----------------------------------------------------------------------------- hf backend
+def sdk_env() -> dict[str, str]:
+    """lm_eval's environment with vesper-sdk importable (the repo root on PYTHONPATH)."""
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+def run_hf(a: argparse.Namespace, out: Path) -> list[str]:
+    """lm_eval --model hf on both tasks, checked against the server runs' samples."""
+    folder = out / "hf-model"
+    code = ("import sys, pathlib, vesper_sdk as vs\n"
+            "src, dst = pathlib.Path(sys.argv[1]), sys.argv[2]\n"
+            "vs.VesperLM.from_pretrained(src).save_pretrained(\n"
+            "    dst, extra_files={'tokenizer.json': src / 'tokenizer.json'})\n")
+    subprocess.run([sys.executable, "-c", code, str(a.model_dir), str(folder)], check=True,
+                   env={**os.environ, **sdk_env()})
+    # add_bos_token=False: the server run scores the context's tokens as they are (no BOS),
+    # and the chat template writes its own BOS; by default the folder's tokenizer adds BOS.
+    args = f"pretrained={folder},trust_remote_code=True,dtype=float32,add_bos_token=False"
+    os.environ.update(sdk_env())
+    lines = []
+    secs = run_lm_eval(["--model", "hf", "--model_args", args, "--device", "cpu",
+                        "--tasks", MC_TASK, "--include_path", str(TASKS), "--batch_size", "4",
+                        "--limit", str(a.limit_mc), "--seed", "1234",
+                        "--output_path", str(out / "hf-mc"), "--log_samples"],
+                       out / "lm_eval_hf_mc.log", a.timeout)
+    res, rows = load_outputs(out / "hf-mc", MC_TASK)
+    acc = metric(res, "acc", MC_TASK)
+    compared = 0
+    if (out / "mc").is_dir():  # the server run's samples, when it ran
+        _, ref_rows = load_outputs(out / "mc", MC_TASK)
+        ref = {r["doc_id"]: r["filtered_resps"] for r in ref_rows}
+        for row in rows:
+            for mine, theirs in zip(row["filtered_resps"], ref.get(row["doc_id"], []),
+                                    strict=False):
+                (x, _), (y, _) = ll_pair(mine), ll_pair(theirs)
+                if abs(x - y) > TOL:
+                    raise CheckFailed(f"{MC_TASK} doc {row['doc_id']}: hf log-prob {x:.5f} vs "
+                                      f"server {y:.5f}")
+                compared += 1
+    lines.append(f"{MC_TASK} (hf, {len(rows)} docs, {secs:.0f} s): acc {acc:.4f}; {compared} "
+                 f"choice log-probs equal local-completions' (tol {TOL})")
+    secs = run_lm_eval(["--model", "hf", "--model_args", args, "--device", "cpu",
+                        "--apply_chat_template",
+                        "--tasks", GEN_TASK, "--include_path", str(TASKS), "--batch_size", "1",
+                        "--limit", str(a.limit_gen), "--seed", "1234",
+                        "--output_path", str(out / "hf-gen"), "--log_samples"],
+                       out / "lm_eval_hf_gen.log", a.timeout)
+    res, rows = load_outputs(out / "hf-gen", GEN_TASK)
+    em = metric(res, "exact_match", GEN_TASK)
+    check_gen(rows, a.limit_gen)
+    same = 0
+    if (out / "gen").is_dir():
+        _, ref_rows = load_outputs(out / "gen", GEN_TASK)
+        ref = {r["doc_id"]: r["resps"] for r in ref_rows}
+        for row in rows:
+            if row["resps"] != ref.get(row["doc_id"]):
+                raise CheckFailed(f"{GEN_TASK} doc {row['doc_id']}: hf answered "
+                                  f"{row['resps']!r}, the server {ref.get(row['doc_id'])!r}")
+            same += 1
+    lines.append(f"{GEN_TASK} (hf, {len(rows)} docs, {secs:.0f} s): exact_match {em:.4f}; "
+                 f"{same} answers equal the chat-completions run's")
+    return lines
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -406,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(describe(err))
     finally:
         stop_server(proc)
+
+    # 3. the same tasks through transformers (lm_eval's hf backend)
+    try:
+        summary += run_hf(a, out)
+    except Exception as err:  # noqa: BLE001
+        failures.append(describe(err))
 
     print("\n==> lmeval-check summary")
     for line in summary:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..hf.card import record_eval
 from ..inference import LLM, load
 from .answers import METAHEAD, answer_questions, answer_report, plot_risk_coverage, questions
 from .metrics import calibration_summary, fit_platt, paired_bootstrap
@@ -309,4 +310,5 @@ def cli(opts: EvalOptions) -> int:
                       max_answer_tokens=opts.max_answer_tokens, seed=opts.seed,
                       device=opts.device, json_path=opts.json)
     print(format_report(report))
+    record_eval(opts.model_dir, report)  # the model card's Evaluation section
     return 0

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..atomic import atomic_write_folder
 from ..config import ConfigError, VesperConfig
+from ..hf.files import write_folder_files
 from .attention import ATTENTION, Attention, RopeTable, RotaryEmbedding
 from .cache import Cache, KVPair, StaticCache, as_cache
 from .files import (
@@ -402,6 +403,7 @@ class VesperLM(nn.Module):
 
         def write(tmp: Path) -> None:
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            write_folder_files(tmp, self.config)  # transformers' files + the model card
 
         return atomic_write_folder(directory, files, writer=write, extra_files=extra_files)
 

@@ -23,6 +23,8 @@ from torch import nn
 from ..atomic import atomic_write_folder
 from ..config import ConfigError, VesperConfig
 from ..folder import ModelFolder
+from ..hf.card import quant_section, update_model_card
+from ..hf.files import write_folder_files
 from ..model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -192,6 +194,7 @@ def quantize(model_dir: str | Path, method: str = "int8", out_dir: str | Path | 
                 f"self-check failed: the saved {method} model gives logits {diff:.3g} away "
                 "from the in-memory one; nothing was written. Please report this with your "
                 "bitsandbytes version")
+        write_folder_files(tmp, model.config, "bnb", {"Quantization": method})
 
     atomic_write_folder(out_dir, files, writer=write_and_check, keep_existing=False)
     if verbose:
@@ -339,9 +342,10 @@ def cli(opts: QuantizeOptions) -> int:
         # this package (a top-level import would be a cycle).
         from vesper_sdk.benchmarks.quantized import quantization_report
 
-        quantization_report(opts.model_dir, data=data, json_out=opts.json_out,
+        report = quantization_report(opts.model_dir, data=data, json_out=opts.json_out,
                             max_tokens=opts.max_tokens, new_tokens=opts.new_tokens,
                             block_size=opts.block_size, threads=opts.threads)
+        update_model_card(opts.model_dir, "Quantization", quant_section(report))
         return 0
     quantize(opts.model_dir, method=opts.method, out_dir=opts.out_dir, device=opts.device)
     return 0

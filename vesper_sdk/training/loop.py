@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..hf.card import training_section, update_model_card
 from ..integrity import ModelFolderError, require_intact
 from ..tokenizer import TOKENIZER_NAME
 from . import checkpoint as ckpt
@@ -179,6 +180,7 @@ def _finish(tr: Trainer, interrupted: bool, last_ckpt: Path | None) -> TrainResu
         if model_dir is not None:
             tr.raw_model.save_pretrained(
                 model_dir, extra_files={TOKENIZER_NAME: tr.tokenizer_path})
+            update_model_card(model_dir, "Training", training_section(tr, tr.last_val))
             tr.log(f"model saved to {model_dir}")
         curve = write_loss_curve(tr.metrics_path, tr.out_dir / "loss_curve.png")
     tr.dist.barrier()
