@@ -116,7 +116,7 @@ class Turn:
 
 # Flags the regulator puts on single tokens; the others ("retry k", "kept first of n")
 # describe the whole answer and are reported once, in the stats line.
-TOKEN_ACTIONS = ("conservative", "stopped")
+TOKEN_ACTIONS = ("conservative", "stopped", "abstained")
 
 
 def _flags(tok: TokenView) -> list[str]:

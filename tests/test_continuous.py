@@ -187,3 +187,26 @@ def test_a_sampled_request_follows_its_seed(llm) -> None:
                                             (1, GenerationRequest(PROMPTS[3], params))])
     assert [t.id for t in out[1]] == alone
     assert all(isinstance(t, Token) for t in out[1])
+
+
+@pytest.mark.parametrize("engine", ["static", "continuous"])
+def test_an_unsure_answer_becomes_an_abstention(llm, engine: str) -> None:
+    from vesper_sdk.eval.regulator import MetacognitiveRegulator
+
+    def answer(abstain_below: float) -> list[Token]:
+        reg = MetacognitiveRegulator(abstain_below=abstain_below, satisfice=False,
+                                     threshold=0.0)
+        req = GenerationRequest(PROMPTS[0], greedy(6, regulator=reg))
+        if engine == "static":
+            return [t for _, t in llm.stream_batch([req])]
+        return run(SlotEngine(llm, slots=2), [(0, req)])[0][0]
+
+    plain = solo(llm, PROMPTS[0], max_new_tokens=6, temperature=0.0)
+    kept = answer(0.0)  # nothing is under 0: the answer itself, unflagged
+    assert [t.id for t in kept] == plain and all(t.regulated is None for t in kept)
+    withheld = answer(1.0)  # everything is under 1: "I'm not sure." instead
+    assert "".join(t.text for t in withheld) == "I'm not sure."
+    assert all(t.regulated == "abstained" for t in withheld)
+    assert withheld[-1].finish_reason == "stop"
+    mean_conf = sum(t.confidence for t in kept) / len(kept)
+    assert withheld[0].confidence == pytest.approx(mean_conf, abs=1e-5)

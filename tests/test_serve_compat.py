@@ -227,3 +227,12 @@ def test_a_short_request_finishes_during_a_long_stream(url) -> None:
 
     asyncio.run(go())
     assert order == ["short", "long"]
+
+
+def test_the_regulator_abstains_through_the_api(client) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+        temperature=0, extra_body={"regulator": {"abstain_below": 1.0, "threshold": 0.0}})
+    choice = reply.choices[0]
+    assert choice.message.content == "I'm not sure." and choice.finish_reason == "stop"
+    assert set(choice.model_extra["vesper"]["regulated"]) == {"abstained"}

@@ -20,6 +20,11 @@ again, up to N more times (at most ``max_iterations``), stopping at the first at
 that reaches the threshold (satisficing again) and keeping the attempt with the highest
 mean confidence. Its tokens are flagged ``"retry k"`` (k = the attempt kept, 1 = first
 retry) or ``"kept first of n"`` when the original answer won.
+
+With ``abstain_below`` set, an answer whose mean confidence (after its retries) is still
+under it is not given: the text ``abstention`` ("I'm not sure.") comes instead, its tokens
+flagged ``"abstained"`` (the withheld answer's mean confidence on each). The answer is then
+held back until it is complete, as with retries.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Any
 # Flags written into ``Token.regulated``; see the module docstring.
 CONSERVATIVE = "conservative"
 STOPPED = "stopped"
+ABSTAINED = "abstained"
+ABSTENTION = "I'm not sure."
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class MetacognitiveRegulator:
         retry_temperature: the lowest temperature a retry samples at, so that retries of a
             greedy answer differ from it.
         satisfice: turn satisficing termination on or off.
+        abstain_below: answer ``abstention`` instead of an answer whose mean confidence is
+            under this (None = never abstain).
+        abstention: the text given instead of an unsure answer.
     """
 
     threshold: float = 0.85
@@ -91,6 +101,8 @@ class MetacognitiveRegulator:
     min_tokens: int = 1
     retry_temperature: float = 0.7
     satisfice: bool = True
+    abstain_below: float | None = None
+    abstention: str = ABSTENTION
     name: str = field(default="metacognitive", repr=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +115,17 @@ class MetacognitiveRegulator:
                              f"{self.retries} and {self.max_iterations}")
         if self.conservative_temperature < 0 or self.retry_temperature < 0:
             raise ValueError("temperatures must be >= 0")
+        if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
+            raise ValueError(f"abstain_below must be in [0, 1], got {self.abstain_below}")
+
+    @property
+    def holds_answers(self) -> bool:
+        """Whether answers are held until complete (retries or abstention decide them)."""
+        return self.max_retries > 0 or self.abstain_below is not None
+
+    def abstains(self, mean_confidence: float) -> bool:
+        """Whether an answer this confident is withheld (``abstain_below``)."""
+        return self.abstain_below is not None and mean_confidence < self.abstain_below
 
     # --- planning ---------------------------------------------------------------------
     @property

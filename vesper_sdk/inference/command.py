@@ -46,6 +46,9 @@ class GenerateOptions:
     threshold: float = field(default=0.85, metadata={"help": "the regulator's threshold"})
     retries: int = field(default=0, metadata={
         "help": "regenerate a low-confidence answer up to N times (implies --regulator)"})
+    abstain_below: float | None = field(default=None, metadata={
+        "help": "answer \"I'm not sure.\" instead of an answer whose mean confidence is under "
+                "this (implies --regulator; the answer then arrives once complete)"})
     confidence: bool = field(default=False, metadata={
         "help": "after the text, print a table: each token, its logprob and confidence"})
     json: bool = field(default=False, metadata={
@@ -73,8 +76,9 @@ def cli(opts: GenerateOptions) -> int:
         print("note: --compile: the first tokens wait for torch.compile (tens of seconds the "
               "first time; its cache makes later runs quicker)", file=sys.stderr, flush=True)
     regulator = None
-    if opts.regulator or opts.retries:
-        regulator = MetacognitiveRegulator(threshold=opts.threshold, retries=opts.retries)
+    if opts.regulator or opts.retries or opts.abstain_below is not None:
+        regulator = MetacognitiveRegulator(threshold=opts.threshold, retries=opts.retries,
+                                           abstain_below=opts.abstain_below)
     params = SamplingParams.from_options(opts, stop=opts.stop or None, regulator=regulator)
     if opts.chat:
         messages = ([{"role": "system", "content": opts.system}] if opts.system else [])

@@ -98,7 +98,7 @@ class SlotEngine:
         self.n = 0  # running rows, in slots 0..n-1, aligned with self.state.rows
         self.state: _BatchState | None = None
         self.prefills: collections.deque[_Prefill] = collections.deque()
-        self.attempts = Attempts()
+        self.attempts = Attempts(self.engine.abstention_tokens)
         self.prompt_tokens = 0
         self.reused_tokens = 0
 
@@ -138,7 +138,7 @@ class SlotEngine:
         keys += [pf.row.index for pf in self.prefills]
         self.state, self.n = None, 0
         self.prefills.clear()
-        self.attempts = Attempts()
+        self.attempts = Attempts(self.engine.abstention_tokens)
         self.cached = [[] for _ in range(self.slots)]
         self.key_mask.zero_()
         return keys

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..eval.regulator import MetacognitiveRegulator, as_regulator, join_flags
+from ..eval.regulator import ABSTAINED, MetacognitiveRegulator, as_regulator, join_flags
 from ..eval.scorer import score_labels
 from ..tokenizer import VesperTokenizer
 from .sampling import sample
@@ -96,12 +96,14 @@ class Attempts:
 
     A request whose regulator plans several attempts decodes them one after another, its
     tokens held back (``_Row.buffer``); :meth:`settle` decides, when an attempt ends,
-    whether to decode the next one or release the best so far.
+    whether to decode the next one, release the best so far, or (``abstain_below``)
+    release an abstention instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, abstain: Callable[[str, float], list[Token]] | None = None) -> None:
         self.plans: dict[Any, list] = {}
         self.done: dict[Any, list[_Row]] = {}
+        self.abstain = abstain  # the tokens of an abstention (Engine.abstention_tokens)
 
     def settle(self, row: _Row) -> tuple[_Row | None, list[Token]]:
         """(the next attempt to decode or None, the tokens to release now) for an ended row."""
@@ -121,6 +123,8 @@ class Attempts:
         for tok in tokens:
             tok.regulated = join_flags(tok.regulated, flag)
         del self.plans[row.index], self.done[row.index]
+        if reg.abstains(done[best].mean_confidence) and self.abstain is not None:
+            return None, self.abstain(reg.abstention, done[best].mean_confidence)
         return None, tokens
 
 
@@ -176,7 +180,7 @@ class Engine:
         reqs = list(requests)
         for r in reqs:
             r.params.validate()
-        attempts = Attempts()
+        attempts = Attempts(self.abstention_tokens)
         rows = [self.new_row(i, req, attempts) for i, req in enumerate(reqs)]
         while rows:
             for row, item in self._decode(rows):
@@ -198,7 +202,7 @@ class Engine:
         reg = as_regulator(request.params.regulator)
         ids = self.prompt_ids(request.prompt)
         plan = reg.plan(request.params.temperature, request.params.seed) if reg else None
-        buffered = bool(plan and len(plan) > 1)
+        buffered = bool(reg and plan and reg.holds_answers)
         if buffered:
             attempts.plans[index] = plan
             attempts.done[index] = []
@@ -215,6 +219,17 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is "
                              f"{self.max_seq_len}: shorten it to leave room for the answer")
         return ids
+
+    def abstention_tokens(self, text: str, confidence: float) -> list[Token]:
+        """``text`` as the tokens of an abstention: not sampled (logprob 0), each with the
+        withheld answer's mean ``confidence``, flagged ``"abstained"``; the last ends it."""
+        ids = self.tokenizer.encode(text) or [self.tokenizer.eos_id]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = [Token(decoder.decode(self.token_bytes(t)), t, 0.0, confidence, 0.0,
+                        ABSTAINED) for t in ids]
+        tokens[-1].text += decoder.decode(b"", final=True)
+        tokens[-1].finish_reason = "stop"
+        return tokens
 
     def token_bytes(self, idx: int) -> bytes:
         b = self._bytes.get(idx)

@@ -70,6 +70,9 @@ class ServeOptions:
     threshold: float = field(default=0.85, metadata={"help": "the regulator's threshold"})
     retries: int = field(default=0, metadata={
         "help": "regenerate a low-confidence answer up to N times (implies --regulator)"})
+    abstain_below: float | None = field(default=None, metadata={
+        "help": "answer \"I'm not sure.\" instead of an answer whose mean confidence is under "
+                "this (implies --regulator)"})
     log_level: str = field(default="info", metadata={
         "help": "uvicorn log level", "choices": ["critical", "error", "warning", "info",
                                                  "debug"]})
@@ -157,8 +160,9 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
 def cli(opts: ServeOptions) -> int:
     """``vesper serve``: run the server with the options from the command line."""
     regulator = None
-    if opts.regulator or opts.retries:
-        regulator = MetacognitiveRegulator(threshold=opts.threshold, retries=opts.retries)
+    if opts.regulator or opts.retries or opts.abstain_below is not None:
+        regulator = MetacognitiveRegulator(threshold=opts.threshold, retries=opts.retries,
+                                           abstain_below=opts.abstain_below)
     serve(opts.model_dir, host=opts.host, port=opts.port, api_key=opts.api_key,
           served_model_name=opts.served_model_name, device=opts.device, dtype=opts.dtype,
           max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,

@@ -122,6 +122,7 @@ class RegulatorParams(_Body):
     conservative_temperature: float = Field(0.0, ge=0.0, le=2.0)
     stop_threshold: float = Field(0.5, ge=0.0, le=1.0)
     satisfice: bool = True
+    abstain_below: float | None = Field(None, ge=0.0, le=1.0)
 
 
 def regulator_for(value: bool | RegulatorParams | None, default: Any) -> Any:
