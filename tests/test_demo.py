@@ -12,6 +12,7 @@ import pytest
 from _fixtures_serve import free_port, launched, make_tiny_model
 
 import vesper_sdk as vs
+import vesper_sdk.demo.render as render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,11 +48,11 @@ def run_to_end(session, message: str, backend: str = "PyTorch fp32", turns=None,
 
 # ----------------------------------------------------------------------------- rendering
 def test_confidence_colour_runs_red_to_green(app_module) -> None:
-    hue = [int(re.match(r"hsl\((\d+),", app_module.confidence_colour(c)).group(1))
+    hue = [int(re.match(r"hsl\((\d+),", render.confidence_colour(c)).group(1))
            for c in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert hue == [0, 30, 60, 90, 120]
-    assert app_module.confidence_colour(-3) == app_module.confidence_colour(0)
-    assert app_module.confidence_colour(7) == app_module.confidence_colour(1)
+    assert render.confidence_colour(-3) == render.confidence_colour(0)
+    assert render.confidence_colour(7) == render.confidence_colour(1)
 
 
 def test_render_chat_colours_marks_and_escapes(app_module) -> None:
@@ -65,10 +66,10 @@ def test_render_chat_colours_marks_and_escapes(app_module) -> None:
     assert "&lt;b&gt;Hi" in page and "<b>Hi" not in page
     spans = re.findall(r'<span class="(vesper-tok[^"]*)" style="background-color:([^"]+)"',
                        page)
-    assert spans == [("vesper-tok", app_module.confidence_colour(0.9)),
-                     ("vesper-tok vesper-regulated", app_module.confidence_colour(0.2)),
+    assert spans == [("vesper-tok", render.confidence_colour(0.9)),
+                     ("vesper-tok vesper-regulated", render.confidence_colour(0.2)),
                      ("vesper-tok vesper-regulated vesper-end",
-                      app_module.confidence_colour(0.5))]
+                      render.confidence_colour(0.5))]
     assert "regulator: conservative" in page
     # Stats: speed counts all 3 generated tokens; confidence only the 2 visible ones.
     assert stats["tokens"] == 2 and stats["tokens_per_s"] == pytest.approx(6.0)
@@ -266,3 +267,15 @@ def test_runs_as_a_script_and_prints_its_url(model_dir: Path, tmp_path: Path) ->
         assert f"http://127.0.0.1:{port}" in line
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
         assert page.status_code == 200 and "VesperLM chat" in page.text
+
+
+def test_a_token_shows_its_top_5_and_an_answer_its_confidence_badge() -> None:
+    tok = render.TokenView("4", 0.9, -0.1, alternatives=[("4", 0.9), ("5", 0.05)])
+    stats = render.answer_stats([tok], 0.1, "PyTorch fp32")
+    page = render.render_chat([render.Turn("assistant", "4", [tok], stats)])
+    assert "top 5: &#x27;4&#x27; 0.90, &#x27;5&#x27; 0.05" in page
+    assert "answer confidence 0.90" in page
+    withheld = render.TokenView("I'm not sure.", 0.3, 0.0, regulated="abstained")
+    stats = render.answer_stats([withheld], 0.1, "PyTorch fp32")
+    page = render.render_chat([render.Turn("assistant", "x", [withheld], stats)])
+    assert "abstained: not sure enough to answer" in page and "vesper-regulated" in page
