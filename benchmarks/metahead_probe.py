@@ -1,0 +1,146 @@
+"""Does the model know more about its answers than its softmax says? An answer-level probe.
+
+Answers held-out builtin:skills questions greedily (as ``vesper eval`` does), and fits, on
+answers to the *calibration* split's questions (never trained on, never evaluated), an
+L2-penalised logistic regression from features of each answer to "the answer is right":
+
+- ``metahead+softmax``: the answer-level signals ``vesper eval`` compares (MetaHead mean
+  and minimum, sequence and token probabilities, entropies), combined;
+- ``hidden probe``: the final hidden state averaged over the positions that wrote the
+  answer (what a linear head on the trunk, averaged over the answer, can read);
+- ``hidden probe + signals``: both.
+
+Each is scored on the held-out questions (AUROC, PRR, paired bootstrap difference to the
+best single baseline). A probe that wins here is a candidate for the MetaHead's answer
+output (issue: a head that knows more than the softmax); one that does not is evidence
+against reading the final hidden state.
+
+    python benchmarks/metahead_probe.py [MODEL_DIR] [--fit 2000] [--eval 600] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vesper_sdk as vs
+from vesper_sdk import skills
+from vesper_sdk.eval.answers import SIGNALS, Question, prr, signals_of
+from vesper_sdk.eval.metrics import _fit_logistic, auroc
+from vesper_sdk.inference import GenerationRequest, SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def answer_features(lm, qs: list[Question], max_tokens: int = 24, batch: int = 16,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signals [n, S], pooled hidden states [n, H], correct [n]) of greedy answers."""
+    greedy = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
+    sig, hid, ok = [], [], []
+    for i in range(0, len(qs), batch):
+        chunk = qs[i:i + batch]
+        prompts = [lm.tokenizer.chat_prompt_ids(q.messages) for q in chunk]
+        toks: list[list] = [[] for _ in chunk]
+        for j, tok in lm.stream_batch([GenerationRequest(p, greedy) for p in prompts]):
+            toks[j].append(tok)
+        for q, prompt, answer in zip(chunk, prompts, toks, strict=True):
+            ids = [t.id for t in answer]
+            if not ids:
+                continue
+            x = torch.tensor([prompt + ids])
+            with torch.inference_mode():
+                out = lm.model(x)
+            pos = slice(len(prompt) - 1, len(prompt) + len(ids) - 1)
+            s = signals_of(out.logits[0, pos], out.confidence[0, pos], torch.tensor(ids))
+            sig.append([s[k] for k in SIGNALS])
+            hid.append(out.hidden_states[0, pos].float().mean(0).numpy())
+            ok.append(float(q.grade("".join(t.text for t in answer))))
+    return np.array(sig), np.array(hid), np.array(ok)
+
+
+def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, l2: float,
+                ) -> np.ndarray:
+    """Standardise on the fit set, fit L2 logistic regression, score the eval set."""
+    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
+
+    def design(x: np.ndarray) -> np.ndarray:
+        return np.c_[(x - mu) / sd, np.ones(len(x))]
+
+    penalty = np.r_[np.full(x_fit.shape[1], l2), 1e-6]
+    w = _fit_logistic(design(x_fit), y_fit, penalty, np.zeros(x_fit.shape[1] + 1))
+    return design(x_eval) @ w
+
+
+def pick_l2(x: np.ndarray, y: np.ndarray, grid=(1e-3, 1e-2, 1e-1, 1.0), folds: int = 5,
+            ) -> float:
+    """The penalty with the best cross-validated AUROC on the fit set."""
+    idx = np.arange(len(y)) % folds
+    best, best_auc = grid[0], -1.0
+    for l2 in grid:
+        scores = np.empty(len(y))
+        for f in range(folds):
+            scores[idx == f] = fit_predict(x[idx != f], y[idx != f], x[idx == f], l2)
+        a = auroc(scores, y)
+        if a > best_auc:
+            best, best_auc = l2, a
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default=str(ROOT / "vesper_sdk/assets/default_model"))
+    ap.add_argument("--fit", type=int, default=2000, help="calibration-split questions")
+    ap.add_argument("--eval", type=int, default=600, help="held-out questions")
+    ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    lm = vs.load(args.model, device="cpu")
+    held = [Question(m, a, t) for t, m, a in skills.held_out_tasks(args.eval, 0)]
+    seen = {q.messages[-1]["content"] for q in held}
+    fit_qs = [Question(c["messages"][:-1], c["messages"][-1]["content"], c["task"])
+              for c in skills.calibration(args.fit, 1)
+              if c["messages"][-2]["content"] not in seen]
+    s_fit, h_fit, y_fit = answer_features(lm, fit_qs)
+    s_ev, h_ev, y_ev = answer_features(lm, held)
+    rows = {name: s_ev[:, k] for k, name in enumerate(SIGNALS)}
+    for name, (xf, xe) in {
+            "combined signals": (s_fit, s_ev),
+            "hidden probe": (h_fit, h_ev),
+            "hidden probe + signals": (np.c_[h_fit, s_fit], np.c_[h_ev, s_ev])}.items():
+        rows[name] = fit_predict(xf, y_fit, xe, pick_l2(xf, y_fit))
+    baselines = [n for n in SIGNALS if not n.startswith("metahead")]
+    best = max(baselines, key=lambda n: auroc(rows[n], y_ev))
+    rng = np.random.default_rng(0)
+    draws = {n: [] for n in rows}
+    for _ in range(args.resamples):
+        i = rng.integers(0, len(y_ev), len(y_ev))
+        for n in rows:
+            draws[n].append(auroc(rows[n][i], y_ev[i]))
+    result = {"model": args.model, "fit_answers": int(len(y_fit)),
+              "fit_accuracy": float(y_fit.mean()), "eval_answers": int(len(y_ev)),
+              "eval_accuracy": float(y_ev.mean()), "best_baseline": best, "methods": {}}
+    print(f"fit on {len(y_fit)} calibration-split answers (accuracy {y_fit.mean():.3f}), "
+          f"scored on {len(y_ev)} held-out answers (accuracy {y_ev.mean():.3f})")
+    print(f"{'signal':<26}{'AUROC':>8}{'PRR':>8}   AUROC - {best} [95 %]")
+    for n, score in rows.items():
+        diff = np.subtract(draws[n], draws[best])
+        lo, hi = np.percentile(diff, [2.5, 97.5])
+        a = auroc(score, y_ev)
+        result["methods"][n] = {"auroc": a, "prr": prr(score, y_ev),
+                                "minus_best_baseline": a - auroc(rows[best], y_ev),
+                                "ci95": [float(lo), float(hi)]}
+        print(f"{n:<26}{a:>8.3f}{prr(score, y_ev):>8.3f}   {a - auroc(rows[best], y_ev):+.4f} "
+              f"[{lo:+.4f}, {hi:+.4f}]")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
