@@ -273,14 +273,16 @@ def test_many_nonfinite_losses_stop_with_a_diagnosis(tmp_path, monkeypatch, smal
     assert "bad data" in msg
 
 
-def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, small):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_or_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, small,
+                                                                  sig):
     real = train_mod.lm_loss_sum
     calls = {"n": 0}
 
     def interrupting(*args):
         calls["n"] += 1
         if calls["n"] == 7:
-            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C during step 7
+            signal.raise_signal(sig)  # as if Ctrl-C (or a job scheduler's kill) in step 7
         return real(*args)
 
     monkeypatch.setattr(train_mod, "lm_loss_sum", interrupting)
@@ -290,7 +292,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, sm
     assert r.interrupted and r.model_dir is None and r.steps == 7
     assert r.metrics_step is None and not r.metrics  # no evaluation ran before step 7
     assert r.checkpoint == ckpt.step_dir(tmp_path / "checkpoints", 7)
-    assert signal.getsignal(signal.SIGINT) is not None  # handlers restored
+    assert signal.getsignal(sig) is not None  # handlers restored
     monkeypatch.setattr(train_mod, "lm_loss_sum", real)
     done = vs.train("builtin:skills", tmp_path, resume=True, **opts)
     assert not done.interrupted and done.steps == 12 and done.model_dir.is_dir()
