@@ -236,3 +236,24 @@ def test_the_regulator_abstains_through_the_api(client) -> None:
     choice = reply.choices[0]
     assert choice.message.content == "I'm not sure." and choice.finish_reason == "stop"
     assert set(choice.model_extra["vesper"]["regulated"]) == {"abstained"}
+
+
+def test_prefix_reuse_shows_in_metrics(url) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counters() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        return {s.name: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name.startswith("vesper_prefix_cache")}
+
+    before = counters()
+    system = {"role": "system", "content": "the cat sees a dog and the sun and the moon"}
+    for question in ("hello world", "the river"):
+        body = {"model": MODEL, "max_tokens": 2, "temperature": 0,
+                "messages": [system, {"role": "user", "content": question}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    after = counters()
+    # The second chat's system prompt came from the first one's slot.
+    assert after["vesper_prefix_cache_hits_total"] - before["vesper_prefix_cache_hits_total"] >= 8
+    assert after["vesper_prefix_cache_queries_total"] > before["vesper_prefix_cache_queries_total"]
+    assert 0 < after["vesper_prefix_cache_hit_rate"] <= 1
