@@ -7,6 +7,7 @@ import torch
 
 import vesper_sdk as vs
 from vesper_sdk.model import FlyLoRALinear
+from vesper_sdk.model.flylora import flylora_branch, top_rank_mask
 
 
 def small_config(**kw) -> vs.VesperConfig:
@@ -110,12 +111,16 @@ def test_flylora_rank_choice_under_torch_compile_equals_topk_including_ties():
     with torch.no_grad():
         layer.balance_bias.copy_(torch.randn(12) * 0.01)
     ax = torch.randn(4, 9, 12)
-    compiled = torch.compile(layer._top_ranks, backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(ax), layer._top_ranks(ax))
+
+    def top_ranks(ax: torch.Tensor) -> torch.Tensor:
+        return top_rank_mask(ax.abs() + layer.balance_bias, layer.topk)
+
+    compiled = torch.compile(top_ranks, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(ax), top_ranks(ax))
     # All-equal scores (zero input, zero bias): still exactly k, the lowest indices.
     with torch.no_grad():
         layer.balance_bias.zero_()
-    tied = compiled(torch.zeros(2, 12))
+    tied = compiled(torch.zeros(2, 12))  # counted (compiled) vs topk (eager): the same
     assert torch.equal(tied.sum(-1), torch.full((2,), 5.0))
     assert torch.equal(tied[0, :5], torch.ones(5))
 
@@ -328,3 +333,20 @@ def test_folders_from_before_the_logit_features_still_load(tmp_path):
     loaded = vs.VesperLM.from_pretrained(tmp_path)
     assert loaded.config.metahead_logit_features is False
     assert loaded.metahead.calibration.tolist() == [1.0, 0.0]
+
+
+def test_the_flylora_branch_gathered_equals_masked() -> None:
+    """One definition, three routes: the gathered rows (decode) and the masked product
+    (training, prefill) give the same branch, for one layer and for a stacked pair."""
+    torch.manual_seed(3)
+    n, r, k, f = 2, 12, 4, 40
+    ax = torch.randn(5, n, r)
+    bias = torch.randn(n, r) * 0.01
+    rows = torch.randn(n * r, f)
+    offset = torch.tensor([[0], [r]])
+    gathered, none = flylora_branch(ax, bias, rows, k, 0.5, offset)
+    masked, mask = flylora_branch(ax, bias, rows, k, 0.5)
+    assert none is None and torch.equal(mask.sum(-1), torch.full((5, n), float(k)))
+    assert torch.allclose(gathered, masked, atol=1e-5)
+    single, _ = flylora_branch(ax[:, :1], bias[:1], rows[:r], k, 0.5)
+    assert torch.allclose(single, masked[:, :1], atol=1e-5)

@@ -38,6 +38,48 @@ def top_k_by_counting(score: torch.Tensor, k: int) -> torch.Tensor:
     return ((beats | ties).sum(-1) < k).to(score.dtype)
 
 
+def top_rank_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask [..., r] of the k highest ``score``s: by counting when compiled (see
+    :func:`_count_top_k`), else by ``topk``."""
+    if _count_top_k():
+        return top_k_by_counting(score, k)
+    idx = score.topk(k, dim=-1).indices
+    return torch.zeros_like(score).scatter_(-1, idx, 1.0)
+
+
+def flylora_branch(ax: torch.Tensor, balance_bias: torch.Tensor, lora_B_rows: torch.Tensor,
+                   topk: int, scaling: float, row_offset: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FlyLoRA's low-rank branch of n layers at once, from their ``A x``: the one
+    definition every path runs (a single layer, and a feed-forward's gate and up paired).
+
+    ``ax`` [..., n, r]; ``balance_bias`` [n, r]; ``lora_B_rows`` [n * r, F]: each layer's
+    B transposed, stacked (rank j of layer i is row i * r + j); ``row_offset`` [n, 1]:
+    where each layer's rows start. Returns (the branch output [..., n, F], scaled; the 0/1
+    mask [..., n, r] of the active ranks, or None when the chosen rows were gathered).
+
+    The same maths three ways, by where it runs: given ``row_offset`` and not compiled
+    (a decode step's few rows), the k chosen rows of each B are gathered (k / r of B read);
+    otherwise the top-k mask multiplies A x and all of B (training, prefill; compiled, the
+    mask is counted, which the compiler fuses, with no sort kernels).
+    """
+    n, r = ax.shape[-2], ax.shape[-1]
+    score = ax.detach().abs().float() + balance_bias
+    if row_offset is not None and not _count_top_k():
+        idx = score.topk(topk, dim=-1).indices  # [..., n, k]
+        rows = F.embedding(idx + row_offset, lora_B_rows)  # [..., n, k, F]
+        out = torch.matmul(ax.gather(-1, idx).unsqueeze(-2), rows).squeeze(-2)
+        mask = None
+    else:
+        mask = top_rank_mask(score, topk)
+        masked = ax * mask.to(ax.dtype)
+        if n == 1:  # one layer: one dense product (a batched one would be many tiny ones)
+            out = F.linear(masked.squeeze(-2), lora_B_rows.t()).unsqueeze(-2)
+        else:
+            out = torch.matmul(masked.unsqueeze(-2), lora_B_rows.view(n, r, -1)).squeeze(-2)
+    return (out if scaling == 1.0 else out * scaling), mask
+
+
 class FlyLoRALinear(nn.Module):
     """A linear layer plus FlyLoRA's implicit rank-wise mixture of experts.
 
@@ -80,14 +122,7 @@ class FlyLoRALinear(nn.Module):
     def rank_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A x, 0/1 mask of the top-k active ranks) for input x [..., in]."""
         ax = F.linear(x, self.lora_A.to(x.dtype))
-        return ax, self._top_ranks(ax)
-
-    def _top_ranks(self, ax: torch.Tensor) -> torch.Tensor:
-        score = ax.detach().abs().float() + self.balance_bias
-        if _count_top_k():
-            return top_k_by_counting(score, self.topk)
-        idx = score.topk(self.topk, dim=-1).indices
-        return torch.zeros_like(score).scatter_(-1, idx, 1.0)
+        return ax, top_rank_mask(ax.detach().abs().float() + self.balance_bias, self.topk)
 
     def base_product(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output: the one part a quantized variant replaces."""
@@ -95,13 +130,13 @@ class FlyLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_product(x)
-        ax, mask = self.rank_mask(x)
-        if self.training and torch.is_grad_enabled():
+        ax = F.linear(x, self.lora_A.to(x.dtype)).unsqueeze(-2)  # [..., 1, r]: one layer
+        lora, mask = flylora_branch(ax, self.balance_bias, self.lora_B.t(), self.topk,
+                                    self.scaling)
+        if self.training and torch.is_grad_enabled() and mask is not None:
             with torch.no_grad():
                 self.rank_load += mask.reshape(-1, self.rank).sum(0)
-        lora = F.linear(ax * mask.to(ax.dtype), self.lora_B)
-        # alpha = 1 (the default) would be one more op per layer and token, and graph node.
-        return out + (lora if self.scaling == 1.0 else lora * self.scaling)
+        return out + lora.squeeze(-2)
 
     @torch.no_grad()
     def update_balance_bias(self) -> None:

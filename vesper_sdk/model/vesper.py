@@ -31,7 +31,7 @@ from .files import (
     load_state_checked,
     load_weights,
 )
-from .flylora import FlyLoRALinear, _balance_step, _count_top_k, top_k_by_counting
+from .flylora import FlyLoRALinear, _balance_step, flylora_branch
 from .metahead import ERROR, STOP, MetaHead
 
 
@@ -102,23 +102,13 @@ class GLUFeedForward(nn.Module):
 
         base [..., 2F] (gate's then up's base output), ax [..., 2r] (both A x),
         balance_bias [2, r], lora_B [2r, F] (both B transposed, stacked), row_offset
-        [[0], [r]] (where up's rows start in it). The same math as the two layers, with
-        the chosen rows of B gathered rather than the others masked to zero (compiled,
-        masked after all: ranks by :func:`top_k_by_counting`, one batched product).
+        [[0], [r]] (where up's rows start in it). The branch is :func:`flylora_branch`,
+        as in each layer on its own.
         """
         g = self.gate
-        ax = ax.unflatten(-1, (2, g.rank))
-        score = ax.abs() + balance_bias
-        if _count_top_k():  # compiled: a mask and the whole of each B, no sort kernels
-            mask = top_k_by_counting(score, g.topk)
-            lora = torch.matmul((ax * mask).unsqueeze(-2), lora_B.view(2, g.rank, -1))
-        else:
-            idx = score.topk(g.topk, dim=-1).indices  # [..., 2, k]
-            rows = F.embedding(idx + row_offset, lora_B)  # [..., 2, k, F]
-            lora = torch.matmul(ax.gather(-1, idx).unsqueeze(-2), rows)
-        lora = lora.flatten(-3)  # [..., 2, 1, F] -> [..., 2F]
-        h = base + (lora if g.scaling == 1.0 else lora * g.scaling)
-        gate, up = h.split(g.out_features, dim=-1)
+        lora, _ = flylora_branch(ax.unflatten(-1, (2, g.rank)), balance_bias, lora_B, g.topk,
+                                 g.scaling, row_offset)
+        gate, up = (base + lora.flatten(-2)).split(g.out_features, dim=-1)
         return self.down(self.act(gate) * up)
 
 
