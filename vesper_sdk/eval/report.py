@@ -34,11 +34,15 @@ from .scorer import encode_examples, held_out_records, score_tokens
 # ----------------------------------------------------------------------------- options
 @dataclass
 class EvalOptions:
-    """Perplexity and MetaHead calibration (ECE, AUROC vs. the max-softmax baseline).
+    """Perplexity and MetaHead calibration (ECE, AUROC vs. the max-softmax baseline), and
+    the answer level: greedy answers graded right or wrong, and how well each confidence
+    signal (the MetaHead, sequence probability, token probabilities, entropy) tells them
+    apart (AUROC, PRR, ECE, selective accuracy, with paired bootstrap intervals).
 
     Examples:
       vesper eval runs/a/model --data builtin:skills
       vesper eval runs/a/model --data heldout.jsonl --out-dir runs/a/eval
+      vesper eval runs/a/model --skills-questions 600 --json report.json
     """
 
     model_dir: str = field(metadata={"help": "model folder to evaluate", "positional": True})
