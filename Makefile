@@ -14,7 +14,8 @@ PIP    := -m pip install --disable-pip-version-check
 GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH  := $(if $(GPU),torch,torch==2.13.0)
 
-.PHONY: setup test test-latest lock demo bench lint clean optimum-check lmeval-check
+.PHONY: setup test test-latest lock demo bench lint clean optimum-check lmeval-check \
+        peers-check
 
 setup: $(STAMP)
 
@@ -88,8 +89,40 @@ lmeval-check: setup .venv-lmeval/.installed-hf
 	    "lm_eval[api,hf]==0.4.13" $$(grep -E '^(transformers|tokenizers|safetensors)==' $(LOCK))
 	@touch $@
 
+# Greedy decode of the 'small' shape: vesper's PyTorch (eager, compiled) and ONNX (fp32, int8,
+# int4) paths beside onnxruntime-genai, llama.cpp (llama-cpp-python) and CTranslate2, each
+# converted by its own tool (benchmarks/decode_peers.py; about 7 minutes on an idle 2-core CPU),
+# through the suite: benchmarks/results/decode_peers.{json,md} and its SUMMARY.md row.
+peers-check: setup .venv-peers/.installed
+	$(VENV)/bin/vesper bench --only decode_peers
+
+# Its own venv, torch's CPU build first, then the SDK with its export extra at the lock's
+# versions, then each peer apart: one that fails to install (llama-cpp-python compiles from
+# source, several minutes) leaves its pip output in .venv-peers/install-NAME.log, which the
+# benchmark reports as that peer's error. llama.cpp's own converter (convert_hf_to_gguf.py,
+# conversion/, gguf-py/) comes from llama-cpp-python's sdist.
+PEERS := onnxruntime-genai==0.18.0 llama-cpp-python==0.3.36 ctranslate2==4.8.5
+.venv-peers/.installed: pyproject.toml $(LOCK)
+	@test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
+	@.venv-peers/bin/python $(PIP) -q torch==2.13.0
+	@.venv-peers/bin/python $(PIP) -q -c $(LOCK) -e ".[export]" transformers sentencepiece
+	@for p in $(PEERS); do name=$${p%%==*}; \
+	  echo "==> installing $$p (.venv-peers/install-$$name.log)"; \
+	  .venv-peers/bin/python $(PIP) -c $(LOCK) $$p > .venv-peers/install-$$name.log 2>&1 \
+	    || echo "    $$p failed to install: the benchmark reports it"; done
+	@rm -rf .venv-peers/llama.cpp && mkdir -p .venv-peers/llama.cpp/sdist \
+	  && .venv-peers/bin/python -m pip download -q --disable-pip-version-check --no-deps \
+	     --no-binary :all: -d .venv-peers/llama.cpp/sdist llama-cpp-python==0.3.36 \
+	  && tar -xzf .venv-peers/llama.cpp/sdist/llama_cpp_python-0.3.36.tar.gz \
+	     -C .venv-peers/llama.cpp --strip-components=3 --wildcards \
+	     '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion' \
+	     '*/vendor/llama.cpp/gguf-py' \
+	  > .venv-peers/install-llama.cpp-converter.log 2>&1 \
+	  || echo "    llama.cpp's converter could not be fetched: the benchmark reports it"
+	@touch $@
+
 lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(LATEST) .venv-optimum .venv-lmeval .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-optimum .venv-lmeval .venv-peers .pytest_cache build *.egg-info

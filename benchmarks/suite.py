@@ -78,6 +78,9 @@ class BenchSpec:
     # done): e.g. a model folder the benchmark reads.
     prepare: Callable[[Profile, str, str, bool], tuple[list[str], dict[str, Any]]] | None = None
     script: Path | None = None
+    # interpreter() -> (the Python to run it with, "") or (None, why it is skipped): for a
+    # benchmark that needs its own venv (its peers' packages), e.g. .venv-peers.
+    interpreter: Callable[[], tuple[str | None, str]] | None = None
 
     def resolve(self) -> Path | None:
         """The file to run, or None when the benchmark is not installed/written."""
@@ -97,7 +100,7 @@ class RunRecord:
     """What one benchmark run produced; ``to_json`` is the ``<name>.json`` layout."""
 
     name: str
-    status: str  # ok | failed | timeout | missing
+    status: str  # ok | failed | timeout | missing | skipped (its venv is not there)
     command: str
     date: str
     wall_s: float
@@ -456,6 +459,29 @@ register(BenchSpec(
     default=False))  # ~10 minutes on a 2-core CPU: asked for by name (--only serve_load)
 
 
+def peers_python() -> tuple[str | None, str]:
+    """decode_peers' interpreter: .venv-peers' Python (`make peers-check` makes it), or why
+    the benchmark is skipped."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        python = root / ".venv-peers" / "bin" / "python"
+        if python.is_file():
+            return str(python), ""
+    return None, ("its venv .venv-peers is not there: `make peers-check` installs the peers "
+                  "(onnxruntime-genai, llama-cpp-python, CTranslate2) and runs it")
+
+
+register(BenchSpec(
+    name="decode_peers", module="vesper_sdk.benchmarks.decode_peers",
+    description="greedy decode tokens/s at batch 1 and 8, 'small' shape, 2 threads: vesper's "
+                "PyTorch eager/compiled and ONNX fp32/int8/int4 beside onnxruntime-genai "
+                "(fp32/int8/int4), llama.cpp (f32/q8_0/q4_0) and CTranslate2 (fp32/int8), "
+                "each converted by its own tool; in .venv-peers only (skipped without it)",
+    args={"cpu": [], "quick": ["--quick"], "cuda": []},
+    timeout_s={"cpu": 1800, "quick": 600, "cuda": 1800}, device_arg=False,
+    interpreter=peers_python,
+    default=False))  # ~7 minutes on an idle 2-core CPU: asked for by name (--only decode_peers)
+
+
 def select(only: str | Iterable[str] | None,
            registry: dict[str, BenchSpec] | None = None) -> list[BenchSpec]:
     """Benchmarks named in ``only`` (comma-separated or a list), else the default set."""
@@ -591,6 +617,13 @@ def run_benchmark(spec: BenchSpec, profile: Profile, device: str, *,
         record.command = display_command([python, str(where), *args])
         record.error = f"benchmark not found: {where} does not exist (not written or not installed)"
         return record
+    if spec.interpreter is not None:
+        found, why = spec.interpreter()
+        if found is None:  # reported, not run, and not a failure of the suite
+            record.status, record.error = "skipped", why
+            record.command = display_command([python, str(script), *args])
+            return record
+        python = found
     if spec.prepare is not None:
         # What the benchmark needs first (a model folder): its own command and time, and
         # a failure there is this benchmark's failure, reported as such.
@@ -801,7 +834,10 @@ def summary_markdown(records: Sequence[RunRecord], charts: Sequence[str] = (),
                   f"{sum(r.wall_s for r in current):.0f} s; commit "
                   f"{git.get('commit', 'unknown')}{' + local changes' if git.get('dirty') else ''}",
                   ""]
-    failed = [r for r in records if not r.ok]
+    skipped = [r for r in records if r.status == "skipped"]
+    if skipped:
+        lines += ["## Skipped", ""] + [f"- {r.name}: {r.error}" for r in skipped] + [""]
+    failed = [r for r in records if not r.ok and r.status != "skipped"]
     if failed:
         lines += ["## Failures", ""]
         for r in failed:
@@ -893,7 +929,7 @@ def run_suite(only: str | Iterable[str] | None = None, *, device: str = "auto",
         print(f"\nresults: {out}/SUMMARY.md")
         for name, err in chart_errors.items():
             print(f"chart {name} failed: {err}")
-    ok = all(r.ok for r in records) and not chart_errors
+    ok = all(r.ok or r.status == "skipped" for r in records) and not chart_errors
     return (0 if ok else 1), records
 
 
