@@ -32,7 +32,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -41,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from vesper_sdk.benchmarks.suite import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().with_name("decode_peers_worker.py")  # one path per process
@@ -172,16 +173,6 @@ def headline(rows: list[dict[str, Any]], reference: str) -> str:
 
 
 # --------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def memory_bandwidth(threads: int, mb: int = 2048, repeats: int = 5) -> dict[str, float]:
     """Best of ``repeats``: a sum over (read) and a copy of (read + write) an ``mb`` buffer."""
     import torch

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +21,7 @@ import torch
 import vesper_sdk as vs
 from vesper_sdk import integrity
 from vesper_sdk.atomic import file_digest, manifest_files
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+from vesper_sdk.benchmarks.suite import cpu_model
 
 
 def best(fn, repeats: int) -> float:

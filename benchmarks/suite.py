@@ -157,7 +157,8 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for every figure's context."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
@@ -170,7 +171,7 @@ def _cpu_model() -> str:
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """CPU model and cores, GPU name and memory when ``device`` is a GPU, OS and host kind."""
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "os": f"{platform.system()} {platform.release()}",
         "arch": platform.machine(),

@@ -11,6 +11,7 @@ disconnect checks and its latency metrics.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -78,7 +79,7 @@ class Job:
             self.push(DONE)
 
 
-class Scheduler:
+class Scheduler(abc.ABC):
     """One worker thread that owns the model and decodes what ``submit`` queues.
 
     The queue, its limit, start and stop are shared; :class:`ContinuousScheduler` and
@@ -106,15 +107,17 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    @abc.abstractmethod
     def active(self) -> int:
         """Generations admitted and not yet over."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _running_jobs(self) -> list[Job]:
-        raise NotImplementedError
+        """The jobs the worker holds now (to cancel at shutdown)."""
 
+    @abc.abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """The worker thread's loop, until ``_stop`` is set."""
 
     @property
     def alive(self) -> bool:
