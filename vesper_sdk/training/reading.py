@@ -391,13 +391,12 @@ def _read_txt(path: Path, report: DataReport, split: str, max_bad_fraction: floa
                 continue
             if routed and not faulty:
                 good += 1
-            elif faulty or routed:
-                pass
-            elif split == "paragraph":
-                yield from doc.end()
-            else:  # a blank line inside the one document
-                yield from doc.add(("\n" if doc.lines else "") + "".join(held), False)
-                doc.lines += 1
+            elif not faulty and not routed:  # a blank line
+                if split == "paragraph":
+                    yield from doc.end()
+                else:  # inside the one document
+                    yield from doc.add(("\n" if doc.lines else "") + "".join(held), False)
+                    doc.lines += 1
             decoder.reset()
             held, routed, faulty, carry = [], False, False, ""
     _check_bad_fraction(str(path), good, bad, max_bad_fraction, report)
