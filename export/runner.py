@@ -70,22 +70,35 @@ def default_providers() -> list[str]:
     return chosen
 
 
-def make_session(path: str | Path, providers: list[str] | None = None,
-                 threads: int | None = None) -> Any:
-    """An InferenceSession with all graph optimisations, ``threads`` intra-op threads
-    (default one per physical core) that sleep between runs.
+#: When ONNX Runtime's intra-op threads may spin waiting for work (see make_session).
+SPIN_MODES = ("run", "never", "always")
 
-    ONNX Runtime's threads spin for a while after each run by default; in a decode loop
-    the sampling code runs right then, and torch's own threads queue behind the spinning
-    ones, so without spinning a decode loop runs markedly faster (figures in
-    ``benchmarks/results/HISTORY.md``).
+
+def make_session(path: str | Path, providers: list[str] | None = None,
+                 threads: int | None = None, spin: str = "run") -> Any:
+    """An InferenceSession with all graph optimisations and ``threads`` intra-op threads
+    (default one per physical core) that, with ``spin="run"``, spin inside a run and
+    sleep between runs (``"never"``: always sleep; ``"always"``: ONNX Runtime's default).
+
+    By default ONNX Runtime's threads also spin for a while after each run; in a decode
+    loop the sampling code runs right then and queues behind them. Not spinning at all
+    costs a thread wake-up per parallel node instead. Figures for the three settings:
+    ``benchmarks/results/onnx_threads.md``.
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or physical_cores()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spin inside a run (a worker picks up the next node at once: decode is ~100 small
+    # parallel nodes per token), never between runs, where the host's sampling and the
+    # rest of the process need the cores.
+    if spin not in SPIN_MODES:
+        raise ValueError(f"spin must be one of {', '.join(SPIN_MODES)}, got {spin!r}")
+    opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                  "0" if spin == "never" else "1")
+    if spin == "run":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.log_severity_level = 3  # warnings about unused initializers etc. are noise here
     path = Path(path)
     # The graph and its external weights, against the folder's manifest: a zeroed range
@@ -134,18 +147,21 @@ class OnnxBackend:
     """DecodeBackend over an exported ``model.onnx`` (fp32, int8 or int4).
 
     ``threads``: ONNX Runtime's intra-op threads; by default one for models under
-    ``SINGLE_THREAD_PARAMS`` parameters, else one per physical core.
+    ``SINGLE_THREAD_PARAMS`` parameters, else one per physical core. ``spin``: see
+    :func:`make_session`. ``host_threads``: torch's threads for the sampling between
+    steps (default: one on the CPU, torch's own setting with CUDA; 0: torch's own).
     """
 
     def __init__(self, model_dir: str | Path, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spin: str = "run",
+                 host_threads: int | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.config, self.onnx_info = read_export_config(self.model_dir)
         self.vocab_size = self.config.vocab_size
         self.max_seq_len = self.config.max_seq_len
         if threads is None and self.config.num_parameters() < SINGLE_THREAD_PARAMS:
             threads = 1
-        self.session = make_session(self.model_dir / ONNX_NAME, providers, threads)
+        self.session = make_session(self.model_dir / ONNX_NAME, providers, threads, spin)
         names = [i.name for i in self.session.get_inputs()]
         self._past_names = [n for n in names if n.startswith("past_key_values.")]
         self._present_names = [o.name for o in self.session.get_outputs()
@@ -158,6 +174,12 @@ class OnnxBackend:
         self._cache_device = ("cuda" if self.providers[0] in (
             "CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu")
         self._empty: dict[int, list[Any]] = {}
+        # The sampler's torch work between steps runs on one thread on the CPU: it is small
+        # next to a step, and torch's own worker threads would contend with ONNX Runtime's
+        # for the same cores (see DecodeBackend).
+        if host_threads is None:
+            host_threads = 1 if self._cache_device == "cpu" else 0
+        self.host_threads = host_threads or None
         self._output_names = ["logits", "confidence", "stop", *self._present_names]
 
     @property

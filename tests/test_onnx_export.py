@@ -25,6 +25,7 @@ from vesper_sdk.export.onnx_export import (
 )
 from vesper_sdk.export.runner import OnnxBackend, make_session
 from vesper_sdk.inference import TorchBackend
+from vesper_sdk.inference.llm import LLM
 from vesper_sdk.model import ModelFolderError
 
 
@@ -161,6 +162,49 @@ def test_onnx_model_greedy_tokens_equal_pytorch_for_64_tokens(model_dir, exports
         "red car", max_new_tokens=8, temperature=0.0)
     assert isinstance(onnx_lm.chat([{"role": "user", "content": "blue"}], max_new_tokens=5,
                                    temperature=0.0), str)
+
+
+def test_thread_settings_change_speed_not_tokens_and_leave_torch_threads_alone(exports):
+    """Every spin mode and host-thread cap decodes the same tokens; torch's thread count is
+    capped only inside the decode steps (the caller's code between tokens keeps its own)."""
+    before = torch.get_num_threads()
+    tokens, inside = {}, []
+    for spin, host in (("never", 0), ("always", 0), ("run", None), ("run", 1)):
+        backend = OnnxBackend(exports["fp32"], spin=spin, host_threads=host)
+        lm = LLM(backend, vs.VesperTokenizer.from_file(exports["fp32"]), exports["fp32"])
+        row = []
+        for tok in lm.stream("the cat sat", max_new_tokens=12, temperature=0.0,
+                             ignore_eos=True):
+            inside.append(torch.get_num_threads())
+            row.append(tok.id)
+        tokens[(spin, host)] = row
+    assert len({tuple(r) for r in tokens.values()}) == 1 and len(row) == 12
+    assert set(inside) == {before} and torch.get_num_threads() == before
+    assert OnnxBackend(exports["fp32"]).host_threads == 1  # the CPU default
+    assert OnnxBackend(exports["fp32"], host_threads=0).host_threads is None
+
+
+def test_host_scope_caps_torch_threads_and_puts_them_back():
+    from vesper_sdk.inference.types import host_scope
+
+    class Backend:
+        host_threads = 1
+
+    torch.set_num_threads(2)
+    try:
+        with host_scope(Backend()):
+            assert torch.get_num_threads() == 1 and torch.is_inference_mode_enabled()
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), host_scope(Backend()):
+            raise RuntimeError("a failing step")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_unknown_spin_mode_is_refused(exports):
+    with pytest.raises(ValueError, match="spin must be one of run, never, always"):
+        make_session(exports["fp32"] / "model.onnx", spin="sometimes")
 
 
 def test_int4_runner_generates(exports):

@@ -18,7 +18,7 @@ from ..eval.regulator import ABSTAINED, MetacognitiveRegulator, as_regulator, jo
 from ..eval.scorer import score_labels
 from ..tokenizer import VesperTokenizer
 from .sampling import sample
-from .types import DecodeBackend, GenerationRequest, PromptLogprobs, StepOutput, Token
+from .types import DecodeBackend, GenerationRequest, PromptLogprobs, StepOutput, Token, host_scope
 
 
 class _StopScanner:
@@ -253,7 +253,7 @@ class Engine:
         rows = live
         b, steps = len(rows), max(0, *(r.budget for r in rows))
         pad = self.tokenizer.pad_id
-        with torch.inference_mode():
+        with host_scope(backend):
             ids = torch.full((b, p_len), pad, dtype=torch.long)
             # The whole mask is built once; each step passes a growing view of it.
             mask = torch.ones((b, p_len + steps), dtype=torch.long)
@@ -291,14 +291,14 @@ class Engine:
             if self.pipeline and state.may_continue():
                 # Launch the next step before this one's tokens reach the host: the device
                 # computes while the host decodes text. Wasted if every row ends here.
-                with torch.inference_mode():
+                with host_scope(backend):
                     ahead = launch()
-            with torch.inference_mode():
+            with host_scope(backend):
                 emitted = state.emit(choice)
             yield from emitted
             if not state.any_live():
                 return
-            with torch.inference_mode():
+            with host_scope(backend):
                 keep = state.compact_index()
                 if keep is not None and hasattr(backend, "reorder_cache"):
                     new_past = backend.reorder_cache(past, keep)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,8 +124,10 @@ class StepOutput:
 class DecodeBackend(Protocol):
     """What the decoding loop needs from a model: PyTorch, quantized or ONNX Runtime.
 
-    Optional extra: ``reorder_cache(past, index) -> past | None`` keeping only the batch
+    Optional extras: ``reorder_cache(past, index) -> past | None`` keeping only the batch
     rows in ``index`` (a LongTensor); with it, rows that finish early stop costing compute.
+    ``host_threads``: how many threads torch may use for the host-side work between steps
+    (sampling), for a backend whose own threads need the cores (None: torch's setting).
     """
 
     vocab_size: int
@@ -135,3 +138,19 @@ class DecodeBackend(Protocol):
                 position_ids: torch.Tensor, past_key_values: Any) -> StepOutput:
         """input_ids/position_ids [B,S], attention_mask [B,past+S]; past None at prefill."""
         ...
+
+
+@contextlib.contextmanager
+def host_scope(backend: DecodeBackend) -> Iterator[None]:
+    """Inference mode, with torch's threads capped at the backend's ``host_threads`` (and
+    put back after, so code between a generator's steps keeps the caller's setting)."""
+    cap, before = getattr(backend, "host_threads", None), torch.get_num_threads()
+    with torch.inference_mode():
+        if cap is None or cap >= before:
+            yield
+            return
+        torch.set_num_threads(cap)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
