@@ -280,6 +280,16 @@ def optimizer_headline(result: dict[str, Any]) -> str:
     return f"{result.get('preset', '?')}: " + ", ".join(parts)
 
 
+def onnx_threads_headline(result: dict[str, Any]) -> str:
+    """The default setting (spin inside a run, torch's sampling on one thread) against the
+    old one (never spin, torch's default threads), per precision and batch."""
+    parts = []
+    for row in result.get("rows", []):
+        if row.get("spin") == "run" and row.get("host_threads") == 1:
+            parts.append(f"{row['precision']} b{row['batch']} {row['x_never_default']:.2f}x")
+    return ("spin=run, host=1 vs spin=never, host=default: " + ", ".join(parts)) if parts else ""
+
+
 def generate_headline(result: dict[str, Any]) -> str:
     parts = []
     for row in _rows(result):
@@ -458,6 +468,18 @@ register(BenchSpec(
     timeout_s={"cpu": 1500, "quick": 300, "cuda": 150}, out_dir_arg=True,
     headline=serve_load_headline,
     default=False))  # ~10 minutes on a 2-core CPU: asked for by name (--only serve_load)
+
+
+register(BenchSpec(
+    name="onnx_threads", module="vesper_sdk.benchmarks.onnx_threads",
+    description="ONNX decode tokens/s ('small' fp32/int8/int4, batch 1 and 8) under each "
+                "thread setting: ONNX Runtime spinning never/always/inside a run, torch's "
+                "sampling threads 1 or default",
+    args={"cpu": [], "quick": ["--precisions", "int4", "--batches", "1", "--rounds", "1",
+                               "--new-tokens", "16"], "cuda": []},
+    timeout_s={"cpu": 1200, "quick": 300, "cuda": 600}, device_arg=False,
+    headline=onnx_threads_headline,
+    default=False))  # ~7 minutes on an idle 2-core CPU: asked for by name
 
 
 def peers_python() -> tuple[str | None, str]:
@@ -922,6 +944,9 @@ def run_suite(only: str | Iterable[str] | None = None, *, device: str = "auto",
                 out, [n for n in registry if n in ran])
         except Exception as exc:  # matplotlib missing or broken: report, keep the tables
             chart_errors["charts"] = f"{type(exc).__name__}: {exc}"
+    # The summary shows every benchmark's chart, drawn now or by an earlier run.
+    chart_files = [str(out / f"{r.name}.png") for r in all_records
+                   if (out / f"{r.name}.png").is_file()]
     (out / "SUMMARY.md").write_text(summary_markdown(all_records, chart_files, chart_errors,
                                                      command=command))
     if echo:
