@@ -51,6 +51,9 @@ PATHS: dict[str, tuple[str, str]] = {
     "vesper-eager": ("vesper", "eager"), "vesper-compiled": ("vesper", "compiled"),
     "vesper-onnx-fp32": ("vesper", "onnx-fp32"), "vesper-onnx-int8": ("vesper", "onnx-int8"),
     "vesper-onnx-int4": ("vesper", "onnx-int4"),
+    # The in-place KV export (GroupQueryAttention writing the cache buffers in place).
+    **{f"vesper-onnx-{q}-inplace": ("vesper", f"onnx-{q}-inplace")
+       for q in ("fp32", "int8", "int4")},
     **{f"ort-genai-{q}": ("onnxruntime-genai", q) for q in ("fp32", "int8", "int4")},
     **{f"llama.cpp-{q}": ("llama.cpp", q) for q in ("f32", "q8_0", "q4_0")},
     "ct2-fp32": ("ctranslate2", "float32"), "ct2-int8": ("ctranslate2", "int8"),
@@ -266,8 +269,9 @@ def convert(name: str, work: Path, vdir: Path, hdir: Path, args: argparse.Namesp
             return vdir
         import vesper_sdk as vs
 
-        q = variant.removeprefix("onnx-")
-        vs.export_onnx(vdir, out, quantize=None if q == "fp32" else q, verbose=False)
+        q = variant.removeprefix("onnx-").removesuffix("-inplace")
+        vs.export_onnx(vdir, out, quantize=None if q == "fp32" else q, verbose=False,
+                       in_place_kv=variant.endswith("-inplace"))
     elif family == "onnxruntime-genai":
         cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", str(hdir), "-o", str(out),
                "-p", variant, "-e", "cpu", "-c", str(work / "ort-genai-cache")]

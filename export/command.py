@@ -38,10 +38,14 @@ class ExportOptions:
         "help": "int4: weights per quantization block (power of two >= 16)"})
     cache: bool = field(default=True, metadata={
         "help": "export the KV cache inputs/outputs (--no-cache: re-read the sequence)"})
+    in_place_kv: bool = field(default=False, metadata={
+        "help": "attention as ONNX Runtime's GroupQueryAttention, which writes the KV cache "
+                "in place (no copy per token; head_dim a multiple of 16; not for Optimum)"})
 
 
 def cli(opts: ExportOptions) -> int:
     """``vesper export`` / ``vesper-export --onnx``."""
     export_onnx(opts.model_dir, opts.out_dir, opset=opts.opset, quantize=opts.quantize,
-                block_size=opts.block_size, use_cache=opts.cache)
+                block_size=opts.block_size, use_cache=opts.cache,
+                in_place_kv=opts.in_place_kv)
     return 0

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from ..model import (
     paired_ffn_weights,
     register_attention,
 )
-from ..model.cache import Cache
+from ..model.cache import Cache, KVPair
 
 LOWERED_MIN_OPSET = 23
 
@@ -129,15 +129,108 @@ def _(q, k, v, mask, past_k, past_v, num_heads):
     return torch.empty_like(q), q.new_empty(shape), q.new_empty(shape)
 
 
+@torch.library.custom_op("vesper::in_place_attention", mutates_args=())
+def in_place_attention(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                       key_mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX Runtime's GroupQueryAttention (com.microsoft) in torch, for packed qkv [B,S,3HD].
+
+    Rows are ragged on the right: row b holds ``key_mask[b].sum()`` tokens at positions
+    0.., this call's S tokens the last of them (all S at 0.. on the first call, when S is
+    the mask's width). The past buffers [B,H,P,D] hold the earlier ones at their
+    positions; P may exceed what is used (the runner's buffer, written in place when
+    the present output is bound to it). Returns (y [B,S,HD], present key, value
+    [B,H,max(P, width),D]); RoPE at each token's position, from the cos/sin table.
+    """
+    b, s, _ = qkv.shape
+    d = qkv.shape[-1] // (3 * num_heads)
+    total, p = key_mask.shape[1], past_k.shape[2]
+    lens = key_mask.sum(-1)
+    start = torch.zeros_like(lens) if s == total else lens - s
+    pos = start[:, None] + torch.arange(s, device=qkv.device)  # [B,S]
+    q, k, v = qkv.view(b, s, 3, num_heads, d).unbind(2)
+    wide = RotaryEmbedding.widen(cos[pos], sin[pos])
+    table = (wide[0].unsqueeze(2), wide[1].unsqueeze(2))
+    q, k = RotaryEmbedding.rotate(q, table), RotaryEmbedding.rotate(k, table)
+    length = max(total, p)
+    index = pos[:, None, :, None].expand(b, num_heads, s, d)
+    present = []
+    for past, new in ((past_k, k), (past_v, v)):
+        buf = past.new_zeros(b, num_heads, length, d)
+        buf[:, :, :p] = past
+        present.append(buf.scatter(2, index, new.transpose(1, 2)))
+    visible = torch.arange(length, device=qkv.device) <= pos[:, None, :, None]  # [B,1,S,L]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), present[0], present[1],
+                                       attn_mask=visible)
+    return y.transpose(1, 2).reshape(b, s, num_heads * d), present[0], present[1]
+
+
+@in_place_attention.register_fake
+def _(qkv, past_k, past_v, key_mask, cos, sin, num_heads):
+    b, s, hd3 = qkv.shape
+    # In the traced example the past is exactly the earlier tokens, so max(P, width) is
+    # the width; at run time ONNX Runtime sizes the outputs itself.
+    shape = (b, num_heads, key_mask.shape[1], hd3 // (3 * num_heads))
+    return qkv.new_empty(b, s, hd3 // 3), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
+class KeyMaskCache(DynamicCache):
+    """The export's cache for :func:`in_place_attention`: the past layers plus the 2-D key
+    mask, which that operator reads each row's length from."""
+
+    attention = "onnx_in_place"
+
+    def __init__(self, layers: Sequence[KVPair], key_mask: torch.Tensor) -> None:
+        super().__init__(layers)
+        self.key_mask = key_mask
+
+
+def in_place_supported(head_dim: int) -> str | None:
+    """Why the in-place KV layout cannot be exported for this head size, or None."""
+    if head_dim % 16:
+        return (f"head_dim {head_dim} is not a multiple of 16, which ONNX Runtime's "
+                "GroupQueryAttention needs")
+    return None
+
+
 # ----------------------------------------------------------------------------- ONNX side
+@functools.cache
+def _register_gqa_schema() -> None:
+    """Tell onnx (and so onnxscript, which writes the translations) the signature of ONNX
+    Runtime's com.microsoft GroupQueryAttention, as far as the export uses it."""
+    import onnx.defs
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("GroupQueryAttention", "com.microsoft"):
+        return
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    inputs = [param("query", "T"), param("key", "T", param_option=optional),
+              param("value", "T", param_option=optional),
+              param("past_key", "T", param_option=optional),
+              param("past_value", "T", param_option=optional),
+              param("seqlens_k", "M"), param("total_sequence_length", "M"),
+              param("cos_cache", "T", param_option=optional),
+              param("sin_cache", "T", param_option=optional)]
+    outputs = [param("output", "T"), param("present_key", "T"), param("present_value", "T")]
+    attributes = [OpSchema.Attribute(name, OpSchema.AttrType.INT, "")
+                  for name in ("num_heads", "kv_num_heads", "do_rotary")]
+    onnx.defs.register_schema(OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1, inputs=inputs, outputs=outputs,
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=attributes))
+
+
 def translation_table(opset: int) -> dict:
     """torch op -> onnxscript function, for ``torch.onnx.export(custom_translation_table=)``.
 
     softplus, logsumexp and the MetaHead's logit features at every supported opset (18+);
     the fused rotary and attention operators from opset 23, where they exist.
     """
-    from onnxscript import FLOAT, INT64
+    from onnxscript import FLOAT, INT64, values
     from onnxscript import opset18 as op18
+
+    _register_gqa_schema()
+    msft = values.Opset("com.microsoft", 1)
 
     def softplus_onnx(x: FLOAT, beta: float = 1.0, threshold: float = 20.0) -> FLOAT:
         # relu(z) - log(sigmoid(|z|)) is softplus(z) with no overflow and no branch (its
@@ -171,9 +264,23 @@ def translation_table(opset: int) -> dict:
         return op18.Concat(op18.Neg(log_total), op18.Sub(first, second),
                            op18.Sub(log_total, mean_shift), axis=-1)
 
+    def in_place_attention_onnx(qkv: FLOAT, past_k: FLOAT, past_v: FLOAT, key_mask: INT64,
+                                cos: FLOAT, sin: FLOAT, num_heads: int):
+        # Each row's length - 1 and the mask's width, as int32: what the operator reads
+        # its positions, its causal limit and where to write the new keys from.
+        one = op18.Constant(value_ints=[1])
+        seqlens = op18.Cast(op18.Sub(op18.ReduceSum(key_mask, one, keepdims=0),
+                                     op18.CastLike(1, key_mask)), to=6)
+        width = op18.Cast(op18.Gather(op18.Shape(key_mask), op18.Constant(value_int=1),
+                                      axis=0), to=6)
+        return msft.GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, width,
+                                        cos, sin, num_heads=num_heads,
+                                        kv_num_heads=num_heads, do_rotary=1)
+
     table = {torch.ops.aten.softplus.default: softplus_onnx,
              torch.ops.aten.logsumexp.default: logsumexp_onnx,
-             torch.ops.vesper.logit_features.default: logit_features_onnx}
+             torch.ops.vesper.logit_features.default: logit_features_onnx,
+             torch.ops.vesper.in_place_attention.default: in_place_attention_onnx}
     if not fused_attention(opset):
         return table
     from onnxscript import opset23 as op
@@ -216,6 +323,25 @@ def onnx_attention(attn: Attention, x: torch.Tensor, rope: RopeTable,
                                                       attn.num_heads)
     if isinstance(cache, DynamicCache):
         cache.set(layer, key, value)
+    return y
+
+
+@register_attention("onnx_in_place")
+def onnx_in_place_attention(attn: Attention, x: torch.Tensor, rope: RopeTable,
+                            mask: torch.Tensor | None, cache: Cache | None,
+                            layer: int) -> torch.Tensor:
+    """The attention variant of an in-place KV export (:class:`KeyMaskCache`): the packed
+    qkv product into one :func:`in_place_attention`, which rotates, writes the cache and
+    attends (ONNX Runtime's GroupQueryAttention in the graph)."""
+    if not isinstance(cache, KeyMaskCache):
+        raise TypeError("the onnx_in_place attention variant needs a KeyMaskCache")
+    b = x.shape[0]
+    past = cache.past(layer)
+    if past is None:
+        past = (x.new_zeros(b, attn.num_heads, 0, attn.head_dim),) * 2
+    y, key, value = torch.ops.vesper.in_place_attention(
+        attn.qkv(x), past[0], past[1], cache.key_mask, rope.cos, rope.sin, attn.num_heads)
+    cache.set(layer, key, value)
     return y
 
 

@@ -25,18 +25,17 @@ and the MoE router stay fp32 (see vesper_sdk.quantization for why).
 
 Opset: 23 by default, for its native RMSNormalization, RotaryEmbedding and Attention
 (with the KV cache as inputs and outputs) operators, which ``export.lowering`` maps the
-model's attention onto (figures there: on the bundled demo model, int4, 302 -> 179
-graph nodes with its other lowerings, ~1.4x the decode speed). Where the installed
-onnxscript or ONNX Runtime lacks those two operators, the export keeps the plain ones
-(``onnx.fused_attention`` in config.json says which). It needs ONNX Runtime >= 1.22;
-``--opset 18`` (fp32/int8) or 21 (int4, whose embedding is an INT4 tensor) serve older
-runtimes.
+model's attention onto; where the installed onnxscript or ONNX Runtime lacks them, the
+export keeps the plain ones (``onnx.fused_attention`` in config.json says which). It
+needs ONNX Runtime >= 1.22; ``--opset 18`` (fp32/int8) or 21 (int4, whose embedding is
+an INT4 tensor) serve older runtimes. ``in_place_kv`` exports ONNX Runtime's
+GroupQueryAttention instead (``export.in_place``).
 
 The folder also loads in Hugging Face Optimum (``ORTModelForCausalLM``) after
 ``vesper_sdk.export.register_optimum()``: same input/output names, same greedy tokens.
 
 Every export is checked before it is declared done: ONNX Runtime against PyTorch on
-random prompts (batch 2, left padding) over a prefill and several decode steps. fp32:
+random prompts (batch 2, padded) over a prefill and several decode steps. fp32:
 max |logits difference| <= 1e-4. Quantized graphs: stated looser bounds on the relative
 logits error and on how far the ONNX top-1 is from PyTorch's top-1 logit
 (``QUANT_BOUNDS``). The folder is assembled aside and renamed into place only when the
@@ -65,7 +64,14 @@ from ..hf.card import onnx_section, update_model_card
 from ..hf.files import write_folder_files
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
-from .lowering import fused_attention, lowered, paired_ffn_weights, translation_table
+from .lowering import (
+    KeyMaskCache,
+    fused_attention,
+    in_place_supported,
+    lowered,
+    paired_ffn_weights,
+    translation_table,
+)
 from .runner import ONNX_NAME, make_session
 
 DEFAULT_OPSET = 23
@@ -94,15 +100,17 @@ class ExportError(ValueError):
 class _ExportWrapper(nn.Module):
     """Flat tensors in and out, HF-style names, so the ONNX signature is plain."""
 
-    def __init__(self, model: VesperLM, use_cache: bool) -> None:
+    def __init__(self, model: VesperLM, use_cache: bool, in_place: bool = False) -> None:
         super().__init__()
-        self.model, self.use_cache = model, use_cache
+        self.model, self.use_cache, self.in_place = model, use_cache, in_place
         self.num_layers = model.config.num_layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pkv = (tuple((past[2 * i], past[2 * i + 1]) for i in range(self.num_layers))
                if self.use_cache else None)
+        if self.in_place:
+            pkv = KeyMaskCache(pkv, attention_mask)
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=pkv, use_cache=self.use_cache)
         flat = [t for kv in out.past_key_values for t in kv] if self.use_cache else []
@@ -139,13 +147,13 @@ def _quiet_exporter():
             logging.getLogger(n).setLevel(lvl)
 
 
-def _torch_to_onnx(model: VesperLM, opset: int, use_cache: bool) -> Any:
+def _torch_to_onnx(model: VesperLM, opset: int, use_cache: bool, in_place: bool = False) -> Any:
     """The dynamo-exported ModelProto of ``model`` (dynamic batch / sequence / past)."""
     import onnx
     from torch.export import Dim
 
     cfg = model.config
-    wrapper = _ExportWrapper(model, use_cache).eval()
+    wrapper = _ExportWrapper(model, use_cache, in_place).eval()
     # Example sizes above 1 so torch.export does not specialise them; past 3, seq 5.
     b, s, p = 2, min(5, cfg.max_seq_len - 3), 3
     ids = torch.randint(0, cfg.vocab_size, (b, s))
@@ -350,11 +358,12 @@ def _run(session: Any, names_in: list[str], ids: torch.Tensor, mask: torch.Tenso
 
 @torch.no_grad()
 def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: int = 6,
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0, in_place: bool = False) -> dict[str, float]:
     """Compare ONNX Runtime with PyTorch on random prompts: prefill, then ``steps`` decodes.
 
-    Batch 2 with left padding (prompts of 9 and 5 tokens); the decode tokens are PyTorch's
-    greedy choices, fed to both, so errors do not compound. Returns
+    Batch 2 with padding (prompts of 9 and 5 tokens; on the left, or for an ``in_place``
+    graph on the right, each row's new token at its own length); the decode tokens are
+    PyTorch's greedy choices, fed to both, so errors do not compound. Returns
     ``max_abs`` (logits, every position), ``max_abs_meta`` (confidence/stop), ``rel_err``
     and ``top1_gap`` (see QUANT_BOUNDS) and ``top1_agree`` over real positions.
     """
@@ -364,9 +373,11 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
     s = max(lens)
     ids = torch.randint(0, cfg.vocab_size, (2, s), generator=gen)
     mask = torch.ones(2, s, dtype=torch.long)
-    mask[1, : s - lens[1]] = 0
-    ids[1, : s - lens[1]] = cfg.pad_token_id
+    pads = slice(lens[1], None) if in_place else slice(None, s - lens[1])
+    mask[1, pads] = 0
+    ids[1, pads] = cfg.pad_token_id
     pos = model.position_ids_from_mask(mask, s)
+    n_real = mask.sum(-1)
     names_in = [i.name for i in session.get_inputs()]
     empty = [np.zeros((2, cfg.num_heads, 0, cfg.head_dim), np.float32)
              for _ in names_in[3:]]
@@ -388,10 +399,13 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
         if not torch.isfinite(g_logits).all() or not all(torch.isfinite(c).all()
                                                           for c in got_conf):
             raise ExportError("the ONNX graph produced NaN/inf outputs")
-        stats["max_abs"] = max(stats["max_abs"], (g_logits - r_logits).abs().max().item())
+        # Every position, padding too; only real ones where padding is on the right (the
+        # in-place graph's padded queries attend causally, PyTorch's only to themselves).
+        at = real if in_place else torch.ones_like(real)
+        stats["max_abs"] = max(stats["max_abs"], (g_logits - r_logits)[at].abs().max().item())
         stats["max_abs_meta"] = max(stats["max_abs_meta"],
-                                    (got_conf[0] - ref.confidence).abs().max().item(),
-                                    (got_conf[1] - ref.stop).abs().max().item())
+                                    (got_conf[0] - ref.confidence)[at].abs().max().item(),
+                                    (got_conf[1] - ref.stop)[at].abs().max().item())
         r, g = r_logits[real], g_logits[real]  # real (non-padding) positions only
         stats["rel_err"] = max(stats["rel_err"], ((g - r).norm() / r.norm()).item())
         pick = g.argmax(-1)
@@ -401,15 +415,17 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
         total += pick.numel()
         if step == steps:
             break
-        nxt = r_logits[:, -1].argmax(-1, keepdim=True)
+        last = (n_real - 1) if step == 0 and in_place else torch.full((2,), -1)
+        nxt = r_logits[torch.arange(2), last].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        pos = pos[:, -1:] + 1
+        pos, n_real = n_real[:, None], n_real + 1
         real = torch.ones(2, 1, dtype=torch.bool)
         pkv = ref.past_key_values
         ref = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=pkv,
                     use_cache=True)
         if use_cache:
-            got = _run(session, names_in, nxt, mask, pos, got[3:])
+            ragged = (torch.arange(mask.shape[1]) < n_real[:, None]).long()
+            got = _run(session, names_in, nxt, ragged if in_place else mask, pos, got[3:])
         else:
             all_ids = torch.cat([all_ids, nxt], 1)
             all_pos = torch.cat([all_pos, pos], 1)
@@ -479,14 +495,17 @@ def default_opset(quantize: str | None, runtime_version: str) -> int:
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = None,
                 quantize: str | None = None, block_size: int = 32, use_cache: bool = True,
-                verbose: bool = True) -> Path:
+                verbose: bool = True, in_place_kv: bool = False) -> Path:
     """Export ``model_dir`` to ``out_dir`` (model.onnx + config.json + tokenizer.json).
 
     ``quantize``: None (fp32), ``"int8"`` (dynamic int8 MatMuls) or ``"int4"`` (4-bit
     MatMulNBits, ``block_size`` weights per scale). ``opset`` defaults to 23 (with an
     ONNX Runtime older than 1.22: 21 for int4, else 18).
     ``use_cache=False`` exports a graph
-    without past/present (it re-reads the whole sequence each step). The export is
+    without past/present (it re-reads the whole sequence each step). ``in_place_kv``: attention
+    as ONNX Runtime's GroupQueryAttention, which writes each step's keys into the runner's
+    cache buffers in place (rows ragged on the right; head_dim a multiple of 16; ONNX
+    Runtime only, not Optimum). The export is
     verified with ONNX Runtime against PyTorch before it is renamed into place (figures
     printed when ``verbose``, stored under ``onnx.verification`` in config.json);
     a failed check raises ExportError and leaves no folder. Returns ``out_dir``.
@@ -499,6 +518,10 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
         opset = default_opset(quantize, onnxruntime.__version__)
     _validate_request(model_dir, out_dir, opset, quantize, block_size)
     model = VesperLM.from_pretrained(model_dir).eval().float()
+    why = "it needs the KV cache (drop --no-cache)" if not use_cache else (
+        in_place_supported(model.config.head_dim))
+    if in_place_kv and why:
+        raise ExportError(f"--in-place-kv cannot be exported: {why}")
     # Rounding may pick different FlyLoRA ranks in ONNX and torch when two scores tie
     # exactly; it does not happen with real weights, and the check would catch it.
     info: dict[str, Any] = {
@@ -506,12 +529,13 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
         "block_size": block_size if quantize == "int4" else None,
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         "fused_attention": fused_attention(opset),  # export.lowering: RotaryEmbedding + Attention
+        "kv_layout": "in_place" if in_place_kv else "concat",
         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
     }
     in_names, out_names = io_names(model.config.num_layers, use_cache)
     info.update(inputs=in_names, outputs=out_names)
     start = time.perf_counter()
-    proto = _torch_to_onnx(model, opset, use_cache)
+    proto = _torch_to_onnx(model, opset, use_cache, in_place_kv)
     nodes = tidy_graph(proto, model, use_cache, separate_lm_head=quantize is not None)
     large = sum(p.numel() * 4 for p in model.parameters()) > EXTERNAL_DATA_BYTES
     files: dict[str, bytes | Path] = {}
@@ -534,7 +558,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
             plain.unlink()
             Path(f"{plain}.data").unlink(missing_ok=True)
         session = make_session(target, providers=["CPUExecutionProvider"])
-        stats = check_parity(session, model, use_cache=use_cache)
+        stats = check_parity(session, model, use_cache=use_cache, in_place=in_place_kv)
         problem = _judge(stats, quantize)
         if problem:
             raise ExportError(
@@ -568,7 +592,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
         print(f"exported {model_dir} -> {out_dir / ONNX_NAME} ({what}, opset {opset}, "
               f"{size:.2f} MB = {size / fp:.2f}x the safetensors) in "
               f"{time.perf_counter() - start:.1f}s; ONNX Runtime vs PyTorch over prefill + "
-              f"6 decode steps, batch 2, left padding: {verdict}")
+              f"6 decode steps, batch 2, {'right' if in_place_kv else 'left'} padding: {verdict}")
     return out_dir
 
 

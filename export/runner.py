@@ -23,6 +23,7 @@ from ..config import ConfigError, VesperConfig
 from ..inference.types import StepOutput
 from ..integrity import require_intact, verify_file
 from ..model import ModelFolderError
+from .in_place import in_place_step, int64_array
 
 ONNX_NAME = "model.onnx"
 CONFIG_NAME = "config.json"
@@ -181,6 +182,13 @@ class OnnxBackend:
             host_threads = 1 if self._cache_device == "cpu" else 0
         self.host_threads = host_threads or None
         self._output_names = ["logits", "confidence", "stop", *self._present_names]
+        # An in-place KV export (export.in_place): the cache stays in buffers that ONNX
+        # Runtime writes at each row's length; the CPU only (its fp32 operator).
+        self.in_place = self.onnx_info.get("kv_layout") == "in_place"
+        self.has_position_ids = "position_ids" in names
+        if self.in_place and self._cache_device != "cpu":
+            raise ModelFolderError(f"{self.model_dir} is an in-place KV export, which runs on "
+                                   "the CPU provider only: export without --in-place-kv")
 
     @property
     def device(self) -> torch.device:
@@ -207,21 +215,24 @@ class OnnxBackend:
         if not self.use_cache:
             return self._forward_no_cache(input_ids, attention_mask, position_ids,
                                           past_key_values)
+        if self.in_place:
+            return in_place_step(self, input_ids, attention_mask, past_key_values)
         past = past_key_values if past_key_values is not None else self._empty_past(
             input_ids.shape[0])
         if self._cache_device == "cpu":
             # On the CPU a plain run() with numpy arrays costs less per step than IO
             # binding (measured on the int4 demo model, one thread).
             feed = dict(zip(self._past_names, past, strict=True))
-            feed.update(input_ids=_int64(input_ids), attention_mask=_int64(attention_mask),
-                        position_ids=_int64(position_ids))
+            feed.update(input_ids=int64_array(input_ids),
+                        attention_mask=int64_array(attention_mask),
+                        position_ids=int64_array(position_ids))
             outs = self.session.run(self._output_names, feed)
             logits, conf, stop = (torch.from_numpy(o) for o in outs[:3])
             return StepOutput(logits, conf, stop, outs[3:])
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", _int64(input_ids))
-        binding.bind_cpu_input("attention_mask", _int64(attention_mask))
-        binding.bind_cpu_input("position_ids", _int64(position_ids))
+        binding.bind_cpu_input("input_ids", int64_array(input_ids))
+        binding.bind_cpu_input("attention_mask", int64_array(attention_mask))
+        binding.bind_cpu_input("position_ids", int64_array(position_ids))
         for name, value in zip(self._past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
         for name in ("logits", "confidence", "stop"):
@@ -238,6 +249,8 @@ class OnnxBackend:
         if not self.use_cache:
             return tuple(t.index_select(0, index.cpu()) for t in past)
         rows = index.cpu().numpy()
+        if self.in_place:
+            return past.rows(rows)
         if self._cache_device == "cpu":
             return [np.ascontiguousarray(v[rows]) for v in past]
         import onnxruntime as ort
@@ -252,8 +265,8 @@ class OnnxBackend:
         if past is not None:
             input_ids = torch.cat([past[0], input_ids.cpu()], dim=1)
             position_ids = torch.cat([past[1], position_ids.cpu()], dim=1)
-        feed = {"input_ids": _int64(input_ids), "attention_mask": _int64(attention_mask),
-                "position_ids": _int64(position_ids)}
+        feed = {"input_ids": int64_array(input_ids), "attention_mask": int64_array(attention_mask),
+                "position_ids": int64_array(position_ids)}
         logits, conf, stop = self.session.run(["logits", "confidence", "stop"], feed)
         return StepOutput(torch.from_numpy(logits[:, -new:]), torch.from_numpy(conf[:, -new:]),
                           torch.from_numpy(stop[:, -new:]),
@@ -262,13 +275,6 @@ class OnnxBackend:
     def __repr__(self) -> str:
         return (f"OnnxBackend({self.model_dir}, {self.onnx_info.get('quantize') or 'fp32'}, "
                 f"{self.providers[0]})")
-
-
-def _int64(t: torch.Tensor) -> np.ndarray:
-    # Zero-copy for the usual CPU int64 tensors; a cast only when the caller used int32/bool.
-    if t.dtype != torch.int64:
-        t = t.to(torch.int64)
-    return t.detach().cpu().contiguous().numpy()
 
 
 def register_optimum() -> type:

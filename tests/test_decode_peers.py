@@ -15,7 +15,7 @@ def test_arguments_default_to_the_issue_setting_and_check_paths():
     a = dp.parse_args([])
     assert (a.rounds, a.batch_sizes, a.prompt_len, a.new_tokens, a.threads) == (7, [1, 8], 32,
                                                                                    128, 2)
-    assert a.path_names == list(dp.PATHS) and len(dp.PATHS) == 13 and dp.WORKER.is_file()
+    assert a.path_names == list(dp.PATHS) and len(dp.PATHS) == 16 and dp.WORKER.is_file()
     q = dp.parse_args(["--quick", "--paths", "vesper-eager, ct2-int8"])
     assert (q.rounds, q.batch_sizes, q.new_tokens) == (2, [1], 16)
     assert q.path_names == ["vesper-eager", "ct2-int8"]

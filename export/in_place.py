@@ -1,0 +1,115 @@
+"""Decoding an in-place KV export (``export_onnx(..., in_place_kv=True)``) with ONNX Runtime.
+
+The graph's attention is ONNX Runtime's GroupQueryAttention: given the past buffers
+[B,H,C,D] and the same buffers bound as its present outputs, it writes each step's keys
+and values into them at each row's own length, so no step copies the cache (the plain
+export's attention returns a new, longer cache every step). Rows are ragged on the right:
+row b's tokens sit at positions 0..len_b-1. The decoding loop pads prompts on the left, so
+the prefill is shifted to the right layout and its outputs back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..inference.types import StepOutput
+
+MIN_CAPACITY = 64  # positions per row allocated at first; doubled when a step needs more
+
+
+class InPlaceCache:
+    """The KV buffers between steps (numpy arrays and the OrtValues over the same memory)
+    and each row's length."""
+
+    def __init__(self, arrays: list[np.ndarray], lengths: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        self.arrays, self.lengths = arrays, lengths
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2]
+
+    @classmethod
+    def empty(cls, tensors: int, batch: int, heads: int, head_dim: int,
+              capacity: int) -> InPlaceCache:
+        return cls([np.zeros((batch, heads, capacity, head_dim), np.float32)
+                    for _ in range(tensors)], np.zeros(batch, np.int64))
+
+    def with_capacity(self, need: int, limit: int) -> InPlaceCache:
+        """This cache, or a copy in buffers large enough for ``need`` positions."""
+        if need <= self.capacity:
+            return self
+        capacity = min(max(need, 2 * self.capacity), max(limit, need))
+        grown = []
+        for a in self.arrays:
+            b = np.zeros((*a.shape[:2], capacity, a.shape[3]), np.float32)
+            b[:, :, :a.shape[2]] = a
+            grown.append(b)
+        return InPlaceCache(grown, self.lengths)
+
+    def rows(self, index: np.ndarray) -> InPlaceCache:
+        return InPlaceCache([np.ascontiguousarray(a[index]) for a in self.arrays],
+                            self.lengths[index])
+
+
+def _shift(t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Row b of t [B,S,...] moved by shift[b] positions to the right (negative: left);
+    positions moved in from outside repeat the edge (they are padding)."""
+    s = t.shape[1]
+    index = (torch.arange(s) - shift[:, None]).clamp(0, s - 1)
+    return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(t.shape))
+
+
+def in_place_step(backend: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  past: InPlaceCache | None) -> StepOutput:
+    """One step of ``backend`` (an OnnxBackend over an in-place export); ``past`` None is
+    the prefill, whose prompts are left-padded as ``attention_mask`` says."""
+    cfg = backend.config
+    b, s = input_ids.shape
+    shift = None
+    if past is None:
+        lens = attention_mask.sum(-1).cpu()
+        shift = s - lens  # left padding of each row
+        if bool(shift.any()):
+            input_ids = _shift(input_ids.cpu(), -shift)
+        else:
+            shift = None
+        need = s + MIN_CAPACITY
+        past = InPlaceCache.empty(len(backend._past_names), b, cfg.num_heads, cfg.head_dim,
+                                  min(max(MIN_CAPACITY, need), max(cfg.max_seq_len, s)))
+        new_lens = lens.numpy().astype(np.int64)
+    else:
+        new_lens = past.lengths + s
+    width = int(new_lens.max())
+    past = past.with_capacity(width, cfg.max_seq_len)
+    mask = (np.arange(width)[None, :] < new_lens[:, None]).astype(np.int64)
+    binding = backend.session.io_binding()
+    binding.bind_cpu_input("input_ids", int64_array(input_ids))
+    binding.bind_cpu_input("attention_mask", mask)
+    if backend.has_position_ids:  # unused by the operator, which counts positions itself
+        binding.bind_cpu_input("position_ids", np.zeros((b, s), np.int64))
+    for name, value in zip(backend._past_names, past.values, strict=True):
+        binding.bind_ortvalue_input(name, value)
+    for name in ("logits", "confidence", "stop"):
+        binding.bind_output(name, "cpu")
+    for name, value in zip(backend._present_names, past.values, strict=True):
+        binding.bind_ortvalue_output(name, value)
+    backend.session.run_with_iobinding(binding)
+    logits, conf, stop = (torch.from_numpy(o.numpy()) for o in binding.get_outputs()[:3])
+    if shift is not None:  # back to the loop's left padding
+        logits, conf, stop = (_shift(t, shift) for t in (logits, conf, stop))
+    past.lengths = new_lens
+    return StepOutput(logits, conf, stop, past)
+
+
+def int64_array(t: torch.Tensor) -> np.ndarray:
+    """An ONNX int64 input from a tensor: zero-copy for the usual CPU int64 tensors, a cast
+    only when the caller used int32/bool."""
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    return t.detach().cpu().contiguous().numpy()

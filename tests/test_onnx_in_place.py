@@ -1,0 +1,136 @@
+"""The in-place KV export (``--in-place-kv``): ONNX Runtime's GroupQueryAttention writes the
+cache buffers in place, rows ragged on the right; the runner hides that layout, so the
+decoding loop gets the tokens of the plain export and of PyTorch."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import vesper_sdk as vs
+from vesper_sdk.export.in_place import MIN_CAPACITY, InPlaceCache
+from vesper_sdk.export.onnx_export import ExportError, export_onnx
+from vesper_sdk.export.runner import OnnxBackend
+from vesper_sdk.inference.llm import load_onnx
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model_dir, tmp_path_factory) -> dict[str, Any]:
+    from vesper_sdk.cli import export_main
+
+    root = tmp_path_factory.mktemp("in_place")
+    plain = export_onnx(tiny_model_dir, root / "plain", verbose=False)
+    assert export_main(["--onnx", str(tiny_model_dir), "-o", str(root / "in_place"),
+                        "--in-place-kv"]) == 0
+    return {"plain": plain, "in_place": root / "in_place", "model": tiny_model_dir}
+
+
+def test_graph_uses_group_query_attention_and_config_says_in_place(exports):
+    info = json.loads((exports["in_place"] / "config.json").read_text())["onnx"]
+    assert info["kv_layout"] == "in_place" and info["verification"]["max_abs"] <= 1e-4
+    ops = [n.op_type for n in onnx.load(str(exports["in_place"] / "model.onnx")).graph.node]
+    assert "GroupQueryAttention" in ops and "RotaryEmbedding" not in ops
+    assert "Attention" not in ops
+    plain = json.loads((exports["plain"] / "config.json").read_text())["onnx"]
+    assert plain["kv_layout"] == "concat"
+
+
+def test_left_padded_batch_decodes_the_tokens_of_the_plain_export_and_pytorch(exports):
+    prompts = ["the cat sat on a mat while seven", "two", "red car and two blue"]
+    n = MIN_CAPACITY + 40  # past the first buffer: the cache grows once on the way
+    rows = {name: load_onnx(exports[name]).generate_tokens(
+        prompts, max_new_tokens=n, temperature=0.0, ignore_eos=True)
+        for name in ("plain", "in_place")}
+    torch_rows = vs.load(exports["model"], device="cpu").generate_tokens(
+        prompts, max_new_tokens=n, temperature=0.0, ignore_eos=True)
+    for a, b, c in zip(rows["plain"], rows["in_place"], torch_rows, strict=True):
+        assert len(b) == n and [t.id for t in a] == [t.id for t in b] == [t.id for t in c]
+        assert max(abs(x.confidence - y.confidence) for x, y in zip(a, b, strict=True)) < 1e-4
+
+
+def test_cache_buffers_are_written_in_place_and_grow_keeping_their_contents(exports):
+    backend = OnnxBackend(exports["in_place"])
+    ids = torch.tensor([[0, 0, 5, 9, 11], [7, 8, 9, 10, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = backend.forward(ids, mask, torch.zeros_like(ids), None)
+    cache = out.past_key_values
+    assert isinstance(cache, InPlaceCache) and cache.lengths.tolist() == [3, 5]
+    buffer = cache.arrays[0]
+    # The prefill wrote the prompt's width (row 0 right-aligned: its padding at 3 and 4),
+    # nothing past it.
+    assert np.abs(buffer[:, :, :5]).all(axis=-1).all() and not np.abs(buffer[:, :, 5:]).any()
+    padding_key = buffer[0, :, 3].copy()
+    for step in range(cache.capacity - 4):  # one step past the first buffer
+        nxt = torch.full((2, 1), 20 + step % 50)  # any tokens: the cache's moves are tested
+        out = backend.forward(nxt, mask, torch.zeros_like(nxt), out.past_key_values)
+        if step == 0:
+            assert out.past_key_values.arrays[0] is buffer  # no new cache: the same memory
+            # Row 0's 4th key went to its own length, over the padding; row 1's to 5.
+            assert not np.allclose(buffer[0, :, 3], padding_key)
+            assert np.abs(buffer[1, :, 5]).all(axis=-1).all()
+            before = buffer[0, :, :4].copy(), buffer[1, :, :6].copy()
+    grown = out.past_key_values
+    assert grown.capacity > cache.capacity and grown.lengths.tolist() == [
+        cache.capacity - 1, cache.capacity + 1]
+    np.testing.assert_array_equal(grown.arrays[0][0, :, :4], before[0])  # copied on growth
+    np.testing.assert_array_equal(grown.arrays[0][1, :, :6], before[1])
+
+
+def test_rows_that_leave_the_batch_keep_decoding_the_same(exports):
+    plain, in_place = OnnxBackend(exports["plain"]), OnnxBackend(exports["in_place"])
+    ids = torch.tensor([[0, 5, 9, 11], [7, 8, 9, 10], [3, 4, 5, 6]])
+    mask = (ids != 0).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    outs = [b.forward(ids, mask, pos, None) for b in (plain, in_place)]
+    keep = torch.tensor([0, 2])
+    mask, pos = mask[keep], pos[keep, -1:]
+    pasts = [b.reorder_cache(o.past_key_values, keep)
+             for b, o in zip((plain, in_place), outs, strict=True)]
+    nxt = outs[0].logits[keep, -1].argmax(-1, keepdim=True)
+    for _ in range(5):
+        mask, pos = torch.cat([mask, torch.ones_like(nxt)], 1), pos + 1
+        outs = [b.forward(nxt, mask, pos, p) for b, p in zip((plain, in_place), pasts,
+                                                                strict=True)]
+        pasts = [o.past_key_values for o in outs]
+        assert (outs[0].logits - outs[1].logits).abs().max() < 1e-4
+        nxt = outs[0].logits[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("num_heads,kwargs,match", [
+    (8, {}, "head_dim 8 is not a multiple of 16"),
+    (2, {"use_cache": False}, "needs the KV cache"),
+])
+def test_in_place_export_is_refused_where_it_cannot_work(tiny_tokenizer, tmp_path, num_heads,
+                                                         kwargs, match):
+    cfg = vs.VesperConfig.from_preset("tiny", hidden_size=64, num_layers=1, num_heads=num_heads,
+                                      ffn_hidden_size=128, vocab_size=tiny_tokenizer.vocab_size)
+    vs.VesperLM(cfg).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save(tmp_path / "m")
+    with pytest.raises(ExportError, match=match):
+        export_onnx(tmp_path / "m", tmp_path / "out", in_place_kv=True, verbose=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_help_explains_in_place_kv(capsys):
+    from vesper_sdk.cli import export_main
+
+    with pytest.raises(SystemExit):
+        export_main(["--onnx", "--help"])
+    assert "--in-place-kv" in capsys.readouterr().out
+
+
+def test_shift_moves_rows_and_back():
+    from vesper_sdk.export.in_place import _shift
+
+    t = torch.tensor([[0, 0, 1, 2], [3, 4, 5, 6]])
+    shift = torch.tensor([2, 0])
+    right = _shift(t, -shift)
+    assert right[0, :2].tolist() == [1, 2] and right[1].tolist() == [3, 4, 5, 6]
+    assert _shift(right, shift)[0, 2:].tolist() == [1, 2]
+
+
