@@ -223,9 +223,11 @@ def _register_gqa_schema() -> None:
 def translation_table(opset: int) -> dict:
     """torch op -> onnxscript function, for ``torch.onnx.export(custom_translation_table=)``.
 
-    softplus, logsumexp and the MetaHead's logit features at every supported opset (18+);
-    the fused rotary and attention operators from opset 23, where they exist.
+    softplus, logsumexp, the MetaHead's logit features and the in-place attention (ONNX
+    Runtime's GroupQueryAttention) at every supported opset (18+); the fused rotary and
+    attention operators from opset 23, where they exist.
     """
+    from onnx import TensorProto
     from onnxscript import FLOAT, INT64, values
     from onnxscript import opset18 as op18
 
@@ -270,9 +272,9 @@ def translation_table(opset: int) -> dict:
         # its positions, its causal limit and where to write the new keys from.
         one = op18.Constant(value_ints=[1])
         seqlens = op18.Cast(op18.Sub(op18.ReduceSum(key_mask, one, keepdims=0),
-                                     op18.CastLike(1, key_mask)), to=6)
+                                     op18.CastLike(1, key_mask)), to=TensorProto.INT32)
         width = op18.Cast(op18.Gather(op18.Shape(key_mask), op18.Constant(value_int=1),
-                                      axis=0), to=6)
+                                      axis=0), to=TensorProto.INT32)
         return msft.GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, width,
                                         cos, sin, num_heads=num_heads,
                                         kv_num_heads=num_heads, do_rotary=1)
