@@ -19,43 +19,25 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from vesper_sdk.benchmarks.serve_load import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "vesper_sdk" / "assets" / "default_model"
 NAME = "hostile"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, port: int) -> subprocess.Popen:
+def server_command(model: Path, port: int) -> list[str]:
     vesper = Path(sys.executable).with_name("vesper")
-    cmd = [str(vesper), "serve", str(model), "--port", str(port), "--served-model-name",
-           NAME, "--device", "cpu", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vesper serve exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("vesper serve did not become healthy in 120 s")
+    return [str(vesper), "serve", str(model), "--port", str(port), "--served-model-name",
+            NAME, "--device", "cpu", "--log-level", "warning"]
 
 
 def chat(content: str, **extra) -> dict:
@@ -140,13 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     port = free_port()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = start_server(args.model, port)
-    try:
-        result = asyncio.run(run(f"http://127.0.0.1:{port}"))
-        alive = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with tempfile.TemporaryDirectory() as tmp, Server(
+            server_command(args.model, port), port, Path(tmp) / "serve.log",
+            health_timeout=120).start() as server:
+        result = asyncio.run(run(server.url))
+        alive = httpx.get(server.url + "/health", timeout=5).status_code == 200
     bad = 0
     print(f"{'input':<40} {'status codes':<28} expected")
     for r in result["rows"]:
