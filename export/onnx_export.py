@@ -64,6 +64,7 @@ from ..hf.card import onnx_section, update_model_card
 from ..hf.files import write_folder_files
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
+from .fusions import fuse_residual_norms
 from .lowering import (
     KeyMaskCache,
     fused_attention,
@@ -72,6 +73,7 @@ from .lowering import (
     paired_ffn_weights,
     translation_table,
 )
+from .parity import FP32_TOLERANCE, QUANT_BOUNDS, ExportError, check_parity, judge
 from .runner import ONNX_NAME, make_session
 
 DEFAULT_OPSET = 23
@@ -81,19 +83,7 @@ INT4_MIN_OPSET = 21
 # ONNX version converter; 17 and below fail there (no down-adapter for Split-18).
 SUPPORTED_OPSETS = range(18, 25)
 QUANTIZE_CHOICES = ("int8", "int4")
-FP32_TOLERANCE = 1e-4
-# Bounds for quantized graphs, against fp32 PyTorch on the same tokens:
-#  rel_err  = max over steps of ||logits_onnx - logits_torch|| / ||logits_torch||
-#  top1_gap = max over positions of (torch max logit - torch logit of ONNX's top-1),
-#             in units of the torch logits' std: 0 when the top-1 agrees, small when ONNX
-#             picked a near-tie. Robust on random-weight models whose logits are flat.
-QUANT_BOUNDS = {"int8": {"rel_err": 0.10, "top1_gap": 1.0},
-                "int4": {"rel_err": 0.35, "top1_gap": 2.0}}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin
-
-
-class ExportError(ValueError):
-    """An export request cannot be carried out, or the exported graph failed its check."""
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -347,104 +337,6 @@ def _quantize_int4(src: Path, dst: Path, nodes: dict[str, list[str]], block_size
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
 
 
-# ----------------------------------------------------------------------------- verification
-def _run(session: Any, names_in: list[str], ids: torch.Tensor, mask: torch.Tensor,
-         pos: torch.Tensor, past: list[np.ndarray]) -> list[np.ndarray]:
-    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-            "position_ids": pos.numpy()}
-    feed.update(zip(names_in[3:], past, strict=True))
-    return session.run(None, feed)
-
-
-@torch.no_grad()
-def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: int = 6,
-                 seed: int = 0, in_place: bool = False) -> dict[str, float]:
-    """Compare ONNX Runtime with PyTorch on random prompts: prefill, then ``steps`` decodes.
-
-    Batch 2 with padding (prompts of 9 and 5 tokens; on the left, or for an ``in_place``
-    graph on the right, each row's new token at its own length); the decode tokens are
-    PyTorch's greedy choices, fed to both, so errors do not compound. Returns
-    ``max_abs`` (logits, every position), ``max_abs_meta`` (confidence/stop), ``rel_err``
-    and ``top1_gap`` (see QUANT_BOUNDS) and ``top1_agree`` over real positions.
-    """
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    lens = [min(9, cfg.max_seq_len - steps), min(5, cfg.max_seq_len - steps)]
-    s = max(lens)
-    ids = torch.randint(0, cfg.vocab_size, (2, s), generator=gen)
-    mask = torch.ones(2, s, dtype=torch.long)
-    pads = slice(lens[1], None) if in_place else slice(None, s - lens[1])
-    mask[1, pads] = 0
-    ids[1, pads] = cfg.pad_token_id
-    pos = model.position_ids_from_mask(mask, s)
-    n_real = mask.sum(-1)
-    names_in = [i.name for i in session.get_inputs()]
-    empty = [np.zeros((2, cfg.num_heads, 0, cfg.head_dim), np.float32)
-             for _ in names_in[3:]]
-    stats = {"max_abs": 0.0, "max_abs_meta": 0.0, "rel_err": 0.0, "top1_gap": 0.0}
-    agree, total = 0, 0
-    ref = model(ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    got = _run(session, names_in, ids, mask, pos, empty)
-    all_ids, all_pos = ids, pos
-    real = mask.bool()
-    for step in range(steps + 1):
-        r_logits = ref.logits.float()
-        g_logits = torch.from_numpy(got[0])
-        if not use_cache:
-            g_logits = g_logits[:, -r_logits.shape[1]:]
-            got_conf = [torch.from_numpy(got[1])[:, -r_logits.shape[1]:],
-                        torch.from_numpy(got[2])[:, -r_logits.shape[1]:]]
-        else:
-            got_conf = [torch.from_numpy(got[1]), torch.from_numpy(got[2])]
-        if not torch.isfinite(g_logits).all() or not all(torch.isfinite(c).all()
-                                                          for c in got_conf):
-            raise ExportError("the ONNX graph produced NaN/inf outputs")
-        # Every position, padding too; only real ones where padding is on the right (the
-        # in-place graph's padded queries attend causally, PyTorch's only to themselves).
-        at = real if in_place else torch.ones_like(real)
-        stats["max_abs"] = max(stats["max_abs"], (g_logits - r_logits)[at].abs().max().item())
-        stats["max_abs_meta"] = max(stats["max_abs_meta"],
-                                    (got_conf[0] - ref.confidence)[at].abs().max().item(),
-                                    (got_conf[1] - ref.stop)[at].abs().max().item())
-        r, g = r_logits[real], g_logits[real]  # real (non-padding) positions only
-        stats["rel_err"] = max(stats["rel_err"], ((g - r).norm() / r.norm()).item())
-        pick = g.argmax(-1)
-        gap = (r.max(-1).values - r.gather(-1, pick[:, None])[:, 0]) / r.std(-1)
-        stats["top1_gap"] = max(stats["top1_gap"], gap.max().item())
-        agree += int((pick == r.argmax(-1)).sum())
-        total += pick.numel()
-        if step == steps:
-            break
-        last = (n_real - 1) if step == 0 and in_place else torch.full((2,), -1)
-        nxt = r_logits[torch.arange(2), last].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        pos, n_real = n_real[:, None], n_real + 1
-        real = torch.ones(2, 1, dtype=torch.bool)
-        pkv = ref.past_key_values
-        ref = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=pkv,
-                    use_cache=True)
-        if use_cache:
-            ragged = (torch.arange(mask.shape[1]) < n_real[:, None]).long()
-            got = _run(session, names_in, nxt, ragged if in_place else mask, pos, got[3:])
-        else:
-            all_ids = torch.cat([all_ids, nxt], 1)
-            all_pos = torch.cat([all_pos, pos], 1)
-            got = _run(session, names_in, all_ids, mask, all_pos, [])
-    stats["top1_agree"] = agree / max(total, 1)
-    return stats
-
-
-def _judge(stats: dict[str, float], quantize: str | None) -> str | None:
-    """None when the figures are within bounds, else what failed."""
-    if quantize is None:
-        if not stats["max_abs"] <= FP32_TOLERANCE:
-            return (f"max |logits difference| {stats['max_abs']:.3g} > {FP32_TOLERANCE:g}")
-        return None
-    bounds = QUANT_BOUNDS[quantize]
-    bad = [f"{k} {stats[k]:.3g} > {v:g}" for k, v in bounds.items() if not stats[k] <= v]
-    return "; ".join(bad) or None
-
-
 # ----------------------------------------------------------------------------- export
 def _validate_request(model_dir: Path, out_dir: Path, opset: int, quantize: str | None,
                       block_size: int) -> None:
@@ -536,6 +428,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
     info.update(inputs=in_names, outputs=out_names)
     start = time.perf_counter()
     proto = _torch_to_onnx(model, opset, use_cache, in_place_kv)
+    proto, info["fused_residual_norms"] = fuse_residual_norms(proto)  # export.fusions
     nodes = tidy_graph(proto, model, use_cache, separate_lm_head=quantize is not None)
     large = sum(p.numel() * 4 for p in model.parameters()) > EXTERNAL_DATA_BYTES
     files: dict[str, bytes | Path] = {}
@@ -559,7 +452,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
             Path(f"{plain}.data").unlink(missing_ok=True)
         session = make_session(target, providers=["CPUExecutionProvider"])
         stats = check_parity(session, model, use_cache=use_cache, in_place=in_place_kv)
-        problem = _judge(stats, quantize)
+        problem = judge(stats, quantize)
         if problem:
             raise ExportError(
                 f"ONNX Runtime check failed for the {quantize or 'fp32'} export: {problem}; "

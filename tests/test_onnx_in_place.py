@@ -101,6 +101,26 @@ def test_rows_that_leave_the_batch_keep_decoding_the_same(exports):
         nxt = outs[0].logits[:, -1].argmax(-1, keepdim=True)
 
 
+def test_decode_steps_bind_once_and_keep_earlier_outputs_intact(exports):
+    # A decode step writes into arrays bound once per cache: what it returns must be the
+    # caller's own (the next step must not change it), and must be the prefill's answer.
+    backend = OnnxBackend(exports["in_place"])
+    ids = torch.tensor([[5, 9, 11], [7, 8, 9]])
+    ones = torch.ones_like(ids)
+    out = backend.forward(ids, ones, ones, None)
+    first = backend.forward(torch.tensor([[20], [21]]), ones, ones, out.past_key_values)
+    kept = first.logits.clone(), first.confidence.clone()
+    binding = first.past_key_values.decode.binding
+    second = backend.forward(torch.tensor([[22], [23]]), ones, ones, first.past_key_values)
+    assert second.past_key_values.decode.binding is binding
+    assert torch.equal(first.logits, kept[0]) and torch.equal(first.confidence, kept[1])
+    assert not torch.equal(second.logits, first.logits)
+    whole = torch.cat([ids, torch.tensor([[20, 22], [21, 23]])], 1)
+    ref = backend.forward(whole, torch.ones_like(whole), torch.ones_like(whole), None)
+    assert (second.logits[:, -1] - ref.logits[:, -1]).abs().max() < 1e-4
+    assert (second.confidence[:, -1] - ref.confidence[:, -1]).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("num_heads,kwargs,match", [
     (8, {}, "head_dim 8 is not a multiple of 16"),
     (2, {"use_cache": False}, "needs the KV cache"),

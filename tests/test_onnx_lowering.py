@@ -161,6 +161,13 @@ def test_opset_23_graph_uses_the_fused_operators_and_older_opsets_do_not(tmp_pat
         # the chosen ranks gathered (GatherElements), not the others scattered to zero.
         assert counts[opset]["TopK"] == 2 + 1 and counts[opset]["GatherElements"] == 2
         assert counts[opset]["ScatterElements"] == 0
+        # Each residual Add and the norm after it are one ONNX Runtime operator (export.fusions)
+        # where the graph has opset 23's RMSNormalization; only the first norm has no Add.
+        fused = 2 * 2 if opset == 23 else 0
+        assert info["fused_residual_norms"] == counts[opset]["SkipSimplifiedLayerNormalization"]
+        assert counts[opset]["SkipSimplifiedLayerNormalization"] == fused
+        assert counts[opset]["RMSNormalization"] == 0
+        assert counts[opset]["SimplifiedLayerNormalization"] == (opset == 23)
     assert sum(counts[23].values()) < 0.7 * sum(counts[18].values())
 
 
