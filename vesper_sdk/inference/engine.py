@@ -509,11 +509,12 @@ class _BatchState:
         if self.any_top:
             vals, idx = torch.topk(logprobs, self.any_top, dim=-1)
             top = list(zip(idx.tolist(), vals.tolist(), strict=True))
-        at = torch.arange(len(rows), device=chosen.device)
-        if self.seen is not None:
-            self.seen[at, chosen] = True
-        if self.counts is not None:
-            self.counts[at, chosen] += 1.0
+        if self.seen is not None or self.counts is not None:  # penalties in use
+            at = torch.arange(len(rows), device=chosen.device)
+            if self.seen is not None:
+                self.seen[at, chosen] = True
+            if self.counts is not None:
+                self.counts[at, chosen] += 1.0
         if self.any_finished():  # finished rows (kept by a static cache) are fed padding
             self.next_ids = torch.where(
                 torch.tensor([not r.finished for r in rows], device=chosen.device), chosen,
