@@ -8,7 +8,11 @@ L2-penalised logistic regression from features of each answer to "the answer is 
   and minimum, sequence and token probabilities, entropies), combined;
 - ``hidden probe``: the final hidden state averaged over the positions that wrote the
   answer (what a linear head on the trunk, averaged over the answer, can read);
-- ``hidden probe + signals``: both.
+- ``hidden probe + signals``: both;
+- ``layers probe``: every block's output (the residual stream after it), each averaged
+  over the answer's positions and concatenated: what the intermediate layers know that
+  the final one may no longer say (trained probes in the literature read these);
+- ``layers probe + signals``: both.
 
 Each is scored on the held-out questions (AUROC, PRR, paired bootstrap difference to the
 best single baseline). A probe that wins here is a candidate for the MetaHead's answer
@@ -38,10 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def answer_features(lm, qs: list[Question], max_tokens: int = 24, batch: int = 16,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(signals [n, S], pooled hidden states [n, H], correct [n]) of greedy answers."""
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(signals [n, S], pooled final hidden states [n, H], pooled block outputs [n, L*H],
+    correct [n]) of greedy answers."""
     greedy = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
-    sig, hid, ok = [], [], []
+    sig, hid, lay, ok = [], [], [], []
+    blocks: list[torch.Tensor] = []  # each block's output of the current forward, by hook
+    hooks = [b.register_forward_hook(lambda _m, _i, out: blocks.append(out[0]))
+             for b in lm.model.blocks]
     for i in range(0, len(qs), batch):
         chunk = qs[i:i + batch]
         prompts = [lm.tokenizer.chat_prompt_ids(q.messages) for q in chunk]
@@ -53,14 +61,18 @@ def answer_features(lm, qs: list[Question], max_tokens: int = 24, batch: int = 1
             if not ids:
                 continue
             x = torch.tensor([prompt + ids])
+            blocks.clear()
             with torch.inference_mode():
                 out = lm.model(x)
             pos = slice(len(prompt) - 1, len(prompt) + len(ids) - 1)
             s = signals_of(out.logits[0, pos], out.confidence[0, pos], torch.tensor(ids))
             sig.append([s[k] for k in SIGNALS])
             hid.append(out.hidden_states[0, pos].float().mean(0).numpy())
+            lay.append(torch.cat([b[0, pos].float().mean(0) for b in blocks]).numpy())
             ok.append(float(q.grade("".join(t.text for t in answer))))
-    return np.array(sig), np.array(hid), np.array(ok)
+    for h in hooks:
+        h.remove()
+    return np.array(sig), np.array(hid), np.array(lay), np.array(ok)
 
 
 def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, l2: float,
@@ -106,13 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     fit_qs = [Question(c["messages"][:-1], c["messages"][-1]["content"], c["task"])
               for c in skills.calibration(args.fit, 1)
               if c["messages"][-2]["content"] not in seen]
-    s_fit, h_fit, y_fit = answer_features(lm, fit_qs)
-    s_ev, h_ev, y_ev = answer_features(lm, held)
+    s_fit, h_fit, l_fit, y_fit = answer_features(lm, fit_qs)
+    s_ev, h_ev, l_ev, y_ev = answer_features(lm, held)
     rows = {name: s_ev[:, k] for k, name in enumerate(SIGNALS)}
     for name, (xf, xe) in {
             "combined signals": (s_fit, s_ev),
             "hidden probe": (h_fit, h_ev),
-            "hidden probe + signals": (np.c_[h_fit, s_fit], np.c_[h_ev, s_ev])}.items():
+            "hidden probe + signals": (np.c_[h_fit, s_fit], np.c_[h_ev, s_ev]),
+            "layers probe": (l_fit, l_ev),
+            "layers probe + signals": (np.c_[l_fit, s_fit], np.c_[l_ev, s_ev])}.items():
         rows[name] = fit_predict(xf, y_fit, xe, pick_l2(xf, y_fit))
     baselines = [n for n in SIGNALS if not n.startswith("metahead")]
     best = max(baselines, key=lambda n: auroc(rows[n], y_ev))
