@@ -123,6 +123,11 @@ def in_place_step(backend: Any, input_ids: torch.Tensor, attention_mask: torch.T
         past = InPlaceCache.empty(len(backend._past_names), b, cfg.num_heads, cfg.head_dim,
                                   min(max(MIN_CAPACITY, need), max(cfg.max_seq_len, s)))
         new_lens = lens.numpy().astype(np.int64)
+    elif b > 1:
+        raise ValueError(
+            f"an in-place KV export takes several new tokens ({s}) on a cache one row at a "
+            "time (ONNX Runtime's GroupQueryAttention): feed one token per step, one row at "
+            "a time, or use the plain export")
     else:
         new_lens = past.lengths + s
     width = int(new_lens.max())
@@ -144,6 +149,7 @@ def in_place_step(backend: Any, input_ids: torch.Tensor, attention_mask: torch.T
     if shift is not None:  # back to the loop's left padding
         logits, conf, stop = (_shift(t, shift) for t in (logits, conf, stop))
     past.lengths = new_lens
+    past.decode = None  # its key mask no longer says each row's length: rebuilt if needed
     return StepOutput(logits, conf, stop, past)
 
 

@@ -119,6 +119,20 @@ def test_decode_steps_bind_once_and_keep_earlier_outputs_intact(exports):
     ref = backend.forward(whole, torch.ones_like(whole), torch.ones_like(whole), None)
     assert (second.logits[:, -1] - ref.logits[:, -1]).abs().max() < 1e-4
     assert (second.confidence[:, -1] - ref.confidence[:, -1]).abs().max() < 1e-4
+    # ONNX Runtime's operator takes several new tokens on a cache one row at a time.
+    with pytest.raises(ValueError, match="one row at a time"):
+        backend.forward(torch.tensor([[24, 25], [26, 27]]), ones, ones, second.past_key_values)
+    # One row: two tokens at once after decode steps, then one; the once-bound key mask
+    # must follow the row's length.
+    one = torch.ones(1, 1, dtype=torch.long)
+    past = backend.forward(ids[:1], ones[:1], ones[:1], None).past_key_values
+    past = backend.forward(torch.tensor([[20]]), one, one, past).past_key_values
+    third = backend.forward(torch.tensor([[24, 25]]), one, one, past)
+    fourth = backend.forward(torch.tensor([[28]]), one, one, third.past_key_values)
+    whole = torch.tensor([[5, 9, 11, 20, 24, 25, 28]])
+    ref = backend.forward(whole, torch.ones_like(whole), torch.ones_like(whole), None)
+    assert (third.logits[:, -1] - ref.logits[:, -2]).abs().max() < 1e-4
+    assert (fourth.logits[:, -1] - ref.logits[:, -1]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("num_heads,kwargs,match", [
