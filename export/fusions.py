@@ -1,4 +1,6 @@
-"""ONNX Runtime's fused residual normalisation, written into the exported graph.
+"""Rewrites of the exported graph for ONNX Runtime: the fused residual normalisation
+(:func:`fuse_residual_norms`) and, in int4 graphs, one 4-bit table for a tied embedding
+and LM head (:func:`share_tied_int4_table`).
 
 Every block adds its attention and feed-forward outputs to the residual stream and
 normalises the sum for what comes next: an ``Add`` and an ``RMSNormalization`` node,
@@ -55,3 +57,49 @@ def fuse_residual_norms(proto: Any) -> tuple[Any, int]:
         return proto, 0
     fused = fuse_skip_rms_normalization(model)
     return ir.to_proto(model), fused
+
+
+def share_tied_int4_table(proto: Any) -> bool:
+    """In an int4 graph of a model with tied embeddings, let the embedding lookup read the
+    LM head's 4-bit weights instead of a second copy of the same table; True if it did.
+
+    MatMulNBits stores the head as [vocab, hidden / block, block / 2] bytes, two 4-bit
+    values a byte along the hidden axis, with one scale per block: the layout
+    GatherBlockQuantized reads as a [vocab, hidden / 2] byte table (``bits=4``), so one
+    Reshape of the head's weights feeds the lookup (onnxruntime-genai's model builder
+    does the same). The file loses the embedding's own table and scales.
+    """
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits"
+                 and n.input[1] == "lm_head.weight.T_Q4"), None)
+    lookup = next((n for n in graph.node if n.op_type == "GatherBlockQuantized"
+                   and n.input[0] == "embed.weight_Q4"), None)
+    if head is None or lookup is None or "lm_head.weight.T_Q4" not in inits:
+        return False
+    attrs = {a.name: a.i for a in head.attribute}
+    table = inits["lm_head.weight.T_Q4"]
+    if attrs.get("bits", 4) != 4 or len(table.dims) != 3 or len(head.input) > 3:
+        return False  # zero points, or another layout: keep the lookup's own table
+    vocab, blocks, half = table.dims
+    shape = helper.make_tensor("embed.shared_shape", TensorProto.INT64, [2],
+                               [vocab, blocks * half])
+    graph.initializer.append(shape)
+    reshape = helper.make_node("Reshape", ["lm_head.weight.T_Q4", "embed.shared_shape"],
+                               ["embed.shared_Q4"], name="embed_shared_table")
+    old = {a.name: a.i for a in lookup.attribute}
+    shared = helper.make_node(
+        "GatherBlockQuantized", ["embed.shared_Q4", lookup.input[1], head.input[2]],
+        list(lookup.output), name=lookup.name, domain="com.microsoft", bits=4,
+        block_size=attrs["block_size"], gather_axis=old.get("gather_axis", 0),
+        quantize_axis=old.get("quantize_axis", 1))
+    at = list(graph.node).index(lookup)
+    graph.node.remove(lookup)
+    graph.node.insert(at, shared)
+    graph.node.insert(at, reshape)
+    for name in ("embed.weight_Q4", "embed.weight_scales"):
+        if name in inits and not any(name in n.input for n in graph.node):
+            graph.initializer.remove(inits[name])
+    return True

@@ -20,7 +20,8 @@ time) on the block MatMuls, the LM head and the embedding; ``int4`` = ``MatMulNB
 (4-bit weight blocks of ``block_size`` along K, fp32 scales) on the same MatMuls and
 ``GatherBlockQuantized`` for the embedding. The tied LM head is a runtime ``Transpose`` of
 the embedding in the fp32 graph (stored once); quantized graphs store it as its own
-initializer so the quantizers see a constant MatMul weight. FlyLoRA's A/B, the MetaHead
+initializer so the quantizers see a constant MatMul weight, and int4 then lets the lookup
+read the head's 4-bit table (stored once again, ``export.fusions``). FlyLoRA's A/B, the MetaHead
 and the MoE router stay fp32 (see vesper_sdk.quantization for why).
 
 Opset: 23 by default, for its native RMSNormalization, RotaryEmbedding and Attention
@@ -64,7 +65,7 @@ from ..hf.card import onnx_section, update_model_card
 from ..hf.files import write_folder_files
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
-from .fusions import fuse_residual_norms
+from .fusions import fuse_residual_norms, share_tied_int4_table
 from .lowering import (
     KeyMaskCache,
     fused_attention,
@@ -316,7 +317,7 @@ def _quantize_int8(src: Path, dst: Path, nodes: dict[str, list[str]], large: boo
 
 
 def _quantize_int4(src: Path, dst: Path, nodes: dict[str, list[str]], block_size: int,
-                   large: bool) -> None:
+                   large: bool, tied: bool) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -334,6 +335,8 @@ def _quantize_int4(src: Path, dst: Path, nodes: dict[str, list[str]], block_size
         quant_axes=(("MatMul", 0), ("Gather", 1)))
     with _quiet_exporter():
         quantizer.process()
+    if tied:  # one 4-bit table for the lookup and the LM head (export.fusions)
+        share_tied_int4_table(quantizer.model.model)
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=large)
 
 
@@ -446,7 +449,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
         if quantize == "int8":
             _quantize_int8(plain, target, nodes, large)
         elif quantize == "int4":
-            _quantize_int4(plain, target, nodes, block_size, large)
+            _quantize_int4(plain, target, nodes, block_size, large,
+                           model.config.tie_embeddings)
         if plain != target:
             plain.unlink()
             Path(f"{plain}.data").unlink(missing_ok=True)

@@ -133,6 +133,11 @@ def test_quantized_exports_are_smaller_and_close(exports, model_dir):
     assert "blocks.0.ffn.gate_up.lora_B.T" in gathered
     inits = {i.name: i for i in g4.initializer}
     assert inits["blocks.0.ffn.gate_up.lora_B.T"].data_type == onnx.TensorProto.FLOAT
+    # Tied embeddings: the lookup reads the LM head's 4-bit table; no second copy.
+    lookup = next(n for n in g4.node if n.op_type == "GatherBlockQuantized")
+    table = next(n for n in g4.node if n.output[0] == lookup.input[0])
+    assert table.op_type == "Reshape" and table.input[0] == "lm_head.weight.T_Q4"
+    assert not any(name.startswith("embed.weight") for name in inits)
     model = vs.VesperLM.from_pretrained(model_dir).eval()
     for q, max_rel in (("int8", 0.1), ("int4", 0.35)):
         session = make_session(exports[q] / "model.onnx", providers=["CPUExecutionProvider"])
