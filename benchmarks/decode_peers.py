@@ -145,6 +145,44 @@ def summarize(runs: dict[str, dict[int, list[float]]], reference: str, batch_siz
     return rows
 
 
+def precision(name: str) -> str:
+    """fp32, int8 or int4: the weights' precision of a path."""
+    variant = PATHS[name][1]
+    return ("int4" if "int4" in variant or "q4" in variant else
+            "int8" if "int8" in variant or "q8" in variant else "fp32")
+
+
+def against_peers(runs: dict[str, dict[int, list[float]]], batch_sizes: list[int],
+                  ) -> list[dict[str, Any]]:
+    """Per precision and batch: vesper's fastest path against the fastest peer (by median),
+    as the median [range] of their per-round ratios (rounds alternate, so a slow minute
+    of the machine slows both sides of a ratio)."""
+    out = []
+    for b in batch_sizes:
+        for prec in ("fp32", "int8", "int4"):
+            med = {n: statistics.median(v[b]) for n, v in runs.items()
+                   if v.get(b) and precision(n) == prec}
+            ours = [n for n in med if PATHS[n][0] == "vesper"]
+            peers = [n for n in med if PATHS[n][0] != "vesper"]
+            if not ours or not peers:
+                continue
+            v, p = max(ours, key=med.__getitem__), max(peers, key=med.__getitem__)
+            ratios = [x / y for x, y in zip(runs[v][b], runs[p][b], strict=False) if y > 0]
+            out.append({"precision": prec, "batch": b, "vesper": v, "peer": p,
+                        "ratio_median": round(statistics.median(ratios), 3),
+                        "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)})
+    return out
+
+
+def render_against_peers(rows: list[dict[str, Any]]) -> str:
+    lines = ["| precision | batch | vesper's fastest | fastest peer | vesper / peer, per round "
+             "(median [range]) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {r['batch']} | {r['vesper']} | {r['peer']} | "
+              f"{r['ratio_median']:.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def render_table(rows: list[dict[str, Any]], paths: dict[str, dict[str, Any]],
                  reference: str) -> str:
     """Markdown: the figures, then each path that did not run, with its error."""
@@ -525,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
                 (i for i, (a, c) in enumerate(zip(first, ref, strict=False)) if a != c),
                 min(len(first), len(ref)))
     table = render_table(rows, paths, args.reference)
+    versus = against_peers({n: v for n, v in runs.items() if any(v.values())},
+                           args.batch_sizes)
+    if versus:
+        table += "\n\n" + render_against_peers(versus)
     versions = {}
     for pkg in ("torch", "onnxruntime", "onnxruntime-genai", "llama-cpp-python", "ctranslate2",
                 "transformers"):
@@ -540,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         # A busy machine slows every figure: the load around the run is kept with them.
         "machine": {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), **bandwidth,
                     "load_avg_1m_start": load0, "load_avg_1m_end": round(os.getloadavg()[0], 2)},
-        "versions": versions, "paths": paths, "rows": rows,
+        "versions": versions, "paths": paths, "rows": rows, "against_peers": versus,
         "tok_s_per_round": {n: {str(b): [round(x, 2) for x in v] for b, v in by.items()}
                             for n, by in runs.items()},
         "headline": headline(rows, args.reference) if rows else "no path ran",

@@ -80,6 +80,25 @@ def test_rows_ratios_and_table_from_fake_timings():
     assert dp.headline(rows, "vesper-eager").startswith("batch 1: llama.cpp-q4_0 100")
 
 
+def test_against_peers_pairs_the_fastest_of_each_side_round_by_round():
+    runs = {"vesper-onnx-int4": {1: [80.0, 90.0, 70.0]},
+            "vesper-onnx-int4-inplace": {1: [100.0, 60.0, 110.0]},
+            "ort-genai-int4": {1: [200.0, 100.0, 220.0]},
+            "llama.cpp-q4_0": {1: [150.0, 150.0, 150.0]},
+            "vesper-eager": {1: [50.0, 50.0, 50.0]}}  # fp32: no peer ran, no row
+    rows = dp.against_peers(runs, [1])
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["precision"], r["vesper"], r["peer"]) == ("int4", "vesper-onnx-int4-inplace",
+                                                        "ort-genai-int4")
+    # per-round 0.5, 0.6, 0.5: their median, not 100 / 200 from the medians
+    assert (r["ratio_median"], r["ratio_min"], r["ratio_max"]) == (0.5, 0.5, 0.6)
+    assert "| int4 | 1 | vesper-onnx-int4-inplace | ort-genai-int4 | 0.50 [0.50-0.60] |" in (
+        dp.render_against_peers(rows))
+    assert [dp.precision(n) for n in ("llama.cpp-q8_0", "ct2-fp32", "vesper-compiled")] == [
+        "int8", "fp32", "fp32"]
+
+
 def test_a_peer_that_did_not_install_is_reported_with_its_log(tmp_path, monkeypatch):
     monkeypatch.setattr(dp.sys, "prefix", str(tmp_path))
     monkeypatch.setattr(dp.importlib.util, "find_spec", lambda name: None)
