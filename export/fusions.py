@@ -80,8 +80,9 @@ def share_tied_int4_table(proto: Any) -> bool:
     if head is None or lookup is None or "lm_head.weight.T_Q4" not in inits:
         return False
     attrs = {a.name: a.i for a in head.attribute}
-    table = inits["lm_head.weight.T_Q4"]
-    if attrs.get("bits", 4) != 4 or len(table.dims) != 3 or len(head.input) > 3:
+    table, scales = inits["lm_head.weight.T_Q4"], inits.get(head.input[2])
+    if (attrs.get("bits", 4) != 4 or len(table.dims) != 3 or len(head.input) > 3
+            or scales is None or list(scales.dims) != list(table.dims[:2])):
         return False  # zero points, or another layout: keep the lookup's own table
     vocab, blocks, half = table.dims
     shape = helper.make_tensor("embed.shared_shape", TensorProto.INT64, [2],

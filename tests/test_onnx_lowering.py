@@ -223,3 +223,39 @@ def test_lowered_ffn_pair_computes_the_two_flylora_layers(alpha):
             got = model.blocks[0].ffn(x)
             assert isinstance(model.blocks[0].ffn, LoweredFeedForward)
     assert ref.abs().max() > 0 and (got - ref).abs().max() <= 1e-5
+
+
+def _int4_head_and_lookup(scales_shape: list[int]) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    q4 = numpy_helper.from_array(np.zeros((8, 2, 16), np.uint8), "lm_head.weight.T_Q4")
+    scales = numpy_helper.from_array(np.ones(scales_shape, np.float32), "lm_head.weight.T_scales")
+    emb = numpy_helper.from_array(np.zeros((8, 64), np.uint8), "embed.weight_Q4")
+    emb_s = numpy_helper.from_array(np.ones((8, 2), np.float32), "embed.weight_scales")
+    nodes = [helper.make_node("GatherBlockQuantized", ["embed.weight_Q4", "ids",
+                                                       "embed.weight_scales"], ["e"],
+                              domain="com.microsoft", block_size=32, gather_axis=0,
+                              quantize_axis=1, name="lookup"),
+             helper.make_node("MatMulNBits", ["e", "lm_head.weight.T_Q4",
+                                              "lm_head.weight.T_scales"], ["logits"],
+                              domain="com.microsoft", K=64, N=8, bits=4, block_size=32)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [q4, scales, emb, emb_s])
+    return helper.make_model(graph)
+
+
+def test_tied_int4_lookup_reads_the_head_table_only_when_the_layouts_match():
+    from vesper_sdk.export.fusions import share_tied_int4_table
+
+    model = _int4_head_and_lookup([8, 2])
+    assert share_tied_int4_table(model)
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert lookup.input[2] == "lm_head.weight.T_scales"
+    assert {i.name for i in model.graph.initializer} == {
+        "lm_head.weight.T_Q4", "lm_head.weight.T_scales", "embed.shared_shape"}
+    assert [n.op_type for n in model.graph.node][:2] == ["Reshape", "GatherBlockQuantized"]
+    flat = _int4_head_and_lookup([16])  # scales not one row per token: keep both tables
+    assert not share_tied_int4_table(flat)
+    assert "embed.weight_Q4" in {i.name for i in flat.graph.initializer}
