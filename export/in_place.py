@@ -53,6 +53,16 @@ class InPlaceCache:
             grown.append(b)
         return InPlaceCache(grown, self.lengths)
 
+    def bound(self, backend: Any) -> Any:
+        """A new IO binding of ``backend``'s session with these buffers as both its past
+        inputs and its present outputs (ONNX Runtime then writes them in place)."""
+        binding = backend.session.io_binding()
+        for name, value in zip(backend._past_names, self.values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(backend._present_names, self.values, strict=True):
+            binding.bind_ortvalue_output(name, value)
+        return binding
+
     def rows(self, index: np.ndarray) -> InPlaceCache:
         return InPlaceCache([np.ascontiguousarray(a[index]) for a in self.arrays],
                             self.lengths[index])
@@ -79,11 +89,7 @@ class _DecodeBinding:
         import onnxruntime as ort
 
         b = len(cache.lengths)
-        self.binding = backend.session.io_binding()
-        for name, value in zip(backend._past_names, cache.values, strict=True):
-            self.binding.bind_ortvalue_input(name, value)
-        for name, value in zip(backend._present_names, cache.values, strict=True):
-            self.binding.bind_ortvalue_output(name, value)
+        self.binding = cache.bound(backend)
         self.ids = np.zeros((b, 1), np.int64)
         inputs = {"input_ids": self.ids}
         if backend.has_position_ids:  # unused by the operator, which counts positions itself
@@ -133,19 +139,16 @@ def in_place_step(backend: Any, input_ids: torch.Tensor, attention_mask: torch.T
     width = int(new_lens.max())
     past = past.with_capacity(width, cfg.max_seq_len)
     mask = (np.arange(width)[None, :] < new_lens[:, None]).astype(np.int64)
-    binding = backend.session.io_binding()
+    binding = past.bound(backend)
     binding.bind_cpu_input("input_ids", int64_array(input_ids))
     binding.bind_cpu_input("attention_mask", mask)
     if backend.has_position_ids:
         binding.bind_cpu_input("position_ids", np.zeros((b, s), np.int64))
-    for name, value in zip(backend._past_names, past.values, strict=True):
-        binding.bind_ortvalue_input(name, value)
     for name in ("logits", "confidence", "stop"):
         binding.bind_output(name, "cpu")
-    for name, value in zip(backend._present_names, past.values, strict=True):
-        binding.bind_ortvalue_output(name, value)
     backend.session.run_with_iobinding(binding)
-    logits, conf, stop = (torch.from_numpy(o.numpy()) for o in binding.get_outputs()[:3])
+    # Bound after the cache's outputs: the last three.
+    logits, conf, stop = (torch.from_numpy(o.numpy()) for o in binding.get_outputs()[-3:])
     if shift is not None:  # back to the loop's left padding
         logits, conf, stop = (_shift(t, shift) for t in (logits, conf, stop))
     past.lengths = new_lens
@@ -158,12 +161,12 @@ def _decode_step(backend: Any, input_ids: torch.Tensor, past: InPlaceCache) -> S
     d = past.decode
     if d is None:
         d = past.decode = _DecodeBinding(backend, past)
-    d.ids[:] = input_ids.numpy() if input_ids.dtype == torch.int64 else int64_array(input_ids)
+    d.ids[:] = int64_array(input_ids)
     new_lens = past.lengths + 1
     d.mask[d.rows, new_lens - 1] = 1
-    mask = d.mask[:, :int(new_lens.max())]
-    d.binding.bind_cpu_input("attention_mask", mask if len(d.rows) == 1
-                             else np.ascontiguousarray(mask))
+    # A view of the full mask: contiguous (no copy) for one row.
+    d.binding.bind_cpu_input("attention_mask",
+                             np.ascontiguousarray(d.mask[:, :int(new_lens.max())]))
     backend.session.run_with_iobinding(d.binding)
     past.lengths = new_lens
     # Copies: the arrays are written again by the next step, and a caller may keep these.
