@@ -4,8 +4,8 @@ Answers held-out builtin:skills questions greedily (as ``vesper eval`` does), an
 answers to the *calibration* split's questions (never trained on, never evaluated), an
 L2-penalised logistic regression from features of each answer to "the answer is right":
 
-- ``metahead+softmax``: the answer-level signals ``vesper eval`` compares (MetaHead mean
-  and minimum, sequence and token probabilities, entropies), combined;
+- ``combined signals``: the answer-level signals ``vesper eval`` compares (the MetaHead's,
+  sequence and token probabilities, entropies), combined;
 - ``hidden probe``: the final hidden state averaged over the positions that wrote the
   answer (what a linear head on the trunk, averaged over the answer, can read);
 - ``hidden probe + signals``: both;
@@ -14,10 +14,15 @@ L2-penalised logistic regression from features of each answer to "the answer is 
   the final one may no longer say (trained probes in the literature read these);
 - ``layers probe + signals``: both.
 
+Then the MetaHead's answer row, as ``vesper calibrate`` fits it
+(``eval.metrics.fit_answer_row``: penalty by cross-validated AUROC over questions), on
+the same answers, from parts of what it reads (``answer row: ...``), and with its penalty
+chosen by cross-validated log loss instead (``fit_confidence``, the token confidence's
+criterion). ``metahead_answer`` is the model's own answer row, as fitted when it was
+calibrated.
+
 Each is scored on the held-out questions (AUROC, PRR, paired bootstrap difference to the
-best single baseline). A probe that wins here is a candidate for the MetaHead's answer
-output (issue: a head that knows more than the softmax); one that does not is evidence
-against reading the final hidden state.
+best single baseline): same data and seeds for every row, an ablation.
 
     python benchmarks/metahead_probe.py [MODEL_DIR] [--fit 2000] [--eval 600] [--json PATH]
 """
@@ -34,45 +39,40 @@ import torch
 
 import vesper_sdk as vs
 from vesper_sdk import skills
-from vesper_sdk.eval.answers import SIGNALS, Question, prr, signals_of
-from vesper_sdk.eval.metrics import _fit_logistic, auroc
-from vesper_sdk.inference import GenerationRequest, SamplingParams
+from vesper_sdk.eval.answers import SIGNALS, Question, greedy_answers, prr, signals_of
+from vesper_sdk.eval.metrics import _fit_logistic, auroc, fit_answer_row, fit_confidence
+from vesper_sdk.training.calibration import ANSWER_L2_GRID
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def answer_features(lm, qs: list[Question], max_tokens: int = 24, batch: int = 16,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(signals [n, S], pooled final hidden states [n, H], pooled block outputs [n, L*H],
-    correct [n]) of greedy answers."""
-    greedy = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
-    sig, hid, lay, ok = [], [], [], []
-    blocks: list[torch.Tensor] = []  # each block's output of the current forward, by hook
-    hooks = [b.register_forward_hook(lambda _m, _i, out: blocks.append(out[0]))
-             for b in lm.model.blocks]
-    for i in range(0, len(qs), batch):
-        chunk = qs[i:i + batch]
-        prompts = [lm.tokenizer.chat_prompt_ids(q.messages) for q in chunk]
-        toks: list[list] = [[] for _ in chunk]
-        for j, tok in lm.stream_batch([GenerationRequest(p, greedy) for p in prompts]):
-            toks[j].append(tok)
-        for q, prompt, answer in zip(chunk, prompts, toks, strict=True):
-            ids = [t.id for t in answer]
-            if not ids:
-                continue
-            x = torch.tensor([prompt + ids])
-            blocks.clear()
-            with torch.inference_mode():
-                out = lm.model(x)
-            pos = slice(len(prompt) - 1, len(prompt) + len(ids) - 1)
-            s = signals_of(out.logits[0, pos], out.confidence[0, pos], torch.tensor(ids))
-            sig.append([s[k] for k in SIGNALS])
-            hid.append(out.hidden_states[0, pos].float().mean(0).numpy())
-            lay.append(torch.cat([b[0, pos].float().mean(0) for b in blocks]).numpy())
-            ok.append(float(q.grade("".join(t.text for t in answer))))
-    for h in hooks:
-        h.remove()
-    return np.array(sig), np.array(hid), np.array(lay), np.array(ok)
+                    ) -> tuple[np.ndarray, ...]:
+    """(signals [n, S], pooled final hidden states [n, H], pooled answer-row inputs [n, R]:
+    every block's output, the logit features, the confidence logit; correct [n]; the
+    question's group [n]) of greedy answers."""
+    sig, hid, reads, ok, asked = [], [], [], [], []
+    seen: list[torch.Tensor] = []  # the answer row's input in the current forward
+    hook = lm.model.metahead.answer.register_forward_hook(
+        lambda _m, inputs, _out: seen.append(inputs[0]))
+    for q, prompt, answer in greedy_answers(lm, qs, max_tokens, batch):
+        ids = [t.id for t in answer]
+        if not ids:
+            continue
+        seen.clear()
+        with torch.inference_mode():
+            out = lm.model(torch.tensor([prompt + ids]))
+        pos = slice(len(prompt) - 1, len(prompt) + len(ids) - 1)
+        s = signals_of(out.logits[0, pos], out.confidence[0, pos], out.answer[0, pos],
+                       torch.tensor(ids))
+        sig.append([s[k] for k in SIGNALS])
+        hid.append(out.hidden_states[0, pos].float().mean(0).numpy())
+        reads.append(seen[-1][0, pos].float().mean(0).numpy())
+        ok.append(float(q.grade("".join(t.text for t in answer))))
+        asked.append(q.messages[-1]["content"])
+    hook.remove()
+    groups = np.unique(asked, return_inverse=True)[1]
+    return np.array(sig), np.array(hid), np.array(reads), np.array(ok), groups
 
 
 def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, l2: float,
@@ -118,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     fit_qs = [Question(c["messages"][:-1], c["messages"][-1]["content"], c["task"])
               for c in skills.calibration(args.fit, 1)
               if c["messages"][-2]["content"] not in seen]
-    s_fit, h_fit, l_fit, y_fit = answer_features(lm, fit_qs)
-    s_ev, h_ev, l_ev, y_ev = answer_features(lm, held)
+    s_fit, h_fit, r_fit, y_fit, groups = answer_features(lm, fit_qs)
+    s_ev, h_ev, r_ev, y_ev, _ = answer_features(lm, held)
+    # The answer row's input: every block's output, then the logit features and the
+    # confidence logit (the last 4 columns; 1 without logit features).
+    tail = r_fit.shape[1] - lm.model.config.num_layers * lm.model.config.hidden_size
+    blocks = slice(0, r_fit.shape[1] - tail)
+    own = slice(r_fit.shape[1] - tail, None)
+    l_fit, l_ev = r_fit[:, blocks], r_ev[:, blocks]
     rows = {name: s_ev[:, k] for k, name in enumerate(SIGNALS)}
     for name, (xf, xe) in {
             "combined signals": (s_fit, s_ev),
@@ -128,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
             "layers probe": (l_fit, l_ev),
             "layers probe + signals": (np.c_[l_fit, s_fit], np.c_[l_ev, s_ev])}.items():
         rows[name] = fit_predict(xf, y_fit, xe, pick_l2(xf, y_fit))
+    passthrough = np.eye(r_fit.shape[1])[-1]  # the unfitted row: the confidence logit
+    for name, cols in {"answer row: logit features + confidence": own,
+                       "answer row: block outputs": blocks,
+                       "answer row: all it reads (vesper calibrate)": slice(None)}.items():
+        fit = fit_answer_row(r_fit[:, cols], y_fit, groups, passthrough[cols], 0.0,
+                             l2_grid=ANSWER_L2_GRID)
+        rows[name] = r_ev[:, cols] @ fit.weight + fit.bias
+    by_log_loss = fit_confidence(r_fit, y_fit, groups, passthrough, 0.0,
+                                 l2_grid=ANSWER_L2_GRID)
+    rows["answer row, penalty by log loss"] = r_ev @ by_log_loss.weight + by_log_loss.bias
     baselines = [n for n in SIGNALS if not n.startswith("metahead")]
     best = max(baselines, key=lambda n: auroc(rows[n], y_ev))
     rng = np.random.default_rng(0)

@@ -241,7 +241,8 @@ class ChatSession:
                 answer.tokens.append(TokenView(tok.text, float(tok.confidence),
                                                float(tok.logprob), tok.regulated or None,
                                                bool(getattr(tok, "special", False)),
-                                               _alternatives(llm.tokenizer, tok)))
+                                               _alternatives(llm.tokenizer, tok),
+                                               float(getattr(tok, "answer_logit", 0.0))))
                 answer.text += tok.text
                 now = time.perf_counter()
                 if now - last > 0.05:  # repaint at most ~20 times a second
@@ -332,7 +333,7 @@ def build_demo(llm_or_dir: Any = None, cache_dir: str | Path | None = None,
                                             "end the answer once it is good enough",
                                        elem_id="vesper-regulate")
                 retries = gr.Slider(0, 3, value=0, step=1, label="Regulator retries",
-                                    info="rewrite an answer whose mean confidence is under "
+                                    info="rewrite an answer whose answer confidence is under "
                                          "the threshold (the most confident one is kept)",
                                     elem_id="vesper-retries")
                 status = gr.Markdown("", elem_id="vesper-status")

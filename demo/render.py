@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vesper_sdk.model import answer_confidence
+
 
 def confidence_colour(confidence: float) -> str:
     """Background colour for a token: red (0) through yellow (0.5) to green (1).
@@ -30,6 +32,7 @@ class TokenView:
     regulated: str | None = None  # the regulator's flag ("conservative", "retry 1", ...)
     special: bool = False  # the end-of-sequence token: no text, shown only if regulated
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # top-5 (text, p)
+    answer_logit: float = 0.0  # the MetaHead's answer row at this token
 
 
 @dataclass
@@ -59,10 +62,13 @@ def token_actions(tok: TokenView) -> list[str]:
 
 
 def answer_stats(tokens: Sequence[TokenView], seconds: float, backend: str) -> dict[str, Any]:
-    """tokens/s, mean and lowest confidence (with the token), regulator actions.
+    """tokens/s, the answer's confidence, mean and lowest token confidence (with the
+    token), regulator actions.
 
-    Speed counts every generated token (the end token too: it cost a step); confidence
-    statistics cover the visible tokens, the ones the reader sees coloured.
+    Speed counts every generated token (the end token too: it cost a step); the answer
+    confidence is the MetaHead's over every generated token (``answer_confidence``, the
+    end token included, as ``vesper eval`` scores it); token confidence statistics cover
+    the visible tokens, the ones the reader sees coloured.
     ``regulated`` counts the tokens the regulator acted on, ``regulator_kinds`` those
     actions by kind, and ``retry`` is the answer-level outcome of retries, if any.
     """
@@ -79,6 +85,7 @@ def answer_stats(tokens: Sequence[TokenView], seconds: float, backend: str) -> d
     return {
         "tokens": len(visible),
         "tokens_per_s": len(tokens) / seconds if seconds > 0 else 0.0,
+        "answer_confidence": answer_confidence([t.answer_logit for t in tokens]),
         "mean_confidence": (sum(t.confidence for t in visible) / len(visible)
                             if visible else 0.0),
         "min_confidence": lowest.confidence if lowest else 0.0,
@@ -115,14 +122,15 @@ def _alternatives(tokenizer: Any, tok: Any) -> list[tuple[str, float]]:
 
 
 def _badge(stats: dict[str, Any]) -> str:
-    """The answer's confidence at a glance (the MetaHead's mean over its tokens), coloured
-    as its tokens are; an abstention says so."""
+    """The answer's confidence at a glance (the MetaHead's answer confidence), coloured
+    as its tokens are; an abstention says so (with the withheld answer's confidence)."""
     if stats["regulator_kinds"].get("abstained"):
-        label = "abstained: not sure enough to answer"
+        label = (f"abstained: not sure enough to answer "
+                 f"(confidence {stats['answer_confidence']:.2f})")
     else:
-        label = f"answer confidence {stats['mean_confidence']:.2f}"
+        label = f"answer confidence {stats['answer_confidence']:.2f}"
     return (f'<span class="vesper-badge" style="background-color:'
-            f'{confidence_colour(stats["mean_confidence"])}">{html.escape(label)}</span>')
+            f'{confidence_colour(stats["answer_confidence"])}">{html.escape(label)}</span>')
 
 
 def _stats_line(stats: dict[str, Any]) -> str:

@@ -3,7 +3,9 @@
     python examples/make_examples.py        # rewrites examples/*.jsonl (deterministic)
 
 my_chats.jsonl and more_chats.jsonl are training chats, heldout.jsonl comes from the
-calibration split (never trained on), each line ``{"messages": [user, assistant]}``.
+calibration split (never trained on), eval_questions.jsonl from the held-out split (never
+trained or calibrated on; ``vesper eval --data`` grades the assistant's answer as the
+reference), each line ``{"messages": [user, assistant]}``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ FILES = {
     "my_chats.jsonl": lambda: skills.generate(600, seed=1),
     "more_chats.jsonl": lambda: skills.generate(300, seed=2),
     "heldout.jsonl": lambda: skills.calibration(300, seed=3),
+    "eval_questions.jsonl": lambda: [
+        {"messages": [*msgs, {"role": "assistant", "content": answer}]}
+        for _task, msgs, answer in skills.held_out_tasks(600, seed=7)],
 }
 
 

@@ -97,9 +97,9 @@ class _DecodeBinding:
         self._inputs = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in inputs.items()}
         for name, value in self._inputs.items():
             self.binding.bind_ortvalue_input(name, value)
-        self.outputs = [np.empty((b, 1, backend.vocab_size), np.float32),
-                        np.empty((b, 1), np.float32), np.empty((b, 1), np.float32)]
-        for name, out in zip(("logits", "confidence", "stop"), self.outputs, strict=True):
+        self.outputs = [np.empty((b, 1, backend.vocab_size) if name == "logits" else (b, 1),
+                                 np.float32) for name in backend._head_names]
+        for name, out in zip(backend._head_names, self.outputs, strict=True):
             self.binding.bind_output(name, "cpu", 0, np.float32, list(out.shape),
                                      out.ctypes.data)
         # Every row's key mask over the whole buffer; a step sets each row's new position.
@@ -144,16 +144,17 @@ def in_place_step(backend: Any, input_ids: torch.Tensor, attention_mask: torch.T
     binding.bind_cpu_input("attention_mask", mask)
     if backend.has_position_ids:
         binding.bind_cpu_input("position_ids", np.zeros((b, s), np.int64))
-    for name in ("logits", "confidence", "stop"):
+    for name in backend._head_names:
         binding.bind_output(name, "cpu")
     backend.session.run_with_iobinding(binding)
-    # Bound after the cache's outputs: the last three.
-    logits, conf, stop = (torch.from_numpy(o.numpy()) for o in binding.get_outputs()[-3:])
+    # Bound after the cache's outputs: the last ones.
+    heads = [torch.from_numpy(o.numpy())
+             for o in binding.get_outputs()[-len(backend._head_names):]]
     if shift is not None:  # back to the loop's left padding
-        logits, conf, stop = (_shift(t, shift) for t in (logits, conf, stop))
+        heads = [_shift(t, shift) for t in heads]
     past.lengths = new_lens
     past.decode = None  # its key mask no longer says each row's length: rebuilt if needed
-    return StepOutput(logits, conf, stop, past)
+    return StepOutput.from_heads(heads, past)
 
 
 def _decode_step(backend: Any, input_ids: torch.Tensor, past: InPlaceCache) -> StepOutput:
@@ -170,8 +171,7 @@ def _decode_step(backend: Any, input_ids: torch.Tensor, past: InPlaceCache) -> S
     backend.session.run_with_iobinding(d.binding)
     past.lengths = new_lens
     # Copies: the arrays are written again by the next step, and a caller may keep these.
-    logits, conf, stop = (torch.from_numpy(o.copy()) for o in d.outputs)
-    return StepOutput(logits, conf, stop, past)
+    return StepOutput.from_heads([o.copy() for o in d.outputs], past)
 
 
 def int64_array(t: torch.Tensor) -> np.ndarray:

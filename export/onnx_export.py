@@ -63,6 +63,7 @@ from ..atomic import atomic_write_folder
 from ..folder import ModelFolder
 from ..hf.card import onnx_section, update_model_card
 from ..hf.files import write_folder_files
+from ..inference.types import HEAD_OUTPUTS
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
 from .fusions import fuse_residual_norms, share_tied_int4_table
@@ -105,13 +106,13 @@ class _ExportWrapper(nn.Module):
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=pkv, use_cache=self.use_cache)
         flat = [t for kv in out.past_key_values for t in kv] if self.use_cache else []
-        return (out.logits, out.confidence, out.stop, *flat)
+        return (out.logits, out.confidence, out.stop, out.answer, *flat)
 
 
 def io_names(num_layers: int, use_cache: bool) -> tuple[list[str], list[str]]:
     """(input names, output names) of the exported graph."""
     inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits", "confidence", "stop"]
+    outputs = list(HEAD_OUTPUTS)
     if use_cache:
         for i in range(num_layers):
             inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
@@ -238,7 +239,8 @@ def tidy_graph(proto: Any, model: VesperLM, use_cache: bool, separate_lm_head: b
             "attention_mask": ["batch_size", "total_sequence_length"],
             "logits": ["batch_size", "sequence_length", None],
             "confidence": ["batch_size", "sequence_length"],
-            "stop": ["batch_size", "sequence_length"]}
+            "stop": ["batch_size", "sequence_length"],
+            "answer": ["batch_size", "sequence_length"]}
     for vi in list(graph.input) + list(graph.output):
         names = dims.get(vi.name)
         if vi.name.startswith("past_key_values."):

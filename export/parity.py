@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..inference.types import HEAD_OUTPUTS
 from ..model import VesperLM
+
+N_HEADS = len(HEAD_OUTPUTS)  # the graph's outputs before the cache's
 
 
 class ExportError(ValueError):
@@ -46,7 +49,8 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
     Batch 2 with padding (prompts of 9 and 5 tokens; on the left, or for an ``in_place``
     graph on the right, each row's new token at its own length); the decode tokens are
     PyTorch's greedy choices, fed to both, so errors do not compound. Returns
-    ``max_abs`` (logits, every position), ``max_abs_meta`` (confidence/stop), ``rel_err``
+    ``max_abs`` (logits, every position), ``max_abs_meta`` (confidence, stop and the
+    answer logit), ``rel_err``
     and ``top1_gap`` (see QUANT_BOUNDS) and ``top1_agree`` over real positions.
     """
     cfg = model.config
@@ -72,12 +76,9 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
     for step in range(steps + 1):
         r_logits = ref.logits.float()
         g_logits = torch.from_numpy(got[0])
-        if not use_cache:
-            g_logits = g_logits[:, -r_logits.shape[1]:]
-            got_conf = [torch.from_numpy(got[1])[:, -r_logits.shape[1]:],
-                        torch.from_numpy(got[2])[:, -r_logits.shape[1]:]]
-        else:
-            got_conf = [torch.from_numpy(got[1]), torch.from_numpy(got[2])]
+        new = r_logits.shape[1]  # a --no-cache graph returns the whole sequence
+        g_logits = g_logits[:, -new:]
+        got_conf = [torch.from_numpy(g)[:, -new:] for g in got[1:N_HEADS]]
         if not torch.isfinite(g_logits).all() or not all(torch.isfinite(c).all()
                                                           for c in got_conf):
             raise ExportError("the ONNX graph produced NaN/inf outputs")
@@ -85,9 +86,9 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
         # in-place graph's padded queries attend causally, PyTorch's only to themselves).
         at = real if in_place else torch.ones_like(real)
         stats["max_abs"] = max(stats["max_abs"], (g_logits - r_logits)[at].abs().max().item())
-        stats["max_abs_meta"] = max(stats["max_abs_meta"],
-                                    (got_conf[0] - ref.confidence)[at].abs().max().item(),
-                                    (got_conf[1] - ref.stop)[at].abs().max().item())
+        stats["max_abs_meta"] = max(
+            stats["max_abs_meta"], *((g - r)[at].abs().max().item() for g, r in zip(
+                got_conf, (ref.confidence, ref.stop, ref.answer), strict=True)))
         r, g = r_logits[real], g_logits[real]  # real (non-padding) positions only
         stats["rel_err"] = max(stats["rel_err"], ((g - r).norm() / r.norm()).item())
         pick = g.argmax(-1)
@@ -107,7 +108,8 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
                     use_cache=True)
         if use_cache:
             ragged = (torch.arange(mask.shape[1]) < n_real[:, None]).long()
-            got = _run(session, names_in, nxt, ragged if in_place else mask, pos, got[3:])
+            got = _run(session, names_in, nxt, ragged if in_place else mask, pos,
+                       got[N_HEADS:])
         else:
             all_ids = torch.cat([all_ids, nxt], 1)
             all_pos = torch.cat([all_pos, pos], 1)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, VesperConfig
-from ..inference.types import StepOutput
+from ..inference.types import HEAD_OUTPUTS, StepOutput
 from ..integrity import require_intact, verify_file
 from ..model import ModelFolderError
 from .in_place import in_place_step, int64_array
@@ -181,7 +181,10 @@ class OnnxBackend:
         if host_threads is None:
             host_threads = 1 if self._cache_device == "cpu" else 0
         self.host_threads = host_threads or None
-        self._output_names = ["logits", "confidence", "stop", *self._present_names]
+        outputs = {o.name for o in self.session.get_outputs()}
+        # "answer" is missing from exports made before the MetaHead's answer row.
+        self._head_names = [n for n in HEAD_OUTPUTS if n in outputs]
+        self._output_names = [*self._head_names, *self._present_names]
         # An in-place KV export (export.in_place): the cache stays in buffers that ONNX
         # Runtime writes at each row's length; the CPU only (its fp32 operator).
         self.in_place = self.onnx_info.get("kv_layout") == "in_place"
@@ -227,22 +230,22 @@ class OnnxBackend:
                         attention_mask=int64_array(attention_mask),
                         position_ids=int64_array(position_ids))
             outs = self.session.run(self._output_names, feed)
-            logits, conf, stop = (torch.from_numpy(o) for o in outs[:3])
-            return StepOutput(logits, conf, stop, outs[3:])
+            heads = len(self._head_names)
+            return StepOutput.from_heads(outs[:heads], outs[heads:])
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", int64_array(input_ids))
         binding.bind_cpu_input("attention_mask", int64_array(attention_mask))
         binding.bind_cpu_input("position_ids", int64_array(position_ids))
         for name, value in zip(self._past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
-        for name in ("logits", "confidence", "stop"):
+        for name in self._head_names:
             binding.bind_output(name, "cpu")
         for name in self._present_names:
             binding.bind_output(name, self._cache_device)
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        logits, conf, stop = (torch.from_numpy(o.numpy()) for o in outs[:3])
-        return StepOutput(logits, conf, stop, list(outs[3:]))
+        heads = len(self._head_names)
+        return StepOutput.from_heads([o.numpy() for o in outs[:heads]], list(outs[heads:]))
 
     def reorder_cache(self, past: Any, index: torch.Tensor) -> Any:
         """Keep only the batch rows in ``index`` (rows that finished stop costing compute)."""
@@ -267,10 +270,9 @@ class OnnxBackend:
             position_ids = torch.cat([past[1], position_ids.cpu()], dim=1)
         feed = {"input_ids": int64_array(input_ids), "attention_mask": int64_array(attention_mask),
                 "position_ids": int64_array(position_ids)}
-        logits, conf, stop = self.session.run(["logits", "confidence", "stop"], feed)
-        return StepOutput(torch.from_numpy(logits[:, -new:]), torch.from_numpy(conf[:, -new:]),
-                          torch.from_numpy(stop[:, -new:]),
-                          (input_ids.cpu(), position_ids.cpu()))
+        heads = self.session.run(self._head_names, feed)
+        return StepOutput.from_heads([h[:, -new:] for h in heads],
+                                     (input_ids.cpu(), position_ids.cpu()))
 
     def __repr__(self) -> str:
         return (f"OnnxBackend({self.model_dir}, {self.onnx_info.get('quantize') or 'fp32'}, "

@@ -18,7 +18,7 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("calibrate") / "tiny")
 
 
-def test_vesper_calibrate_refits_only_the_confidence_row(model_dir, tmp_path, capsys):
+def test_vesper_calibrate_refits_the_confidence_and_answer_rows_only(model_dir, tmp_path, capsys):
     out = tmp_path / "recalibrated"
     assert cli.main(["calibrate", str(model_dir), "--examples", "400", "--out-dir", str(out),
                      "--device", "cpu"]) == 0
@@ -28,15 +28,39 @@ def test_vesper_calibrate_refits_only_the_confidence_row(model_dir, tmp_path, ca
     after = vs.VesperLM.from_pretrained(out).state_dict()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     # The confidence row and bias of the output layer (a calibration other than the
-    # identity would be folded into them and reset).
+    # identity would be folded into them and reset), and the answer row.
+    # (A random model answers every question wrong: its answer row stays as it was.)
+    answer_row = {"metahead.answer.bias", "metahead.answer.weight"}
     assert {"metahead.out.bias", "metahead.out.weight"} <= set(changed) <= {
-        "metahead.calibration", "metahead.out.bias", "metahead.out.weight"}
+        "metahead.calibration", "metahead.out.bias", "metahead.out.weight"} | answer_row
     assert torch.equal(before["metahead.out.weight"][1:], after["metahead.out.weight"][1:])
     assert after["metahead.calibration"].tolist() == [1.0, 0.0]
+    assert "MetaHead answer row fitted on 400 greedy answers" in text
     assert (out / "tokenizer.json").is_file()
     lm = vs.load(out, device="cpu")
     toks = lm.generate_tokens(["What is 2+3?"], max_new_tokens=4, temperature=0.0)[0]
     assert all(0.0 <= t.confidence <= 1.0 for t in toks)
+    # The decode loop's answer logits are the fitted row's, as a whole-sequence forward
+    # gives them.
+    prompt = lm.tokenizer.encode("What is 2+3?", add_bos=True)
+    ids = [t.id for t in toks]
+    with torch.no_grad():
+        full = lm.model(torch.tensor([prompt + ids]))
+    expected = full.answer[0, len(prompt) - 1:len(prompt) + len(ids) - 1]
+    torch.testing.assert_close(torch.tensor([t.answer_logit for t in toks]), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_too_few_graded_answers_leave_the_answer_row_as_it_was(model_dir):
+    from vesper_sdk.training.calibration import CalibrationWarning, refit_answer, skills_questions
+
+    model = vs.VesperLM.from_pretrained(model_dir)
+    before = model.metahead.answer.weight.clone()
+    qs, groups = skills_questions(20, 0)
+    with pytest.warns(CalibrationWarning,
+                      match=r"20 answers to \d+ questions \(a fit needs at least 100"):
+        assert refit_answer(model, vs.VesperTokenizer.from_file(model_dir), qs, groups) is None
+    assert torch.equal(model.metahead.answer.weight, before)
 
 
 def test_calibrate_on_a_jsonl_file_groups_by_document(model_dir, tmp_path):

@@ -12,6 +12,7 @@ from _fixtures_serve import make_tiny_model
 import vesper_sdk as vs
 from vesper_sdk.inference import GenerationRequest, PromptLogprobs, SamplingParams, Token
 from vesper_sdk.inference.continuous import SlotEngine, common_prefix
+from vesper_sdk.model import answer_confidence
 
 PROMPTS = ["the cat sees a dog", "hello world", "1+2=", "the cat sees a dog and the sun",
            "red blue green small big fast slow runs jumps sees likes a an and or but"]
@@ -208,5 +209,7 @@ def test_an_unsure_answer_becomes_an_abstention(llm, engine: str) -> None:
     assert "".join(t.text for t in withheld) == "I'm not sure."
     assert all(t.regulated == "abstained" for t in withheld)
     assert withheld[-1].finish_reason == "stop"
-    mean_conf = sum(t.confidence for t in kept) / len(kept)
-    assert withheld[0].confidence == pytest.approx(mean_conf, abs=1e-5)
+    # Each withheld token carries the answer's confidence (the MetaHead's answer row).
+    confidence = answer_confidence([t.answer_logit for t in kept])
+    assert withheld[0].confidence == pytest.approx(confidence, abs=1e-5)
+    assert answer_confidence([t.answer_logit for t in withheld]) == pytest.approx(confidence)

@@ -94,9 +94,9 @@ def test_cpu_decode_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_
     keys = {k: v.data_ptr() for k, v in tiny_model.state_dict().items()}
     n = apply_cpu_decode(tiny_model, parts=4)
     assert len(decode_products(tiny_model)) == n
-    # 2 layers x (qkv, o_proj, down, the gate/up FlyLoRA pair) + MetaHead fc and out
-    # + tied LM head.
-    assert n == 2 * (3 + 1) + 2 + 1
+    # 2 layers x (qkv, o_proj, down, the gate/up FlyLoRA pair) + MetaHead fc, out and
+    # answer row + tied LM head.
+    assert n == 2 * (3 + 1) + 3 + 1
     assert all(isinstance(b.ffn, PairedFeedForward) for b in tiny_model.blocks)
     # The swapped modules hold the very same tensors under the same names.
     assert {k: v.data_ptr() for k, v in tiny_model.state_dict().items()} == keys
@@ -110,6 +110,7 @@ def test_cpu_decode_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_
     for got, want in ((prefill, ref_prefill), (step, ref_step)):
         torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.answer, want.answer, rtol=1e-4, atol=1e-5)
     assert tiny_model.blocks[0].attn.qkv.product.parts == 4
     assert tiny_model.metahead.out.product.parts == 1  # no divisor of 5 in 2..4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -270,11 +271,15 @@ def test_runs_as_a_script_and_prints_its_url(model_dir: Path, tmp_path: Path) ->
 
 
 def test_a_token_shows_its_top_5_and_an_answer_its_confidence_badge() -> None:
-    tok = render.TokenView("4", 0.9, -0.1, alternatives=[("4", 0.9), ("5", 0.05)])
-    stats = render.answer_stats([tok], 0.1, "PyTorch fp32")
-    page = render.render_chat([render.Turn("assistant", "4", [tok], stats)])
+    # The badge is the MetaHead's answer confidence: the sigmoid of the mean answer logit
+    # over the answer's tokens (the end token too), not the mean token confidence.
+    tok = render.TokenView("4", 0.9, -0.1, alternatives=[("4", 0.9), ("5", 0.05)],
+                           answer_logit=math.log(0.8 / 0.2) - 1.0)
+    end = render.TokenView("", 0.5, 0.0, special=True, answer_logit=math.log(0.8 / 0.2) + 1.0)
+    stats = render.answer_stats([tok, end], 0.1, "PyTorch fp32")
+    page = render.render_chat([render.Turn("assistant", "4", [tok, end], stats)])
     assert "top 5: &#x27;4&#x27; 0.90, &#x27;5&#x27; 0.05" in page
-    assert "answer confidence 0.90" in page
+    assert "answer confidence 0.80" in page
     withheld = render.TokenView("I'm not sure.", 0.3, 0.0, regulated="abstained")
     stats = render.answer_stats([withheld], 0.1, "PyTorch fp32")
     page = render.render_chat([render.Turn("assistant", "x", [withheld], stats)])

@@ -77,7 +77,8 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
     # The answer-level comparison, in the shape the --json report promises.
     full = json.loads((tmp_path / "full.json").read_text())
     ans = full["answers"]
-    assert ans["n"] == 6 and set(ans["methods"]) >= {"metahead_mean", "sequence_probability",
+    assert ans["n"] == 6 and set(ans["methods"]) >= {"metahead_answer", "metahead_mean",
+                                                      "sequence_probability",
                                                       "mean_token_probability",
                                                       "min_token_probability"}
     for m in ans["methods"].values():
@@ -177,9 +178,10 @@ def test_answer_signals_come_from_one_forward_over_the_answer() -> None:
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
     answer = torch.tensor([0, 2])
-    s = signals_of(logits, torch.tensor([0.9, 0.5]), answer)
+    s = signals_of(logits, torch.tensor([0.9, 0.5]), torch.tensor([1.0, -3.0]), answer)
     lp = logits.log_softmax(-1)
     assert s["metahead_mean"] == pytest.approx(0.7) and s["metahead_min"] == pytest.approx(0.5)
+    assert s["metahead_answer"] == pytest.approx(1 / (1 + np.exp(1.0)))  # sigmoid(mean)
     assert s["sequence_probability"] == pytest.approx(float((lp[0, 0] + lp[1, 2]).exp()))
     assert s["min_token_probability"] == pytest.approx(float(lp[1, 2].exp()))
     assert s["neg_max_entropy"] <= s["neg_mean_entropy"] <= 0
@@ -195,3 +197,26 @@ def test_recalibrated_max_softmax_is_fitted_out_of_fold() -> None:
     fixed = recalibrated_msp(msp, correct, groups)
     assert expected_calibration_error(fixed, correct) < expected_calibration_error(msp, correct)
     assert auroc(fixed, correct) == pytest.approx(auroc(msp, correct), abs=0.01)  # monotone
+
+
+def test_the_answer_row_fit_finds_what_predicts_right_answers_across_questions() -> None:
+    from vesper_sdk.eval.metrics import auroc, fit_answer_row
+
+    rng = np.random.default_rng(0)
+
+    def answers(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, 12))
+        return x, (x[:, 3] - 0.5 * x[:, 7] + 0.5 * rng.normal(size=n) > 0).astype(float)
+
+    x, y = answers(600)
+    groups = np.repeat(np.arange(200), 3)  # each question asked three times
+    useless = np.eye(12)[11]  # the row before: reads a feature that knows nothing
+    fit = fit_answer_row(x, y, groups, useless, 0.0)
+    assert np.isfinite(fit.l2) and fit.groups == 200 and fit.answers == 600
+    assert fit.cv_auroc[fit.l2] > 0.8 > 0.6 > fit.cv_auroc[float("inf")]
+    fresh_x, fresh_y = answers(400)
+    assert auroc(fresh_x @ fit.weight + fit.bias, fresh_y) > 0.85
+    # Nothing to tell apart (every answer wrong): the row stays as it was.
+    kept = fit_answer_row(x, np.zeros(600), groups, useless, 0.25)
+    assert kept.l2 == float("inf") and kept.bias == 0.25
+    assert np.array_equal(kept.weight, useless)

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import random
+import re
 import threading
 
 import pytest
@@ -310,8 +311,9 @@ class ScriptedBackend:
         for r in range(b):
             script = self.scripts[r % len(self.scripts)]
             logits[r, -1, script[min(step, len(script) - 1)]] = 20.0
-        return StepOutput(logits, torch.full((b, s), self.conf), torch.full((b, s), self.stop),
-                          step)
+        conf = torch.full((b, s), self.conf)
+        # The answer logit as an unfitted answer row gives it: the confidence logit.
+        return StepOutput(logits, conf, torch.full((b, s), self.stop), step, torch.logit(conf))
 
 
 def byte_ids(tokenizer: vs.VesperTokenizer) -> dict[int, int]:
@@ -683,7 +685,8 @@ def test_load_and_cli_generate(tmp_path, model, tokenizer, capsys):
     assert len(lines) >= 1 and {"text", "confidence", "regulated"} <= set(lines[0])
     assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "hi", "--chat",
                      "--temperature", "0", "--max-new-tokens", "4", "--confidence"]) == 0
-    assert "mean confidence" in capsys.readouterr().out
+    assert re.search(r"mean token confidence [01]\.\d{3}, answer confidence [01]\.\d{3}",
+                     capsys.readouterr().out)
     # --compile on the CPU: the same text, and a note that the first tokens wait.
     assert cli.main(["generate", str(tmp_path / "m"), "--prompt", "the cat", "--compile",
                      "--temperature", "0", "--max-new-tokens", "8"]) == 0

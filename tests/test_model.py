@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import vesper_sdk as vs
-from vesper_sdk.model import FlyLoRALinear
+from vesper_sdk.model import ANSWER, FlyLoRALinear, answer_confidence, logit_features
 from vesper_sdk.model.flylora import flylora_branch, top_rank_mask
 
 
@@ -307,10 +309,43 @@ def test_metahead_calibration_scales_the_confidence_logit_only():
         before = model(ids)
         model.metahead.calibration.copy_(torch.tensor([0.5, -1.0]))
         after = model(ids)
-    torch.testing.assert_close(after.meta_logits, before.meta_logits)
-    torch.testing.assert_close(after.confidence,
-                               torch.sigmoid(0.5 * before.meta_logits[..., 0] - 1.0))
+    token_rows = slice(0, ANSWER)
+    torch.testing.assert_close(after.meta_logits[..., token_rows],
+                               before.meta_logits[..., token_rows])
+    calibrated = 0.5 * before.meta_logits[..., 0] - 1.0
+    torch.testing.assert_close(after.confidence, torch.sigmoid(calibrated))
     torch.testing.assert_close(after.stop, before.stop)
+    # The unfitted answer row passes the calibrated confidence logit through.
+    torch.testing.assert_close(after.answer, calibrated)
+
+
+def test_answer_row_reads_every_block_output_and_pools_by_the_mean():
+    torch.manual_seed(0)
+    cfg = vs.VesperConfig.from_preset("tiny", vocab_size=64, hidden_size=32, num_layers=2,
+                                      num_heads=2, ffn_hidden_size=64, max_seq_len=32)
+    model = vs.VesperLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    outputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out[0]))
+             for b in model.blocks]
+    head = model.metahead
+    with torch.no_grad():
+        head.answer.weight.normal_()
+        head.answer.bias.fill_(0.3)
+        out = model(ids)
+    for h in hooks:
+        h.remove()
+    reads = torch.cat([*outputs, logit_features(out.logits),
+                       out.meta_logits[..., :1]], -1)
+    expected = reads @ head.answer.weight[0] + 0.3
+    torch.testing.assert_close(out.answer, expected, rtol=1e-4, atol=1e-4)
+    # Trained by nothing: no gradient, so DDP never waits for one.
+    assert not any(p.requires_grad for p in head.answer.parameters())
+    model.freeze_base()
+    assert not any(p.requires_grad for p in head.answer.parameters())
+    assert answer_confidence(torch.tensor([0.0, 2.0])) == pytest.approx(
+        1 / (1 + math.exp(-1.0)))
+    assert answer_confidence([]) == 0.5
 
 
 def test_folders_from_before_the_logit_features_still_load(tmp_path):
@@ -327,12 +362,16 @@ def test_folders_from_before_the_logit_features_still_load(tmp_path):
     del data["metahead_logit_features"]
     (tmp_path / "config.json").write_text(json.dumps(data))
     state = load_file(str(tmp_path / "model.safetensors"))
-    del state["metahead.calibration"]
+    for key in ("metahead.calibration", "metahead.answer.weight", "metahead.answer.bias"):
+        del state[key]  # nor the answer row
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "manifest.json").unlink()  # nor a manifest
     loaded = vs.VesperLM.from_pretrained(tmp_path)
     assert loaded.config.metahead_logit_features is False
     assert loaded.metahead.calibration.tolist() == [1.0, 0.0]
+    with torch.no_grad():
+        out = loaded(torch.randint(0, 64, (1, 5)))
+    torch.testing.assert_close(out.answer, out.meta_logits[..., 0])  # passed through
 
 
 def test_the_flylora_branch_gathered_equals_masked() -> None:

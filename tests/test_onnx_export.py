@@ -78,7 +78,7 @@ def test_graph_signature_dynamic_axes_and_flylora_topk(exports, model_dir):
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert names[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     outs = [o.name for o in graph.output]
-    assert outs == ["logits", "confidence", "stop"] + [
+    assert outs == ["logits", "confidence", "stop", "answer"] + [
         f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
 
     def dims(vi):
@@ -111,9 +111,10 @@ def test_past_length_zero_and_batch_size_change(exports, model_dir):
         with torch.no_grad():
             ref = model(ids, use_cache=True)
         assert got[0].shape == (b, s, cfg.vocab_size)
-        assert got[3].shape == (b, cfg.num_heads, s, cfg.head_dim)  # present = past(0) + s
+        assert got[4].shape == (b, cfg.num_heads, s, cfg.head_dim)  # present = past(0) + s
         assert np.abs(got[0] - ref.logits.numpy()).max() <= 1e-4
-        assert np.abs(got[3] - ref.past_key_values[0][0].numpy()).max() <= 1e-5
+        assert np.abs(got[3] - ref.answer.numpy()).max() <= 1e-4  # the answer logit
+        assert np.abs(got[4] - ref.past_key_values[0][0].numpy()).max() <= 1e-5
 
 
 def test_quantized_exports_are_smaller_and_close(exports, model_dir):
@@ -352,3 +353,36 @@ def test_default_opset_follows_the_runtime_that_checks_the_export(exports):
     assert default_opset(None, "1.21.0") == 18 and default_opset("int4", "1.20.1") == 21
     info = json.loads((exports["int4"] / "config.json").read_text())["onnx"]
     assert info["opset"] == default_opset("int4", onnxruntime.__version__)
+
+
+@pytest.mark.parametrize("in_place_kv", [False, True])
+def test_the_answer_row_travels_through_the_export(make_tiny_model_dir, tmp_path, in_place_kv):
+    """A fitted answer row gives the same answer logits in ONNX Runtime as in PyTorch, at
+    every decode step, plain or in-place KV."""
+    folder = make_tiny_model_dir()
+    model = vs.VesperLM.from_pretrained(folder)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        model.metahead.answer.weight.normal_(0, 1.0)
+        model.metahead.answer.bias.fill_(-0.5)
+    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": folder / "tokenizer.json"})
+    export_onnx(tmp_path / "m", tmp_path / "onnx", verbose=False, in_place_kv=in_place_kv)
+    torch_lm, onnx_lm = vs.load(tmp_path / "m", device="cpu"), OnnxModel(tmp_path / "onnx")
+    a = torch_lm.generate_tokens(["the cat sat"], max_new_tokens=12, temperature=0.0,
+                                 ignore_eos=True)[0]
+    b = onnx_lm.generate_tokens(["the cat sat"], max_new_tokens=12, temperature=0.0,
+                                ignore_eos=True)[0]
+    assert [t.id for t in a] == [t.id for t in b]
+    ours = torch.tensor([t.answer_logit for t in a])
+    assert ours.std() > 0.02  # the fitted row, not a constant
+    torch.testing.assert_close(torch.tensor([t.answer_logit for t in b]), ours,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_an_export_without_the_answer_output_reads_the_confidence_logit():
+    from vesper_sdk.inference.types import StepOutput
+
+    conf = np.array([[0.2, 0.9]], np.float32)
+    step = StepOutput.from_heads([np.zeros((1, 2, 5), np.float32), conf,
+                                  np.zeros((1, 2), np.float32)], None)
+    torch.testing.assert_close(step.answer, torch.logit(torch.from_numpy(conf)))

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import vesper_sdk as vs
 from vesper_sdk import serving as srv
 from vesper_sdk.inference import LLM
+from vesper_sdk.model import answer_confidence
 
 MODEL = "tiny"
 
@@ -118,6 +119,9 @@ def test_completion_matches_solo_greedy_with_logprobs(client, llm) -> None:
     assert extra["confidence"] == pytest.approx([t.confidence for t in ref], abs=1e-5)
     assert all(0.0 <= c <= 1.0 for c in extra["confidence"])
     assert extra["regulated"] == [t.regulated for t in ref] == [None] * 8  # regulator off
+    # The finished choice carries the MetaHead's answer confidence, as the SDK pools it.
+    assert extra["answer_confidence"] == pytest.approx(
+        answer_confidence([t.answer_logit for t in ref]), abs=1e-5)
     assert r.usage.prompt_tokens == len(prompt_ids(llm, prompt))
     assert r.usage.completion_tokens == 8
     assert r.usage.total_tokens == r.usage.prompt_tokens + 8
@@ -175,6 +179,10 @@ def test_chat_streaming_matches_non_streaming(client) -> None:
     confidences = [x for v in per_token for x in v["confidence"]]
     assert confidences == pytest.approx(full.choices[0].model_extra["vesper"]["confidence"],
                                         abs=1e-5)
+    # Only the choice's last chunk says the answer's confidence: the same as unstreamed.
+    answer = [v["answer_confidence"] for v in per_token if "answer_confidence" in v]
+    assert answer == pytest.approx([full.choices[0].model_extra["vesper"]["answer_confidence"]],
+                                   abs=1e-5)
     assert sum(len(c.choices[0].logprobs.content) for c in chunks
                if c.choices and c.choices[0].logprobs) == 12
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]

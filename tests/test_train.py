@@ -61,7 +61,7 @@ def base_run(tmp_path_factory, small):
 # ----------------------------------------------------------------------------- pieces
 def _out(logits: torch.Tensor, meta: torch.Tensor) -> VesperOutput:
     z = torch.zeros(logits.shape[:2])
-    return VesperOutput(logits, z, z, meta[..., 2:], torch.zeros(()), None, z, meta)
+    return VesperOutput(logits, z, z, meta[..., 2:5], z, torch.zeros(()), None, z, meta)
 
 
 def test_metahead_targets_from_the_lms_own_predictions():
@@ -230,13 +230,15 @@ def test_flylora_finetune_trains_only_lora_b_and_metahead(base_run, tmp_path, ca
     before = load_file(str(base_run.model_dir / "model.safetensors"))
     after = load_file(str(r.model_dir / "model.safetensors"))
     assert before.keys() == after.keys()
-    refit = "metahead.calibration"  # a buffer, fitted again at the end of every run
-    trainable = [k for k in before if k != refit and (
+    # Fitted again at the end of every run, not trained: the calibration buffer and the
+    # answer row.
+    refit = ("metahead.calibration", "metahead.answer.weight", "metahead.answer.bias")
+    trainable = [k for k in before if k not in refit and (
         k.endswith("lora_B") or k.startswith("metahead."))]
     expected = sum(before[k].numel() for k in trainable)
     assert r.trainable_params == expected < r.total_params
     assert f"trainable parameters: {expected:,} of {r.total_params:,}" in capsys.readouterr().out
-    frozen = [k for k in before if k not in trainable and k != refit
+    frozen = [k for k in before if k not in trainable and k not in refit
               and not k.endswith("balance_bias")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("lora_B"))

@@ -188,6 +188,7 @@ class VesperConfig:
         m = self.metahead_hidden_size
         meta_in = d + (3 if self.metahead_logit_features else 0)  # model.N_LOGIT_FEATURES
         meta = meta_in * m + m + m * 5 + 5
+        meta += self.num_layers * d + meta_in - d + 1 + 1  # the answer row and its bias
         total = v * d + self.num_layers * block + d + meta
         if not self.tie_embeddings:
             total += v * d

@@ -7,8 +7,11 @@ whitespace and a final period). The prompt and the answer are then scored in one
 teacher-forced forward, which gives every signal on the same answer tokens (the final
 end-of-sequence token included: stopping is part of the answer):
 
-- ``metahead_mean`` / ``metahead_min``: the MetaHead's confidence, mean / minimum over
-  the answer's tokens (``metahead_mean`` is *the* MetaHead answer confidence);
+- ``metahead_answer``: *the* MetaHead answer confidence, the sigmoid of the mean of its
+  answer row over the answer's tokens (the row reads every block's output and is fitted
+  on graded answers to the calibration split: ``vesper calibrate``);
+- ``metahead_mean`` / ``metahead_min``: the MetaHead's token confidence, mean / minimum
+  over the answer's tokens;
 - the white-box baselines of LM-Polygraph that cost nothing here: ``sequence_probability``
   (its maximum sequence probability), ``mean_token_probability`` (the geometric mean,
   1 / perplexity), ``min_token_probability``, ``mean_max_softmax``, and the negated
@@ -23,7 +26,7 @@ questions, and selective accuracy at 80 % and 90 % coverage.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +35,12 @@ import torch
 
 from .. import skills
 from ..inference import GenerationRequest, SamplingParams
+from ..model import answer_confidence
 from .metrics import auroc, expected_calibration_error
 
-METAHEAD = "metahead_mean"
-PROBABILITY_SIGNALS = ("metahead_mean", "metahead_min", "sequence_probability",
+METAHEAD = "metahead_answer"
+PROBABILITY_SIGNALS = ("metahead_answer", "metahead_mean", "metahead_min",
+                       "sequence_probability",
                        "mean_token_probability", "min_token_probability", "mean_max_softmax")
 SIGNALS = (*PROBABILITY_SIGNALS, "neg_mean_entropy", "neg_max_entropy")
 COVERAGES = (0.8, 0.9)
@@ -74,15 +79,17 @@ def questions(records: Sequence[Any], data: str, n: int, seed: int) -> list[Ques
     return out
 
 
-def signals_of(logits: torch.Tensor, confidence: torch.Tensor, answer: torch.Tensor,
-               ) -> dict[str, float]:
+def signals_of(logits: torch.Tensor, confidence: torch.Tensor, answer_logits: torch.Tensor,
+               answer: torch.Tensor) -> dict[str, float]:
     """Every signal of one answer from the positions that predicted its tokens:
-    ``logits`` [A,V], ``confidence`` [A], ``answer`` [A] token ids."""
+    ``logits`` [A,V], ``confidence`` and ``answer_logits`` [A] (the MetaHead's),
+    ``answer`` [A] token ids."""
     logp = logits.float().log_softmax(-1)
     lp = logp.gather(-1, answer[:, None])[:, 0]
     entropy = -(logp.exp() * logp).sum(-1)
     conf = confidence.float()
     return {
+        "metahead_answer": answer_confidence(answer_logits),
         "metahead_mean": float(conf.mean()), "metahead_min": float(conf.min()),
         "sequence_probability": float(lp.sum().exp()),
         "mean_token_probability": float(lp.mean().exp()),
@@ -92,25 +99,31 @@ def signals_of(logits: torch.Tensor, confidence: torch.Tensor, answer: torch.Ten
     }
 
 
-def answer_questions(lm: Any, qs: Sequence[Question], max_answer_tokens: int = 24,
-                     batch_size: int = 8) -> list[dict[str, Any]]:
-    """Greedy answers to ``qs``, graded, each with every signal."""
+def greedy_answers(lm: Any, qs: Sequence[Question], max_answer_tokens: int = 24,
+                   batch_size: int = 8) -> Iterator[tuple[Question, list[int], list[Any]]]:
+    """(question, prompt ids, generated Tokens) for each of ``qs``, answered greedily."""
     greedy = SamplingParams(max_new_tokens=max_answer_tokens, temperature=0.0)
-    rows: list[dict[str, Any]] = []
     for i in range(0, len(qs), batch_size):
         chunk = qs[i:i + batch_size]
         prompts = [lm.tokenizer.chat_prompt_ids(q.messages) for q in chunk]
         toks: list[list[Any]] = [[] for _ in chunk]
         for j, tok in lm.stream_batch([GenerationRequest(p, greedy) for p in prompts]):
             toks[j].append(tok)
-        for q, prompt, answer in zip(chunk, prompts, toks, strict=True):
-            reply = "".join(t.text for t in answer)
-            ids = [t.id for t in answer]
-            row = {"task": q.task, "question": q.messages[-1]["content"],
-                   "reference": q.reference, "reply": reply, "correct": q.grade(reply)}
-            if ids:
-                row.update(_score(lm, prompt, ids))
-            rows.append(row)
+        yield from zip(chunk, prompts, toks, strict=True)
+
+
+def answer_questions(lm: Any, qs: Sequence[Question], max_answer_tokens: int = 24,
+                     batch_size: int = 8) -> list[dict[str, Any]]:
+    """Greedy answers to ``qs``, graded, each with every signal."""
+    rows: list[dict[str, Any]] = []
+    for q, prompt, answer in greedy_answers(lm, qs, max_answer_tokens, batch_size):
+        reply = "".join(t.text for t in answer)
+        ids = [t.id for t in answer]
+        row = {"task": q.task, "question": q.messages[-1]["content"],
+               "reference": q.reference, "reply": reply, "correct": q.grade(reply)}
+        if ids:
+            row.update(_score(lm, prompt, ids))
+        rows.append(row)
     return rows
 
 
@@ -120,7 +133,7 @@ def _score(lm: Any, prompt: list[int], answer: list[int]) -> dict[str, float]:
         out = lm.backend.forward(x, torch.ones_like(x),
                                  torch.arange(x.shape[1], device=x.device)[None], None)
     pos = slice(len(prompt) - 1, len(prompt) + len(answer) - 1)
-    return signals_of(out.logits[0, pos], out.confidence[0, pos],
+    return signals_of(out.logits[0, pos], out.confidence[0, pos], out.answer[0, pos],
                       torch.tensor(answer, device=out.logits.device))
 
 

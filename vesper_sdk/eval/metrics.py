@@ -324,6 +324,69 @@ def fit_confidence(activations: Any, correct: Any, groups: Any, weight: Any, bia
                          int(y.size), n_groups)
 
 
+@dataclass
+class AnswerFit:
+    """An answer row fitted on graded answers (see :func:`fit_answer_row`)."""
+
+    weight: np.ndarray  # [d]: the row over the (pooled) features
+    bias: float
+    l2: float  # the penalty cross-validation chose (inf: the row kept as it was)
+    cv_auroc: dict[float, float]  # per candidate penalty, out-of-fold (inf: the kept row)
+    answers: int
+    groups: int
+
+
+def fit_answer_row(features: Any, correct: Any, groups: Any, weight: Any, bias: float,
+                   l2_grid: Sequence[float] = (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+                   folds: int = 5, seed: int = 0) -> AnswerFit:
+    """L2-penalised logistic regression from answers' pooled ``features`` [n, d] to
+    ``correct``, as one row (the standardisation folded in).
+
+    The penalty is chosen by ``folds``-fold cross-validation over whole ``groups`` (the
+    same question asked twice is one group: a greedy model answers it the same way, so
+    in two folds it would leak), by the out-of-fold AUROC: ranking right above wrong is
+    the row's job, and out-of-fold log loss, on folds whose mix of questions differs,
+    prefers penalties that lose ranking), averaged over the folds (pooling the folds'
+    scores would rank one fold's fit against another's). The current row (``weight``,
+    ``bias``) is a candidate too (``inf``) and is kept unless a penalty ranks better, or
+    when there is nothing to fit (fewer groups than folds, or answers all right or all
+    wrong).
+    """
+    x = np.asarray(_to_numpy(features), dtype=np.float64)
+    y = np.asarray(_to_numpy(correct)).reshape(-1).astype(np.float64)
+    w0 = np.asarray(_to_numpy(weight), dtype=np.float64).reshape(-1)
+    _, group_of = np.unique(np.asarray(_to_numpy(groups)).reshape(-1), return_inverse=True)
+    if x.ndim != 2 or x.shape[0] != y.size or group_of.size != y.size or x.shape[1] != w0.size:
+        raise ValueError(f"features {x.shape}, correct {y.shape}, groups {group_of.shape} "
+                         f"and weight {w0.shape} do not fit together")
+    n_groups = int(group_of.max()) + 1 if y.size else 0
+    fold_of = np.random.default_rng(seed).permutation(max(n_groups, 1))[group_of] % folds
+
+    def fit(rows: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+        mu, sd = x[rows].mean(0), x[rows].std(0) + 1e-6
+        design = np.column_stack([(x[rows] - mu) / sd, np.ones(rows.size)])
+        w = _fit_logistic(design, y[rows], np.r_[np.full(x.shape[1], l2), 1e-6],
+                          np.zeros(x.shape[1] + 1))
+        return w[:-1] / sd, float(w[-1] - (w[:-1] / sd) @ mu)
+
+    cv: dict[float, float] = {}
+    if n_groups >= folds and 0 < y.sum() < y.size:
+        tests = [fold_of == f for f in range(folds)]
+
+        def fold_mean(scores: list[np.ndarray]) -> float:
+            # Each fold's AUROC, averaged: pooling would rank one fold's fit against another's.
+            return float(np.nanmean([auroc(sc, y[t]) for sc, t in zip(scores, tests,
+                                                                       strict=True)]))
+
+        cv[math.inf] = fold_mean([x[t] @ w0 + bias for t in tests])
+        for l2 in l2_grid:
+            fits = [fit(np.flatnonzero(~t), l2) for t in tests]
+            cv[l2] = fold_mean([x[t] @ w + b for (w, b), t in zip(fits, tests, strict=True)])
+    chosen = max(cv, key=lambda k: (cv[k], k)) if cv else math.inf  # ties: stronger
+    row, b = (w0, float(bias)) if math.isinf(chosen) else fit(np.arange(y.size), chosen)
+    return AnswerFit(row, b, float(chosen), cv, int(y.size), n_groups)
+
+
 def mean(values: Sequence[float]) -> float:
     """Mean of a sequence (NaN when empty), for answer-level confidences."""
     return float(sum(values) / len(values)) if values else float("nan")

@@ -12,18 +12,20 @@ prediction is right) and ``stop`` (probability that the answer ends here), in th
 3. *Satisficing termination*: the answer ends (EOS, flagged ``"stopped"``) as soon as it
    is good enough rather than when the LM happens to sample EOS: the stop head says the
    answer is complete (``stop >= stop_threshold``) *and* the answer so far was written
-   with high confidence (mean token confidence ``>= satisfice_confidence``, the
-   aspiration level; by default ``threshold``). An unsure answer is never cut short.
+   with high confidence (the MetaHead's answer confidence of the tokens so far ``>=
+   satisfice_confidence``, the aspiration level; by default ``threshold``). An unsure
+   answer is never cut short.
 
-With ``retries=N`` an answer whose mean confidence is under ``threshold`` is written
+With ``retries=N`` an answer whose answer confidence (the MetaHead's answer row pooled
+over its tokens, ``vesper_sdk.model.answer_confidence``) is under ``threshold`` is written
 again, up to N more times (at most ``max_iterations``), stopping at the first attempt
 that reaches the threshold (satisficing again) and keeping the attempt with the highest
-mean confidence. Its tokens are flagged ``"retry k"`` (k = the attempt kept, 1 = first
+answer confidence. Its tokens are flagged ``"retry k"`` (k = the attempt kept, 1 = first
 retry) or ``"kept first of n"`` when the original answer won.
 
-With ``abstain_below`` set, an answer whose mean confidence (after its retries) is still
+With ``abstain_below`` set, an answer whose answer confidence (after its retries) is still
 under it is not given: the text ``abstention`` ("I'm not sure.") comes instead, its tokens
-flagged ``"abstained"`` (the withheld answer's mean confidence on each). The answer is then
+flagged ``"abstained"`` (the withheld answer's confidence on each). The answer is then
 held back until it is complete, as with retries.
 """
 
@@ -74,20 +76,20 @@ class MetacognitiveRegulator:
 
     Args:
         threshold: confidence under which a position is decoded conservatively, and the
-            mean answer confidence a retry tries to reach.
+            answer confidence a retry tries to reach.
         max_iterations: cap on the retries whatever ``retries`` asks.
-        retries: regenerate an answer whose mean confidence is under ``threshold`` up to
+        retries: regenerate an answer whose answer confidence is under ``threshold`` up to
             this many times (0 = off); the most confident attempt is kept. With retries
             on, a streamed answer arrives once its attempts are done.
         conservative_temperature: temperature at a low-confidence position (0 = greedy).
         stop_threshold: stop-head probability at which an answer may end (satisficing).
-        satisfice_confidence: mean confidence the answer needs before it may be ended
+        satisfice_confidence: answer confidence the answer needs before it may be ended
             early; ``None`` = ``threshold``.
         min_tokens: never end an answer early before this many tokens.
         retry_temperature: the lowest temperature a retry samples at, so that retries of a
             greedy answer differ from it.
         satisfice: turn satisficing termination on or off.
-        abstain_below: answer ``abstention`` instead of an answer whose mean confidence is
+        abstain_below: answer ``abstention`` instead of an answer whose answer confidence is
             under this (None = never abstain).
         abstention: the text given instead of an unsure answer.
     """
@@ -159,7 +161,8 @@ class MetacognitiveRegulator:
             confidence: MetaHead confidence at this position (about the token to come).
             stop_prob: stop-head probability at this position (the answer ends here).
             n_generated: tokens already in the answer.
-            answer_confidence: mean confidence of those tokens (None when there are none).
+            answer_confidence: the MetaHead's answer confidence of those tokens (None when
+                there are none).
         """
         if (self.satisfice and n_generated >= max(self.min_tokens, 1)
                 and stop_prob >= self.stop_threshold

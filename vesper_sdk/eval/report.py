@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import skills
 from ..hf.card import record_eval
 from ..inference import LLM, load
 from .answers import METAHEAD, answer_questions, answer_report, plot_risk_coverage, questions
@@ -88,11 +89,16 @@ def skills_accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def msp_logit(msp: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(msp, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
 def recalibrated_msp(msp: np.ndarray, correct: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """The max-softmax probability after Platt scaling, cross-fitted over two halves of
-    the documents (each half scaled by the fit on the other): the baseline gets a
-    calibration as the MetaHead has one, never fitted on the tokens it is scored on."""
-    logit = np.log(np.clip(msp, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(msp, 1e-7, 1 - 1e-7))
+    the documents (each half scaled by the fit on the other): for data without a
+    calibration split, a calibration never fitted on the tokens it is scored on."""
+    logit = msp_logit(msp)
     half = np.unique(groups, return_inverse=True)[1] % 2 == 0
     out = np.empty_like(msp, dtype=np.float64)
     for fit_on in (half, ~half):
@@ -101,6 +107,17 @@ def recalibrated_msp(msp: np.ndarray, correct: np.ndarray, groups: np.ndarray) -
         a, b = fit_platt(logit[fit_on], correct[fit_on])
         out[~fit_on] = 1 / (1 + np.exp(-(a * logit[~fit_on] + b)))
     return out
+
+
+def msp_recalibrated_on_calibration_split(lm: LLM, msp: np.ndarray, chats: int, seed: int,
+                                          seq_len: int, batch_size: int) -> np.ndarray:
+    """The max-softmax probability Platt-scaled by a fit on builtin:skills' calibration
+    split (``chats`` of them), the split the MetaHead's confidence is refitted on."""
+    records = [c["messages"] for c in skills.calibration(chats, seed)]
+    cal = score_tokens(lm, encode_examples(lm.tokenizer, records), seq_len=seq_len,
+                       batch_size=batch_size)
+    a, b = fit_platt(msp_logit(cal.msp), cal.correct)
+    return 1 / (1 + np.exp(-(a * msp_logit(msp) + b)))
 
 
 # ----------------------------------------------------------------------------- report
@@ -146,10 +163,18 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
     boot = paired_bootstrap(stats.confidence, stats.msp, stats.correct, stats.doc, bins,
                             seed=seed)
     report["metahead"]["ci95"], report["max_softmax"]["ci95"] = boot["a"], boot["b"]
-    # The baseline recalibrated too, so ECE compares like with like.
-    report["max_softmax_calibrated"] = calibration_summary(
-        recalibrated_msp(np.asarray(stats.msp), np.asarray(stats.correct),
-                         np.asarray(stats.doc)), stats.correct, bins)
+    # The baseline recalibrated too, so ECE compares like with like: on the calibration
+    # split the MetaHead's confidence is refitted on, where there is one.
+    if data == "builtin:skills":
+        recalibrated = msp_recalibrated_on_calibration_split(
+            lm, np.asarray(stats.msp), max_examples, seed, seq_len, batch_size)
+        fitted_on = f"builtin:skills calibration split, {max_examples} chats"
+    else:
+        recalibrated = recalibrated_msp(np.asarray(stats.msp), np.asarray(stats.correct),
+                                        np.asarray(stats.doc))
+        fitted_on = "the evaluated documents, cross-fitted over two halves"
+    report["max_softmax_calibrated"] = {
+        **calibration_summary(recalibrated, stats.correct, bins), "fitted_on": fitted_on}
     report["metahead_minus_baseline"] = {
         "ece": report["metahead"]["ece"] - report["max_softmax"]["ece"],
         "auroc": report["metahead"]["auroc"] - report["max_softmax"]["auroc"],
@@ -273,6 +298,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f", AUROC {_with_ci(d['auroc'], d['ci95']['auroc'], 4, True)}")
         lines.append(f"[...]: 95 % intervals from {d['resamples']} bootstrap resamples of the "
                      f"{d['documents']} documents")
+    fitted_on = report.get("max_softmax_calibrated", {}).get("fitted_on")
+    if fitted_on:
+        lines.append(f"recalibrated: Platt scaling fitted on {fitted_on}")
     if "skills" in report:
         sk = report["skills"]
         lines += ["", f"answers (greedy, exact match): accuracy {_fmt(sk['accuracy'])} on "
@@ -297,7 +325,7 @@ def format_answers(ans: dict[str, Any]) -> list[str]:
                      f"{_fmt(m['selective_accuracy_80']):>9}"
                      f"{_fmt(m['selective_accuracy_90']):>9}")
     d = ans["metahead_minus_best_baseline"]
-    lines.append(f"MetaHead (mean) - best baseline ({d['baseline']}): AUROC "
+    lines.append(f"MetaHead (answer row) - best baseline ({d['baseline']}): AUROC "
                  f"{_with_ci(d['auroc'], d['ci95'], 4, True)}, PRR "
                  f"{_with_ci(d['prr'], d['prr_ci95'], 4, True)}")
     lines.append(f"[...]: 95 % intervals from {ans['resamples']} paired bootstrap resamples of "

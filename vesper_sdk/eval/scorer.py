@@ -82,7 +82,7 @@ def encode_examples(tok: VesperTokenizer, records: Sequence[str | list[dict]],
     return out
 
 
-def _windows(examples: Sequence[Example], seq_len: int,
+def windows(examples: Sequence[Example], seq_len: int,
              ) -> list[tuple[list[int], list[int], int]]:
     """(ids, score mask, index of the example) per window of at most ``seq_len`` tokens."""
     # Windows overlap by one token so that each token is predicted exactly once.
@@ -96,6 +96,19 @@ def _windows(examples: Sequence[Example], seq_len: int,
             if start + seq_len >= len(ids):
                 break
             start += seq_len - 1
+    return out
+
+
+def padded(rows: Sequence[Sequence[int]], fill: int, dtype: torch.dtype,
+           left: bool = False) -> torch.Tensor:
+    """Rows of different lengths as one [len(rows), longest] tensor, ``fill`` on the left
+    (``left``) or on the right."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        if len(r):
+            span = slice(width - len(r), None) if left else slice(0, len(r))
+            out[i, span] = torch.tensor(list(r), dtype=dtype)
     return out
 
 
@@ -120,23 +133,18 @@ def score_tokens(lm: LLM, examples: Sequence[Example], seq_len: int = 512,
                  batch_size: int = 8, max_tokens: int | None = None) -> TokenStats:
     """Teacher-forced statistics of every scored token, through ``lm.backend.forward``."""
     seq_len = max(2, min(seq_len, lm.max_seq_len))
-    windows = sorted(_windows(examples, seq_len), key=lambda w: len(w[0]))
+    rows = sorted(windows(examples, seq_len), key=lambda w: len(w[0]))
     nll, correct, conf, msp, doc = [], [], [], [], []
     total = 0
     pad = lm.tokenizer.pad_id
-    for i in range(0, len(windows), batch_size):
+    for i in range(0, len(rows), batch_size):
         if max_tokens is not None and total >= max_tokens:
             break
-        batch = windows[i:i + batch_size]
-        length = max(len(w[0]) for w in batch)
-        ids = torch.full((len(batch), length), pad, dtype=torch.long)
-        attn = torch.zeros((len(batch), length), dtype=torch.long)
-        score = torch.zeros((len(batch), length), dtype=torch.bool)
-        for r, (w_ids, w_mask, _) in enumerate(batch):
-            n = len(w_ids)  # left padding, as in generation
-            ids[r, length - n:] = torch.tensor(w_ids)
-            attn[r, length - n:] = 1
-            score[r, length - n:] = torch.tensor(w_mask, dtype=torch.bool)
+        batch = rows[i:i + batch_size]
+        # Left padding, as in generation.
+        ids = padded([w[0] for w in batch], pad, torch.long, left=True)
+        attn = padded([[1] * len(w[0]) for w in batch], 0, torch.long, left=True)
+        score = padded([w[1] for w in batch], 0, torch.bool, left=True)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             out = lm.backend.forward(ids.to(lm.device), attn.to(lm.device), pos.to(lm.device),

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..eval.regulator import MetacognitiveRegulator
+from ..model.metahead import answer_confidence
 from .llm import load
 from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams
 from .types import Token
@@ -47,8 +48,9 @@ class GenerateOptions:
     retries: int = field(default=0, metadata={
         "help": "regenerate a low-confidence answer up to N times (implies --regulator)"})
     abstain_below: float | None = field(default=None, metadata={
-        "help": "answer \"I'm not sure.\" instead of an answer whose mean confidence is under "
-                "this (implies --regulator; the answer then arrives once complete)"})
+        "help": "answer \"I'm not sure.\" instead of an answer whose answer confidence (the "
+                "MetaHead's) is under this (implies --regulator; the answer then arrives "
+                "once complete)"})
     confidence: bool = field(default=False, metadata={
         "help": "after the text, print a table: each token, its logprob and confidence"})
     json: bool = field(default=False, metadata={
@@ -109,6 +111,8 @@ def cli(opts: GenerateOptions) -> int:
                   f"{tok.stop_prob:>6.3f}  {tok.regulated or ''}")
         if seen:
             mean = sum(t.confidence for t in seen) / len(seen)
-            print(f"{len(seen)} tokens, mean confidence {mean:.3f}"
+            answer = answer_confidence([t.answer_logit for t in seen])
+            print(f"{len(seen)} tokens, mean token confidence {mean:.3f}, answer confidence "
+                  f"{answer:.3f}"
                   + (f", finish: {seen[-1].finish_reason}" if seen[-1].finish_reason else ""))
     return 0

@@ -212,7 +212,7 @@ class SlotEngine:
                 continue
             first = _BatchState(self.engine, [row], self.device)
             last = StepOutput(out.logits[:, -1:], out.confidence[:, -1:], out.stop[:, -1:],
-                              None)
+                              None, out.answer[:, -1:])
             for r, tok in first.emit(first.choose(last)):
                 self._emit(r, tok, events)
             if row.finished:

@@ -9,6 +9,7 @@ stop probability, and what the metacognitive regulator did at that position.
 from __future__ import annotations
 
 import codecs
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -16,39 +17,11 @@ import torch
 
 from ..eval.regulator import ABSTAINED, MetacognitiveRegulator, as_regulator, join_flags
 from ..eval.scorer import score_labels
+from ..model.metahead import answer_confidence_from_sum
 from ..tokenizer import VesperTokenizer
 from .sampling import sample
+from .stops import StopScanner
 from .types import DecodeBackend, GenerationRequest, PromptLogprobs, StepOutput, Token, host_scope
-
-
-class _StopScanner:
-    """Cuts text at the first stop string, holding back a tail that may begin one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Add ``piece``; return (text safe to release, whether a stop string matched)."""
-        if not self.stops:
-            return piece, False
-        text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return text[:min(hits)], True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(text)), keep, -1):
-                if text.endswith(s[:n]):
-                    keep = n
-                    break
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
 
 
 class _Row:
@@ -67,10 +40,10 @@ class _Row:
         self.params = request.params
         self.budget = request.params.max_new_tokens
         self.n = 0  # tokens generated
-        self.conf_sum = 0.0
+        self.answer_sum = 0.0  # of the tokens' MetaHead answer logits
         self.ids: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.scanner = _StopScanner(request.params.stops)
+        self.scanner = StopScanner(request.params.stops)
         self.finished = False
         self.cancelled = False
         self._generator: torch.Generator | None = None
@@ -86,8 +59,10 @@ class _Row:
         return self._generator
 
     @property
-    def mean_confidence(self) -> float:
-        return self.conf_sum / self.n if self.n else float("-inf")
+    def answer_confidence(self) -> float:
+        """The MetaHead's answer confidence so far (``metahead.answer_confidence``)."""
+        return (answer_confidence_from_sum(self.answer_sum, self.n) if self.n
+                else float("-inf"))
 
 
 
@@ -113,18 +88,18 @@ class Attempts:
         done.append(row)
         plan, reg = self.plans[row.index], row.regulator
         assert reg is not None
-        if len(done) < len(plan) and not reg.accepts(row.mean_confidence):
+        if len(done) < len(plan) and not reg.accepts(row.answer_confidence):
             nxt = plan[len(done)]
             return _Row(row.index, row.request, row.prompt_ids, nxt.temperature, nxt.seed,
                         reg, True), []
-        best = max(range(len(done)), key=lambda k: done[k].mean_confidence)
+        best = max(range(len(done)), key=lambda k: done[k].answer_confidence)
         flag = reg.retry_flag(best, len(done))
         tokens = done[best].buffer or []
         for tok in tokens:
             tok.regulated = join_flags(tok.regulated, flag)
         del self.plans[row.index], self.done[row.index]
-        if reg.abstains(done[best].mean_confidence) and self.abstain is not None:
-            return None, self.abstain(reg.abstention, done[best].mean_confidence)
+        if reg.abstains(done[best].answer_confidence) and self.abstain is not None:
+            return None, self.abstain(reg.abstention, done[best].answer_confidence)
         return None, tokens
 
 
@@ -222,11 +197,12 @@ class Engine:
 
     def abstention_tokens(self, text: str, confidence: float) -> list[Token]:
         """``text`` as the tokens of an abstention: not sampled (logprob 0), each with the
-        withheld answer's mean ``confidence``, flagged ``"abstained"``; the last ends it."""
+        withheld answer's answer ``confidence``, flagged ``"abstained"``; the last ends it."""
         ids = self.tokenizer.encode(text) or [self.tokenizer.eos_id]
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        c = min(max(confidence, 1e-9), 1 - 1e-9)  # the same answer confidence, pooled
         tokens = [Token(decoder.decode(self.token_bytes(t)), t, 0.0, confidence, 0.0,
-                        ABSTAINED) for t in ids]
+                        ABSTAINED, answer_logit=math.log(c / (1 - c))) for t in ids]
         tokens[-1].text += decoder.decode(b"", final=True)
         tokens[-1].finish_reason = "stop"
         return tokens
@@ -338,7 +314,7 @@ class _Choice(NamedTuple):
     """One step's token choice (:meth:`_BatchState.choose`), before it becomes Tokens."""
 
     decisions: list[Any]  # per row: the regulator's decision, or None
-    host: list[list[Any]] | torch.Tensor  # ids, logprobs, confidences, stop probabilities
+    host: list[list[Any]] | torch.Tensor  # ids, logprobs, confidences, stops, answer logits
     ready: torch.cuda.Event | None  # recorded after ``host``'s copy from the device
     top: list[Any] | None  # per row: (ids, logprobs) of its top_logprobs
 
@@ -453,6 +429,7 @@ class _BatchState:
         rows = self.rows
         logits = out.logits[:, -1, :].float()  # a no-op for fp32 logits
         conf_t, stop_t = out.confidence[:, -1].float(), out.stop[:, -1].float()
+        answer_t = out.answer[:, -1].float()
         # Regulator decisions come first: they change how the token is chosen.
         decisions: list[Any] = [None] * len(rows)
         temps = [r.temperature for r in rows]
@@ -464,7 +441,7 @@ class _BatchState:
                 if r.request.is_cancelled:
                     continue
                 d = r.regulator.regulate_step(conf_l[i], stop_l[i], r.n,
-                                              r.conf_sum / r.n if r.n else None)
+                                              r.answer_confidence if r.n else None)
                 decisions[i] = d
                 if d.conservative:
                     temps[i] = min(temps[i], r.regulator.conservative_temperature)
@@ -497,10 +474,11 @@ class _BatchState:
         ready: torch.cuda.Event | None = None
         host: list[list[Any]] | torch.Tensor
         if logits.device.type == "cpu":  # already on the host: no stack to build
-            host = [chosen.tolist(), lp.tolist(), conf_t.tolist(), stop_t.tolist()]
+            host = [chosen.tolist(), lp.tolist(), conf_t.tolist(), stop_t.tolist(),
+                    answer_t.tolist()]
         else:  # one transfer to the host for the whole step; on CUDA, emit waits for it
             cuda = logits.device.type == "cuda"
-            host = torch.stack([chosen.to(lp.dtype), lp, conf_t, stop_t]).to(
+            host = torch.stack([chosen.to(lp.dtype), lp, conf_t, stop_t, answer_t]).to(
                 "cpu", non_blocking=cuda)
             if cuda:
                 ready = torch.cuda.Event()
@@ -549,7 +527,8 @@ class _BatchState:
         if choice.ready is not None:
             choice.ready.synchronize()
         host = choice.host
-        ids_h, lp_h, conf_h, stop_h = host.tolist() if isinstance(host, torch.Tensor) else host
+        ids_h, lp_h, conf_h, stop_h, answer_h = (host.tolist() if isinstance(host, torch.Tensor)
+                                                 else host)
         emitted: list[tuple[_Row, Token]] = []
         for i, r in enumerate(rows):
             if r.finished:
@@ -558,7 +537,7 @@ class _BatchState:
                 r.finished = r.cancelled = True
                 continue
             d = decisions[i]
-            tok = self._token(r, int(ids_h[i]), lp_h[i], conf_h[i], stop_h[i],
+            tok = self._token(r, int(ids_h[i]), lp_h[i], conf_h[i], stop_h[i], answer_h[i],
                               d.flag if d is not None else None)
             if top is not None and r.params.top_logprobs:
                 k = r.params.top_logprobs
@@ -567,9 +546,9 @@ class _BatchState:
         return emitted
 
     def _token(self, r: _Row, tid: int, logprob: float, conf: float, stop: float,
-               flag: str | None) -> Token:
+               answer: float, flag: str | None) -> Token:
         r.n += 1
-        r.conf_sum += conf
+        r.answer_sum += answer
         r.ids.append(tid)
         special = tid in self.special
         finish = None
@@ -587,7 +566,8 @@ class _BatchState:
                 finish = "stop" if matched else "length"
         if finish is not None:
             r.finished = True
-        return Token(text, tid, logprob, conf, stop, flag, finish, special)
+        return Token(text, tid, logprob, conf, stop, flag, finish, special,
+                     answer_logit=answer)
 
 
 def _fill_bias(row: torch.Tensor, r: _Row) -> None:

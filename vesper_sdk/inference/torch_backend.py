@@ -86,7 +86,7 @@ def _bucket(n: int) -> int:
 def _static_step(model: VesperLM, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  write_index: torch.Tensor, key_mask: torch.Tensor, keys: list[torch.Tensor],
                  values: list[torch.Tensor], length: int | None = None, padded: bool = True,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, ...]:
     """One decode step of ``VesperLM.forward`` over a :class:`StaticCache` of these buffers.
 
     Tensors in, tensors out, so that ``torch.compile`` and CUDA graphs can take the step
@@ -94,7 +94,7 @@ def _static_step(model: VesperLM, input_ids: torch.Tensor, position_ids: torch.T
     """
     cache = StaticCache(keys, values, key_mask, write_index, length, padded)
     out = model(input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
-    return out.logits.float(), out.confidence, out.stop
+    return out.logits.float(), out.confidence, out.stop, out.answer
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
@@ -219,7 +219,7 @@ class TorchBackend:
         if self.static_cache and past_key_values is None:
             past = self._to_static(past, attention_mask)
         logits = out.logits if out.logits.dtype == torch.float32 else out.logits.float()
-        return StepOutput(logits, out.confidence, out.stop, past)
+        return StepOutput(logits, out.confidence, out.stop, past, out.answer)
 
     def reorder_cache(self, past: Any, index: torch.Tensor) -> Any:
         """Keep only the batch rows in ``index`` (None under CUDA graphs: fixed shapes, so
@@ -273,13 +273,14 @@ class TorchBackend:
             fill = input_ids.new_zeros(bucket - b, 1)
             input_ids = torch.cat([input_ids, fill])
             position_ids = torch.cat([position_ids, fill])
-        logits, conf, stop = self._run_static(bufs, input_ids, position_ids, t, cache.padded)
+        logits, conf, stop, answer = self._run_static(bufs, input_ids, position_ids, t,
+                                                      cache.padded)
         cache.length = t + 1
-        return StepOutput(logits[:b], conf[:b], stop[:b], cache)
+        return StepOutput(logits[:b], conf[:b], stop[:b], cache, answer[:b])
 
     def _run_static(self, bufs: _StaticBuffers, input_ids: torch.Tensor,
                     position_ids: torch.Tensor, t: int, padded: bool,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, ...]:
         if self.cuda_graph:
             try:
                 return self._replay(bufs, input_ids, position_ids, t)
@@ -296,7 +297,7 @@ class TorchBackend:
         return _static_step(self.model, *args, length=t + 1, padded=padded)
 
     def _call_step(self, args: tuple, length: int | None = None, padded: bool = True,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, ...]:
         """The step, compiled when ``compile`` holds; ``length`` and ``padded`` as in
         :class:`StaticCache`.
 
@@ -325,7 +326,7 @@ class TorchBackend:
 
     def _replay(self, bufs: _StaticBuffers, input_ids: torch.Tensor,
                 position_ids: torch.Tensor, t: int,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, ...]:
         g = bufs.graph
         if g is None:
             g = bufs.graph = _DecodeGraph(bufs)

@@ -46,6 +46,8 @@ class Token:
             stops before it) or ``"length"`` (``max_new_tokens`` reached).
         special: True for a special token (EOS, a role marker); it has no text.
         top_logprobs: ``[(id, logprob), ...]`` most likely first, when asked for.
+        answer_logit: the MetaHead's answer logit at that position; an answer's
+            confidence is ``vesper_sdk.model.answer_confidence`` of its tokens'.
     """
 
     text: str
@@ -57,6 +59,7 @@ class Token:
     finish_reason: str | None = None
     special: bool = False
     top_logprobs: list[tuple[int, float]] | None = None
+    answer_logit: float = 0.0
 
 
 @dataclass
@@ -105,6 +108,11 @@ class GenerationRequest:
         return bool(flag)
 
 
+# The model's per-position outputs a decoding step hands on, by name (an ONNX export's
+# output names).
+HEAD_OUTPUTS = ("logits", "confidence", "stop", "answer")
+
+
 @dataclass
 class StepOutput:
     """One forward step of a decoding backend."""
@@ -113,12 +121,25 @@ class StepOutput:
     confidence: torch.Tensor  # [B,S] MetaHead probability that the top-1 is right
     stop: torch.Tensor  # [B,S] probability that the response ends here
     past_key_values: Any  # the backend's own cache object, passed back unchanged
+    answer: torch.Tensor  # [B,S] MetaHead answer logit (pooled by answer_confidence)
 
     def select_rows(self, index: torch.Tensor, past: Any) -> StepOutput:
         """The rows in ``index`` of this step, with ``past`` (the cache kept to them)."""
         return StepOutput(self.logits.index_select(0, index),
                           self.confidence.index_select(0, index),
-                          self.stop.index_select(0, index), past)
+                          self.stop.index_select(0, index), past,
+                          self.answer.index_select(0, index))
+
+    @classmethod
+    def from_heads(cls, heads: Sequence[Any], past: Any) -> StepOutput:
+        """A step from its :data:`HEAD_OUTPUTS` (arrays or tensors) in that order. Three
+        (an ONNX export made before the answer row): the answer logit is then the
+        confidence logit, what an unfitted answer row gives."""
+        t = [h if isinstance(h, torch.Tensor) else torch.from_numpy(h) for h in heads]
+        if len(t) == 3:
+            t.append(torch.logit(t[1].double()).to(t[1].dtype))
+        logits, confidence, stop, answer = t
+        return cls(logits, confidence, stop, past, answer)
 
 
 class DecodeBackend(Protocol):

@@ -14,7 +14,16 @@ from .files import (
     load_weights,
 )
 from .flylora import FlyLoRALinear, top_k_by_counting
-from .metahead import CONFIDENCE, ERROR, N_LOGIT_FEATURES, STOP, MetaHead, logit_features
+from .metahead import (
+    ANSWER,
+    CONFIDENCE,
+    ERROR,
+    N_LOGIT_FEATURES,
+    STOP,
+    MetaHead,
+    answer_confidence,
+    logit_features,
+)
 from .vesper import (
     ERA,
     Block,
@@ -26,10 +35,10 @@ from .vesper import (
     paired_ffn_weights,
 )
 
-__all__ = ["ATTENTION", "CONFIDENCE", "CONFIG_NAME", "ERA", "ERROR", "N_LOGIT_FEATURES", "STOP",
-           "WEIGHTS_NAME", "Attention", "Block", "DynamicCache", "FlyLoRALinear",
-           "GLUFeedForward", "MetaHead", "RopeTable", "SlotCache", "StaticCache",
-           "register_attention",
-           "ModelFolderError", "MoEFeedForward", "RotaryEmbedding", "VesperLM", "VesperOutput",
-           "load_state_checked", "load_weights", "logit_features", "paired_ffn_weights",
-           "TiedHead", "top_k_by_counting"]
+__all__ = ["ANSWER", "ATTENTION", "CONFIDENCE", "CONFIG_NAME", "ERA", "ERROR",
+           "N_LOGIT_FEATURES", "STOP", "WEIGHTS_NAME", "Attention", "Block", "DynamicCache",
+           "FlyLoRALinear", "GLUFeedForward", "MetaHead", "ModelFolderError",
+           "MoEFeedForward", "RopeTable", "RotaryEmbedding", "SlotCache", "StaticCache",
+           "TiedHead", "VesperLM", "VesperOutput", "answer_confidence", "load_state_checked",
+           "load_weights", "logit_features", "paired_ffn_weights", "register_attention",
+           "top_k_by_counting"]

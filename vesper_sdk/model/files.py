@@ -34,17 +34,18 @@ def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[s
             "re-save the model") from None
 
 
-# The MetaHead's Platt calibration, identity for models trained before it existed.
-LEGACY_DEFAULTS = {"metahead.calibration": torch.tensor([1.0, 0.0])}
+# Tensors added after a folder may have been written, whose freshly built value does
+# nothing new: the MetaHead's Platt calibration (identity) and its answer row (the
+# confidence logit passed through).
+LEGACY_KEYS = ("metahead.calibration", "metahead.answer.weight", "metahead.answer.bias")
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """load_state_dict with an error that lists what is missing, extra or mis-shaped."""
     own = model.state_dict()
-    for key, value in LEGACY_DEFAULTS.items():
-        # Buffers added after a folder was written take their do-nothing value.
+    for key in LEGACY_KEYS:
         if key in own and key not in state:
-            state[key] = value.clone()
+            state[key] = own[key].detach().clone()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"

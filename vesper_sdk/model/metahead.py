@@ -1,7 +1,11 @@
 """The MetaHead: per-token confidence, stop and error class from the final hidden state
-and three statistics of the LM's own next-token distribution."""
+and three statistics of the LM's own next-token distribution; and the answer row, which
+reads every block's output for the answer-level confidence."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,11 +14,13 @@ from torch import nn
 from ..config import VesperConfig
 
 N_LOGIT_FEATURES = 3
-# The MetaHead's five raw outputs, named once: meta[..., CONFIDENCE] is the confidence logit
+# The MetaHead's six raw outputs, named once: meta[..., CONFIDENCE] is the confidence logit
 # (is my top-1 right?), meta[..., STOP] the stop logit, meta[..., ERROR] the 3-way error
-# class logits (right / near miss: the label in my top 5 / miss).
-CONFIDENCE, STOP, ERROR = 0, 1, slice(2, 5)
-N_META = 5
+# class logits (right / near miss: the label in my top 5 / miss), meta[..., ANSWER] the
+# answer logit (pooled over an answer's tokens by :func:`answer_confidence`).
+CONFIDENCE, STOP, ERROR, ANSWER = 0, 1, slice(2, 5), 5
+N_TOKEN_META = 5  # the rows of ``MetaHead.out``
+N_META = 6
 
 
 def logit_features(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
@@ -73,11 +79,20 @@ def _(logits: torch.Tensor) -> torch.Tensor:
 class MetaHead(nn.Module):
     """Per-token self-assessment from the final hidden state and the LM's own logits.
 
-    Five logits: confidence (is my top-1 right?), stop (does the response end here?),
-    and a 3-way error class (right / label in my top-5 / miss). ``calibration`` holds
-    (scale, bias) applied to the confidence logit (Platt scaling); (1, 0) leaves it as
-    is. After training, the confidence row of ``out`` is refitted on held-out tokens
-    (:func:`vesper_sdk.eval.metrics.fit_confidence`, which folds the scaling into the row).
+    Six logits: confidence (is my top-1 right?), stop (does the response end here?), a
+    3-way error class (right / label in my top-5 / miss), and the answer logit. The
+    first five come from a hidden layer over the final hidden state and the logit
+    features. ``calibration`` holds (scale, bias) applied to the confidence logit (Platt
+    scaling); (1, 0) leaves it as is. After training, the confidence row of ``out`` is
+    refitted on held-out tokens (:func:`vesper_sdk.eval.metrics.fit_confidence`, which
+    folds the scaling into the row).
+
+    The answer row (``answer``) is linear in every block's output (the residual stream
+    after it), the logit features and the calibrated confidence logit: intermediate
+    layers know whether an answer is right better than the final one says. An answer's
+    confidence is the sigmoid of its tokens' mean answer logit (:func:`answer_confidence`),
+    so the row is fitted on whole answers, graded (:mod:`vesper_sdk.training.calibration`);
+    until then it passes the confidence logit through.
     """
 
     def __init__(self, cfg: VesperConfig) -> None:
@@ -85,23 +100,70 @@ class MetaHead(nn.Module):
         self.use_logits = cfg.metahead_logit_features
         extra = N_LOGIT_FEATURES if self.use_logits else 0
         self.fc = nn.Linear(cfg.hidden_size + extra, cfg.metahead_hidden_size)
-        self.out = nn.Linear(cfg.metahead_hidden_size, N_META)
+        self.out = nn.Linear(cfg.metahead_hidden_size, N_TOKEN_META)
+        # Built without a random init (reset_answer sets it): the same seed gives the same
+        # model as before the row existed.
+        self.answer = torch.nn.utils.skip_init(
+            nn.Linear, cfg.num_layers * cfg.hidden_size + extra + 1, 1)
+        # Fitted on graded answers after training, never by the training loss (DDP needs
+        # every trainable parameter to get a gradient).
+        self.answer.requires_grad_(False)
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
+        self.reset_answer()
 
-    def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return self.out(self.activations(h, logits))
+    @torch.no_grad()
+    def reset_answer(self) -> None:
+        """The unfitted answer row: the calibrated confidence logit, nothing else."""
+        self.answer.weight.zero_()
+        self.answer.weight[0, -1] = 1.0
+        self.answer.bias.zero_()
+
+    def forward(self, h: torch.Tensor, logits: torch.Tensor,
+                block_outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Raw meta logits [..., 6] from the final hidden state, the logits and the
+        blocks' outputs (no gradient reaches the blocks through the answer row)."""
+        features = logit_features(logits).to(h.dtype) if self.use_logits else None
+        token = self.out(self._hidden(h, features))
+        scale, bias = self.calibration.to(token.dtype).unbind()
+        confidence_logit = token[..., CONFIDENCE:CONFIDENCE + 1] * scale + bias
+        reads = [x.detach().to(h.dtype) for x in block_outputs]
+        if features is not None:
+            reads.append(features)
+        answer = self.answer(torch.cat([*reads, confidence_logit.to(h.dtype)], dim=-1))
+        return torch.cat((token, answer.to(token.dtype)), dim=-1)
 
     def activations(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """What the output layer reads (the hidden layer), e.g. to refit the confidence
         row on held-out tokens (:func:`vesper_sdk.eval.metrics.fit_confidence`)."""
-        if self.use_logits:
-            h = torch.cat((h, logit_features(logits).to(h.dtype)), dim=-1)
+        return self._hidden(h, logit_features(logits).to(h.dtype) if self.use_logits else None)
+
+    def _hidden(self, h: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        if features is not None:
+            h = torch.cat((h, features), dim=-1)
         return F.gelu(self.fc(h))
 
     def confidence(self, meta: torch.Tensor) -> torch.Tensor:
         """Calibrated probability that the top-1 is right, from the raw meta logits."""
         scale, bias = self.calibration.to(meta.dtype).unbind()
         return torch.sigmoid(meta[..., CONFIDENCE] * scale + bias)
+
+
+def answer_confidence(answer_logits: torch.Tensor | Sequence[float]) -> float:
+    """An answer's confidence (probability that it is right) from its tokens' answer
+    logits (``meta[..., ANSWER]`` at the positions that chose them): the sigmoid of
+    their mean. The mean keeps the row linear in pooled features, which is how it is
+    fitted; an empty answer has confidence 0.5."""
+    values = (answer_logits.tolist() if isinstance(answer_logits, torch.Tensor)
+              else list(answer_logits))
+    return answer_confidence_from_sum(float(sum(values)), len(values))
+
+
+def answer_confidence_from_sum(total: float, n: int) -> float:
+    """:func:`answer_confidence` from the sum of ``n`` answer logits (a running sum)."""
+    if n == 0:
+        return 0.5
+    z = total / n
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
 # ----------------------------------------------------------------------------- targets, loss

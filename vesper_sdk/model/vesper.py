@@ -32,7 +32,7 @@ from .files import (
     load_weights,
 )
 from .flylora import FlyLoRALinear, _balance_step, flylora_branch
-from .metahead import ERROR, STOP, MetaHead
+from .metahead import ANSWER, ERROR, STOP, MetaHead
 
 
 @dataclass
@@ -40,17 +40,19 @@ class VesperOutput:
     """What ``VesperLM.forward`` returns.
 
     logits [B,S,V]; confidence and stop [B,S] (probabilities); error_logits [B,S,3]
-    (right / near miss / miss); aux_loss (MoE load balancing, 0 without MoE);
-    past_key_values (the cache written, indexable per layer as (k, v) [B,H,T,D]) when
-    ``use_cache``; hidden_states [B,S,D] (final normed hidden state, what the LM head and
-    MetaHead read); meta_logits [B,S,5] (the MetaHead's raw outputs, see its ``CONFIDENCE``,
-    ``STOP`` and ``ERROR`` slices).
+    (right / near miss / miss); answer [B,S] (the answer logit: an answer's confidence is
+    ``metahead.answer_confidence`` of its tokens'); aux_loss (MoE load balancing, 0
+    without MoE); past_key_values (the cache written, indexable per layer as (k, v)
+    [B,H,T,D]) when ``use_cache``; hidden_states [B,S,D] (final normed hidden state, what
+    the LM head and MetaHead read); meta_logits [B,S,6] (the MetaHead's raw outputs, see
+    its ``CONFIDENCE``, ``STOP``, ``ERROR`` and ``ANSWER`` slices).
     """
 
     logits: torch.Tensor
     confidence: torch.Tensor
     stop: torch.Tensor
     error_logits: torch.Tensor
+    answer: torch.Tensor
     aux_loss: torch.Tensor
     past_key_values: Cache | None
     hidden_states: torch.Tensor
@@ -220,6 +222,8 @@ class VesperLM(nn.Module):
         """GPT-2 style init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * layers)."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
+            if name.startswith("metahead.answer."):
+                continue  # not random: reset_answer below
             if name.endswith("lora_B"):
                 p.zero_()  # LoRA convention: the branch starts as a no-op
             elif p.dim() >= 2:
@@ -230,6 +234,7 @@ class VesperLM(nn.Module):
                 p.fill_(1.0)
             else:
                 p.zero_()
+        self.metahead.reset_answer()
 
     # --- helpers -------------------------------------------------------------------
     @property
@@ -266,7 +271,8 @@ class VesperLM(nn.Module):
     def freeze_base(self) -> None:
         """Freeze everything but the FlyLoRA up-projections and the MetaHead."""
         for name, p in self.named_parameters():
-            p.requires_grad_(name.endswith("lora_B") or name.startswith("metahead."))
+            p.requires_grad_(name.endswith("lora_B") or (
+                name.startswith("metahead.") and not name.startswith("metahead.answer.")))
 
     def set_attention(self, impl: str) -> None:
         """Choose the attention variant every layer runs: a name in ``ATTENTION``
@@ -315,15 +321,17 @@ class VesperLM(nn.Module):
         x = self.embed(input_ids)
         rope = RopeTable(self.rope, position_ids, x.dtype)
         aux_loss = x.new_zeros((), dtype=torch.float32)
+        block_outputs = []  # what the MetaHead's answer row reads
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, aux = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
             else:
                 x, aux = block(x, rope, mask, cache, i)
+            block_outputs.append(x)
             if aux is not None:
                 aux_loss = aux_loss + aux
         h = self.norm(x)
-        logits, meta = self.heads(h)
+        logits, meta = self.heads(h, block_outputs)
         if self.config.num_experts:
             aux_loss = aux_loss * self.config.moe_aux_loss_coef
         return VesperOutput(
@@ -331,6 +339,7 @@ class VesperLM(nn.Module):
             confidence=self.metahead.confidence(meta),
             stop=torch.sigmoid(meta[..., STOP]),
             error_logits=meta[..., ERROR],
+            answer=meta[..., ANSWER],
             aux_loss=aux_loss,
             past_key_values=cache if use_cache else None,
             hidden_states=h,
@@ -369,11 +378,13 @@ class VesperLM(nn.Module):
         # A padded query sees only itself, so no softmax row is empty (NaN).
         return position_ids, (allowed & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
 
-    def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [..., V], raw meta logits [..., 5] in fp32) from the final hidden state."""
+    def heads(self, h: torch.Tensor, block_outputs: list[torch.Tensor],
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [..., V], raw meta logits [..., 6] in fp32) from the final hidden state
+        and the blocks' outputs."""
         logits = self.lm_head(h)
         meta_in = h if self.config.metahead_grad_to_trunk else h.detach()
-        return logits, self.metahead(meta_in, logits).float()
+        return logits, self.metahead(meta_in, logits, block_outputs).float()
 
     # --- the model folder ----------------------------------------------------------
     def save_pretrained(self, directory: str | Path, extra_files: dict[str, Path] | None = None,

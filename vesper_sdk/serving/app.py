@@ -386,7 +386,7 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
                 "finish_reason": c.finish_reason,
                 "logprobs": _completion_logprobs(state, c, prep)
                 if prep.want_logprobs else None,
-                "vesper": vesper_fields(c.tokens, c.end_regulated)})
+                "vesper": vesper_fields(c.tokens, c.end_regulated, c.generated)})
         return {"id": rid, "object": "text_completion", "created": created,
                 "model": state.model_name, "choices": choices, "usage": answer.usage()}
 
@@ -406,7 +406,7 @@ def create_app(llm_or_dir: Any, *, api_key: str | None = None, model_name: str |
                 "finish_reason": c.finish_reason,
                 "logprobs": chat_logprobs(state.tokenizer, c.tokens, prep.top_logprobs)
                 if prep.want_logprobs else None,
-                "vesper": vesper_fields(c.tokens, c.end_regulated)})
+                "vesper": vesper_fields(c.tokens, c.end_regulated, c.generated)})
         return {"id": rid, "object": "chat.completion", "created": created,
                 "model": state.model_name, "choices": choices, "usage": answer.usage()}
 
@@ -520,7 +520,8 @@ async def _completion_chunks(state: VesperServer, answer: _Answer, rid: str, cre
                                                 prep.top_logprobs)
                 if prep.want_logprobs and tokens else None,
                 "finish_reason": choice.finish_reason if finished else None,
-                "vesper": vesper_fields(tokens, choice.end_regulated if finished else None)})
+                "vesper": vesper_fields(tokens, choice.end_regulated if finished else None,
+                                        choice.generated if finished else None)})
         if prep.include_usage:
             yield chunk(None, answer.usage())
     except APIError as exc:
@@ -548,8 +549,7 @@ async def _chat_chunks(state: VesperServer, answer: _Answer, rid: str, created: 
             if finished:
                 end: dict[str, Any] = {"index": choice.index, "delta": {}, "logprobs": None,
                                        "finish_reason": choice.finish_reason}
-                if choice.end_regulated:
-                    end["vesper"] = vesper_fields([], choice.end_regulated)
+                end["vesper"] = vesper_fields([], choice.end_regulated, choice.generated)
                 yield chunk(end)
         if prep.include_usage:
             yield chunk(None, answer.usage())

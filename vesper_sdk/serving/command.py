@@ -71,8 +71,8 @@ class ServeOptions:
     retries: int = field(default=0, metadata={
         "help": "regenerate a low-confidence answer up to N times (implies --regulator)"})
     abstain_below: float | None = field(default=None, metadata={
-        "help": "answer \"I'm not sure.\" instead of an answer whose mean confidence is under "
-                "this (implies --regulator)"})
+        "help": "answer \"I'm not sure.\" instead of an answer whose answer confidence (the "
+                "MetaHead's) is under this (implies --regulator)"})
     log_level: str = field(default="info", metadata={
         "help": "uvicorn log level", "choices": ["critical", "error", "warning", "info",
                                                  "debug"]})

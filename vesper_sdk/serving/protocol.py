@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..eval.regulator import MetacognitiveRegulator
 from ..inference import DEFAULT_TEMPERATURE, PromptLogprobs, SamplingParams, Token
+from ..model import answer_confidence
 
 MAX_CHOICES = 16  # n (or prompts x n) per request: bounds what one client can enqueue
 MAX_STOP_SEQUENCES = 4  # as OpenAI
@@ -413,14 +414,20 @@ def _alternatives(tokenizer: Any, token: Token, k: int) -> list[tuple[str, float
     return out
 
 
-def vesper_fields(tokens: Sequence[Token], end_regulated: str | None = None) -> dict[str, Any]:
-    """The extension field: per token confidence, regulator flag (or null) and id."""
+def vesper_fields(tokens: Sequence[Token], end_regulated: str | None = None,
+                  answer: Sequence[Token] | None = None) -> dict[str, Any]:
+    """The extension field: per token confidence, regulator flag (or null) and id; with
+    ``answer`` (every generated token of a finished choice, the end token included), the
+    MetaHead's ``answer_confidence``."""
     fields: dict[str, Any] = {
         "confidence": [round(float(t.confidence), 6) for t in tokens],
         "regulated": [getattr(t, "regulated", None) or None for t in tokens],
         "token_ids": [int(t.id) for t in tokens]}
     if end_regulated:
         fields["end_regulated"] = end_regulated
+    if answer is not None:
+        fields["answer_confidence"] = round(answer_confidence(
+            [float(getattr(t, "answer_logit", 0.0)) for t in answer]), 6)
     return fields
 
 

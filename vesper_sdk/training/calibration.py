@@ -10,8 +10,11 @@ text it has not seen. On held-out tokens, :func:`vesper_sdk.eval.metrics.fit_con
 the confidence output again: Platt scaling of its logit plus an L2-penalised correction
 read from the MetaHead's activations, the penalty chosen by cross-validation over whole
 questions (builtin:skills) or documents, so a recurring question never sits on both sides
-of a fold. The result is written into the confidence row of ``metahead.out``; nothing
-else in the model changes.
+of a fold. The result is written into the confidence row of ``metahead.out``.
+
+Then the MetaHead's answer row (what an answer's confidence is read from) is fitted on
+greedy answers to held-out questions, each graded right or wrong (:func:`refit_answer`).
+Nothing else in the model changes.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import skills
 from ..device import resolve_device
-from ..eval.metrics import expected_calibration_error, fit_confidence
-from ..eval.scorer import encode_examples
+from ..eval.answers import Question, greedy_answers, questions
+from ..eval.metrics import expected_calibration_error, fit_answer_row, fit_confidence
+from ..eval.scorer import encode_examples, padded, windows
 from ..folder import ModelFolder
+from ..inference import LLM
 from ..model import VesperLM
 from ..model.metahead import metahead_targets
 from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
@@ -61,26 +67,24 @@ def shortfall(tokens: int, groups: int) -> str | None:
 
 
 def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], groups: Sequence[int],
-         seq_len: int, batch_size: int) -> Iterator[Batch]:
-    """(inputs, labels, score mask, group) batches of ``seq_len`` tokens, examples packed
-    back to back as in training; ``groups`` gives each example's group id."""
-    ids: list[int] = []
-    mask: list[int] = []
-    group: list[int] = []
-    for (e_ids, e_mask), g in zip(examples, groups, strict=True):
-        ids += e_ids
-        mask += e_mask
-        group += [g] * len(e_ids)
-    span = seq_len + 1
-    n = len(ids) // span
-    if n == 0:
-        return
-    tokens = torch.tensor(ids[:n * span], dtype=torch.long).view(n, span)
-    targets = torch.tensor(mask[:n * span], dtype=torch.bool).view(n, span)
-    owners = torch.tensor(group[:n * span], dtype=torch.long).view(n, span)
-    for i in range(0, n, batch_size):
-        rows = slice(i, i + batch_size)
-        yield tokens[rows, :-1], tokens[rows, 1:], targets[rows, 1:], owners[rows, 1:]
+         seq_len: int, batch_size: int, pad_id: int = 0) -> Iterator[Batch]:
+    """(inputs, labels, score mask, group) batches: each example on its own rows, as a
+    chat is read when it is answered or evaluated (``vesper eval`` scores the same way),
+    in windows of at most ``seq_len`` predictions; ``groups`` gives each example's group.
+
+    Packing examples back to back, as training does, would give each one the context of
+    the example before it, which it never has when used: a confidence fitted there is
+    fitted to other inputs. Rows are right-padded (the padding is not scored; causal
+    attention keeps it out of every real position) and sorted by length.
+    """
+    rows = sorted(((ids, mask, groups[doc]) for ids, mask, doc in windows(examples, seq_len + 1)),
+                  key=lambda r: len(r[0]))
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        tokens = padded([r[0] for r in chunk], pad_id, torch.long)
+        targets = padded([r[1] for r in chunk], 0, torch.bool)
+        owners = torch.tensor([r[2] for r in chunk])[:, None].expand_as(tokens)
+        yield tokens[:, :-1], tokens[:, 1:], targets[:, 1:], owners[:, 1:]
 
 
 def skills_batches(tokenizer: VesperTokenizer, examples: int, seed: int, seq_len: int,
@@ -94,7 +98,7 @@ def skills_batches(tokenizer: VesperTokenizer, examples: int, seed: int, seq_len
         asked = next((t["content"] for t in ex["messages"] if t["role"] == "user"), "")
         encoded.append((enc.ids, enc.loss_mask))
         groups.append(questions.setdefault(asked, len(questions)))
-    return pack(encoded, groups, seq_len, batch_size)
+    return pack(encoded, groups, seq_len, batch_size, tokenizer.pad_id)
 
 
 def refit_confidence(model: VesperLM, batches: Iterator[Batch], eos_id: int,
@@ -112,13 +116,17 @@ def refit_confidence(model: VesperLM, batches: Iterator[Batch], eos_id: int,
     """
     fit, reason = _refit(model, batches, eos_id, autocast)
     if fit is None:
-        message = (f"MetaHead calibration skipped, the confidence stays as it was: the "
-                   f"held-out data gave {reason}")
-        if warn is None:
-            warnings.warn(message, CalibrationWarning, stacklevel=2)
-        else:
-            warn(message)
+        _say(f"MetaHead calibration skipped, the confidence stays as it was: the held-out "
+             f"data gave {reason}", warn)
     return fit
+
+
+def _say(message: str, warn: Callable[[str], None] | None) -> None:
+    """Through ``warn`` (the trainer's log), else as a :class:`CalibrationWarning`."""
+    if warn is None:
+        warnings.warn(message, CalibrationWarning, stacklevel=3)
+    else:
+        warn(message)
 
 
 @torch.no_grad()
@@ -177,29 +185,136 @@ def _refit(model: VesperLM, batches: Iterator[Batch], eos_id: int,
     return result, ""
 
 
+# ----------------------------------------------------------------------------- answer row
+MIN_ANSWERS = 100  # graded answers; fewer and the answer row keeps what it has
+# Penalties the cross-validation chooses from: the answer row reads every block's output
+# (layers x hidden features), each answer pooled into one row of them.
+ANSWER_L2_GRID = (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def skills_questions(examples: int, seed: int) -> tuple[list[Question], list[int]]:
+    """builtin:skills' calibration split as questions to answer, and each one's group (the
+    same question drawn twice is one group)."""
+    qs, groups, seen = [], [], {}
+    for ex in skills.calibration(examples, seed):
+        msgs = ex["messages"]
+        qs.append(Question(msgs[:-1], msgs[-1]["content"], ex["task"]))
+        groups.append(seen.setdefault(msgs[-2]["content"], len(seen)))
+    return qs, groups
+
+
+def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Question],
+                 groups: Sequence[int], warn: Callable[[str], None] | None = None,
+                 batch_size: int = 16) -> dict[str, float] | None:
+    """Fit the MetaHead's answer row (in place) on greedy answers to ``qs``, graded.
+
+    Each answer's row input (:class:`~vesper_sdk.model.MetaHead`: every block's output,
+    the logit features, the confidence logit) is averaged over the positions that chose
+    its tokens, the end token included; an answer's confidence is the sigmoid of the row
+    over that mean. :func:`~vesper_sdk.eval.metrics.fit_answer_row` fits it: L2-penalised
+    logistic regression on those means, the penalty chosen by cross-validated AUROC over
+    ``groups`` (the current row kept unless a fit ranks better). Returns the fit's
+    figures, or None (the row kept, why said through ``warn``) when there are too few
+    answers.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        reads, correct = _answer_reads(model, tokenizer, qs, batch_size)
+    finally:
+        model.train(was_training)
+    n = len(correct)
+    n_groups = len({g for g, r in zip(groups, reads, strict=True) if r is not None})
+    keep = [i for i, r in enumerate(reads) if r is not None]
+    why = None
+    if len(keep) < MIN_ANSWERS or n_groups < MIN_GROUPS:
+        why = (f"{len(keep)} answers to {n_groups} questions (a fit needs at least "
+               f"{MIN_ANSWERS} answers to {MIN_GROUPS} questions)")
+    else:
+        x = torch.stack([reads[i] for i in keep]).double()
+        y = torch.tensor([correct[i] for i in keep], dtype=torch.float64)
+        g = [groups[i] for i in keep]
+        row = model.metahead.answer
+        fit = fit_answer_row(x.numpy(), y.numpy(), g, row.weight[0].detach().double().cpu(),
+                             float(row.bias[0]), l2_grid=ANSWER_L2_GRID)
+        if np.isfinite(fit.weight).all() and math.isfinite(fit.bias):
+            with torch.no_grad():
+                row.weight[0] = torch.from_numpy(fit.weight).to(row.weight)
+                row.bias[0] = fit.bias
+            return {"answer_fit_answers": float(len(keep)),
+                    "answer_fit_questions": float(n_groups),
+                    "answer_fit_accuracy": float(y.mean()), "answer_fit_l2": fit.l2,
+                    "answer_fit_cv_auroc": fit.cv_auroc.get(fit.l2, float("nan")),
+                    "answer_fit_cv_auroc_before": fit.cv_auroc.get(math.inf, float("nan"))}
+        why = f"{n} answers, but the fit came out non-finite"
+    _say(f"MetaHead answer row not fitted, it stays as it was: {why}", warn)
+    return None
+
+
+@torch.no_grad()
+def _answer_reads(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Question],
+                  batch_size: int) -> tuple[list[torch.Tensor | None], list[bool]]:
+    """Per question: the answer row's input averaged over its greedy answer (None for an
+    empty answer), and whether the answer is right."""
+    lm = LLM(model, tokenizer)
+    answered = [(prompt, [t.id for t in toks], q.grade("".join(t.text for t in toks)))
+                for q, prompt, toks in greedy_answers(lm, qs, batch_size=batch_size)]
+    seen: list[torch.Tensor] = []
+    hook = model.metahead.answer.register_forward_hook(
+        lambda _m, inputs, _out: seen.append(inputs[0]))
+    reads: list[torch.Tensor | None] = []
+    try:
+        for i in range(0, len(answered), batch_size):
+            chunk = answered[i:i + batch_size]
+            # Right padding: causal attention keeps it out of every real position.
+            x = padded([p + a for p, a, _ in chunk], tokenizer.pad_id, torch.long)
+            seen.clear()
+            model(x.to(model.device))
+            inputs = seen[-1].float().cpu()
+            for r, (p, a, _) in enumerate(chunk):
+                reads.append(inputs[r, len(p) - 1:len(p) + len(a) - 1].mean(0) if a else None)
+    finally:
+        hook.remove()
+    return reads, [ok for _, _, ok in answered]
+
+
 def describe(fit: dict[str, float]) -> str:
-    """One line for logs and the CLI."""
+    """What was fitted, for logs and the CLI (a line per fit)."""
     how = ("Platt scaling alone" if fit["calibration_platt_only"]
            else f"Platt scaling + activations, L2 {fit['calibration_l2']:g}")
-    return (f"MetaHead confidence refit on {fit['calibration_tokens']:,.0f} held-out tokens "
+    text = (f"MetaHead confidence refit on {fit['calibration_tokens']:,.0f} held-out tokens "
             f"({fit['calibration_groups']:,.0f} groups): {how}, chosen by 5-fold "
             f"cross-validation (held-out log loss {fit['calibration_cv_log_loss']:.4f}; "
             f"Platt alone {fit['calibration_cv_log_loss_platt']:.4f}); ECE on these tokens "
             f"{fit['calibration_ece_before']:.4f} -> {fit['calibration_ece_after']:.4f}")
+    if "answer_fit_answers" in fit:
+        l2 = fit["answer_fit_l2"]
+        how = "kept as it was" if math.isinf(l2) else \
+            f"block outputs, logit features and confidence, L2 {l2:g}"
+        text += (f"\nMetaHead answer row fitted on {fit['answer_fit_answers']:,.0f} greedy "
+                 f"answers to {fit['answer_fit_questions']:,.0f} held-out questions "
+                 f"(accuracy {fit['answer_fit_accuracy']:.3f}): {how}, chosen by 5-fold "
+                 f"cross-validation over questions (held-out AUROC "
+                 f"{fit['answer_fit_cv_auroc']:.4f}; the row before "
+                 f"{fit['answer_fit_cv_auroc_before']:.4f})")
+    return text
 
 
 def calibrate(model_dir: str | Path, data: str = "builtin:skills",
               out_dir: str | Path | None = None, examples: int = 10_000, seed: int = 0,
               seq_len: int = 128, batch_size: int = 16, device: str = "auto",
-              ) -> dict[str, float]:
+              answers: int = 4000) -> dict[str, float]:
     """Refit the confidence of the model in ``model_dir`` on held-out ``data``; save it.
 
     ``data``: ``builtin:skills`` (its calibration split, ``examples`` chats drawn with
     ``seed``) or a .jsonl/.txt file or folder the model did not train on (its first
-    ``examples`` documents; chats are scored on the assistant turns). The model is
+    ``examples`` documents; chats are scored on the assistant turns). Then the answer
+    row is fitted on greedy answers to up to ``answers`` of those questions (chats that
+    end with an assistant message, which is the reference; :func:`refit_answer`); with
+    too few, it keeps what it has (a :class:`CalibrationWarning` says so). The model is
     written to ``out_dir`` (default: back into ``model_dir``, atomically). Returns the
-    fit's figures. Raises ValueError, writing nothing, when the data is too little to
-    fit on (:func:`shortfall`).
+    fits' figures. Raises ValueError, writing nothing, when the data is too little to
+    fit the token confidence on (:func:`shortfall`).
     """
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else model_dir
@@ -213,6 +328,7 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
     seq_len = min(seq_len, model.config.max_seq_len - 1)
     if data == "builtin:skills":
         batches = skills_batches(tokenizer, examples, seed, seq_len, batch_size)
+        qs, groups = skills_questions(min(examples, answers), seed)
     else:
         records = []
         for i, record in enumerate(DataSource(data).records()):
@@ -220,11 +336,14 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
                 break
             records.append(record)
         encoded = encode_examples(tokenizer, records)
-        batches = pack(encoded, range(len(encoded)), seq_len, batch_size)
+        batches = pack(encoded, range(len(encoded)), seq_len, batch_size, tokenizer.pad_id)
+        qs = questions(records, data, answers, seed)
+        groups = list(range(len(qs)))
     fit, reason = _refit(model, batches, tokenizer.eos_id, contextlib.nullcontext)
     if fit is None:
         raise ValueError(f"{data} gave {reason}: pass more held-out data (more --examples, "
                          "or a bigger file); the model is left as it was")
+    fit.update(refit_answer(model, tokenizer, qs, groups, batch_size=batch_size) or {})
     model.save_pretrained(out, extra_files={TOKENIZER_NAME: model_dir / TOKENIZER_NAME})
     return fit
 
@@ -248,6 +367,10 @@ class CalibrateOptions:
     examples: int = field(default=10_000, metadata={
         "help": "chats/documents to read (builtin:skills: chats drawn from its "
                 "calibration split)"})
+    answers: int = field(default=4000, metadata={
+        "help": "questions answered greedily and graded to fit the answer-level "
+                "confidence (at most --examples; a .jsonl's chats that end with an "
+                "assistant message, the reference)"})
     seed: int = field(default=0, metadata={"help": "seed of the builtin:skills draw"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed block"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -257,11 +380,13 @@ def cli(opts: CalibrateOptions) -> int:
     """``vesper calibrate``: refit, save, print what changed."""
     start = time.perf_counter()
     fit = calibrate(opts.model_dir, opts.data, out_dir=opts.out_dir, examples=opts.examples,
-                    seed=opts.seed, seq_len=opts.seq_len, device=opts.device)
+                    seed=opts.seed, seq_len=opts.seq_len, device=opts.device,
+                    answers=opts.answers)
     print(describe(fit))
     print(f"saved to {opts.out_dir or opts.model_dir} in {time.perf_counter() - start:.1f}s")
     return 0
 
 
 __all__ = ["CalibrateOptions", "CalibrationWarning", "calibrate", "cli", "describe", "pack",
-           "refit_confidence", "shortfall", "skills_batches"]
+           "refit_answer", "refit_confidence", "shortfall", "skills_batches",
+           "skills_questions"]

@@ -79,6 +79,9 @@ class TrainOptions:
                            "the validation blocks")
     calibration_examples: int = _opt(10_000, "builtin:skills: chats drawn from the "
                                      "calibration split for --calibrate")
+    calibration_answers: int = _opt(4000, "builtin:skills: of those, questions answered "
+                                    "greedily and graded, to fit the MetaHead's "
+                                    "answer-level confidence (0: not fitted)")
     # --- optimisation
     optimizer: str = _opt("velvet", "optimizer", choices=["velvet", "adamw"])
     lr: float = _opt(5e-4, "peak learning rate")
@@ -143,7 +146,7 @@ class TrainOptions:
                      "eval_batches", "log_every", "max_nonfinite", "builtin_examples",
                      "calibration_examples"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "calibration_answers"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")

@@ -29,7 +29,13 @@ from ..model import VesperLM
 from ..model.metahead import metahead_loss
 from . import checkpoint as ckpt
 from .build import build_model, build_optimizer, load_tokenizer
-from .calibration import describe, refit_confidence, skills_batches
+from .calibration import (
+    describe,
+    refit_answer,
+    refit_confidence,
+    skills_batches,
+    skills_questions,
+)
 from .data import BlockSampler, DataSource, build_token_cache, get_batch, split_blocks, write_json
 from .distributed import init_distributed, process_device, sum_rank_loads, wrap_ddp
 from .evaluation import evaluate_blocks
@@ -344,6 +350,12 @@ class Trainer:
         """
         fit = refit_confidence(self.raw_model, self._calibration_batches(),
                                self.tokenizer.eos_id, self._autocast, warn=self.log)
+        n = min(self.opts.calibration_examples, self.opts.calibration_answers)
+        if fit is not None and self.opts.data == "builtin:skills" and n:
+            # Graded questions: the answer row is fitted on greedy answers to them.
+            qs, groups = skills_questions(n, self.opts.seed)
+            fit.update(refit_answer(self.raw_model, self.tokenizer, qs, groups,
+                                    warn=self.log) or {})
         if fit is not None:
             self.log(describe(fit))
         return fit
