@@ -117,3 +117,23 @@ def test_exports_and_quantized_folders_are_refused_with_the_way_round(model_dir,
     with pytest.raises(ValueError, match="calibrate the full-precision model folder"):
         vs.calibrate(onnx_like, examples=10)
     assert sorted((p.name, p.read_bytes()) for p in onnx_like.iterdir()) == before
+
+
+def test_the_answer_row_is_fitted_from_scratch_not_on_top_of_itself(model_dir):
+    """A row fitted before would win a comparison on the answers it was fitted on: the
+    fit starts from the unfitted row instead (here, nothing to tell apart: the random
+    model answers every question wrong, so the unfitted row is what it keeps)."""
+    from vesper_sdk.training.calibration import refit_answer, skills_questions
+
+    model = vs.VesperLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.metahead.answer.weight.normal_()
+        model.metahead.answer.bias.fill_(3.0)
+    qs, groups = skills_questions(150, 0)
+    fit = refit_answer(model, vs.VesperTokenizer.from_file(model_dir), qs, groups)
+    assert fit is not None and fit["answer_fit_accuracy"] == 0.0
+    assert fit["answer_fit_l2"] == float("inf")
+    unfitted = torch.zeros_like(model.metahead.answer.weight)
+    unfitted[0, -1] = 1.0
+    assert torch.equal(model.metahead.answer.weight, unfitted)
+    assert model.metahead.answer.bias.item() == 0.0

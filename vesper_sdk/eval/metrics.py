@@ -347,10 +347,10 @@ def fit_answer_row(features: Any, correct: Any, groups: Any, weight: Any, bias: 
     in two folds it would leak), by the out-of-fold AUROC: ranking right above wrong is
     the row's job, and out-of-fold log loss, on folds whose mix of questions differs,
     prefers penalties that lose ranking), averaged over the folds (pooling the folds'
-    scores would rank one fold's fit against another's). The current row (``weight``,
-    ``bias``) is a candidate too (``inf``) and is kept unless a penalty ranks better, or
-    when there is nothing to fit (fewer groups than folds, or answers all right or all
-    wrong).
+    scores would rank one fold's fit against another's). A row given (``weight``,
+    ``bias``; not fitted on these answers, or its score would leak) is a candidate too
+    (``inf``) and is returned unless a penalty ranks better, or when there is nothing to
+    fit (fewer groups than folds, or answers all right or all wrong).
     """
     x = np.asarray(_to_numpy(features), dtype=np.float64)
     y = np.asarray(_to_numpy(correct)).reshape(-1).astype(np.float64)

@@ -213,9 +213,10 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
     its tokens, the end token included; an answer's confidence is the sigmoid of the row
     over that mean. :func:`~vesper_sdk.eval.metrics.fit_answer_row` fits it: L2-penalised
     logistic regression on those means, the penalty chosen by cross-validated AUROC over
-    ``groups`` (the current row kept unless a fit ranks better). Returns the fit's
-    figures, or None (the row kept, why said through ``warn``) when there are too few
-    answers.
+    ``groups``. It starts from scratch each time: the unfitted row (the confidence logit
+    passed through) is the candidate to beat, and is what the row becomes unless a fit
+    ranks better. Returns the fit's figures, or None (the row left as it was, why said
+    through ``warn``) when there are too few answers.
     """
     was_training = model.training
     model.eval()
@@ -235,8 +236,12 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
         y = torch.tensor([correct[i] for i in keep], dtype=torch.float64)
         g = [groups[i] for i in keep]
         row = model.metahead.answer
-        fit = fit_answer_row(x.numpy(), y.numpy(), g, row.weight[0].detach().double().cpu(),
-                             float(row.bias[0]), l2_grid=ANSWER_L2_GRID)
+        # From scratch: the candidate to beat is the unfitted row (the confidence logit),
+        # not the row as it is, which may have been fitted on these very answers.
+        unfitted = torch.zeros(x.shape[1], dtype=torch.float64)
+        unfitted[-1] = 1.0
+        fit = fit_answer_row(x.numpy(), y.numpy(), g, unfitted.numpy(), 0.0,
+                             l2_grid=ANSWER_L2_GRID)
         if np.isfinite(fit.weight).all() and math.isfinite(fit.bias):
             with torch.no_grad():
                 row.weight[0] = torch.from_numpy(fit.weight).to(row.weight)
