@@ -384,6 +384,8 @@ class CalibrateOptions:
 def cli(opts: CalibrateOptions) -> int:
     """``vesper calibrate``: refit, save, print what changed."""
     start = time.perf_counter()
+    print(f"refitting the MetaHead's confidence on {opts.data}, then its answer row on up to "
+          f"{min(opts.examples, opts.answers):,} greedy answers", flush=True)
     fit = calibrate(opts.model_dir, opts.data, out_dir=opts.out_dir, examples=opts.examples,
                     seed=opts.seed, seq_len=opts.seq_len, device=opts.device,
                     answers=opts.answers)

@@ -353,6 +353,8 @@ class Trainer:
         n = min(self.opts.calibration_examples, self.opts.calibration_answers)
         if fit is not None and self.opts.data == "builtin:skills" and n:
             # Graded questions: the answer row is fitted on greedy answers to them.
+            self.log(f"answering {n:,} held-out questions greedily to fit the MetaHead's "
+                     "answer row")
             qs, groups = skills_questions(n, self.opts.seed)
             fit.update(refit_answer(self.raw_model, self.tokenizer, qs, groups,
                                     warn=self.log) or {})
