@@ -130,7 +130,10 @@ def test_the_answer_row_is_fitted_from_scratch_not_on_top_of_itself(model_dir):
         model.metahead.answer.weight.normal_()
         model.metahead.answer.bias.fill_(3.0)
     qs, groups = skills_questions(150, 0)
+    modules = [type(m) for m in model.modules()]
     fit = refit_answer(model, vs.VesperTokenizer.from_file(model_dir), qs, groups)
+    # The decode loop's CPU module swaps are gone again: the model is as it was given.
+    assert [type(m) for m in model.modules()] == modules
     assert fit is not None and fit["answer_fit_accuracy"] == 0.0
     assert fit["answer_fit_l2"] == float("inf")
     unfitted = torch.zeros_like(model.metahead.answer.weight)

@@ -37,6 +37,7 @@ from ..eval.metrics import expected_calibration_error, fit_answer_row, fit_confi
 from ..eval.scorer import encode_examples, padded, windows
 from ..folder import ModelFolder
 from ..inference import LLM
+from ..inference.decode_swaps import remove_decode_swaps
 from ..model import VesperLM
 from ..model.metahead import metahead_targets
 from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
@@ -250,7 +251,8 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
                     "answer_fit_questions": float(n_groups),
                     "answer_fit_accuracy": float(y.mean()), "answer_fit_l2": fit.l2,
                     "answer_fit_cv_auroc": fit.cv_auroc.get(fit.l2, float("nan")),
-                    "answer_fit_cv_auroc_before": fit.cv_auroc.get(math.inf, float("nan"))}
+                    "answer_fit_cv_auroc_unfitted": fit.cv_auroc.get(math.inf,
+                                                                     float("nan"))}
         why = f"{n} answers, but the fit came out non-finite"
     _say(f"MetaHead answer row not fitted, it stays as it was: {why}", warn)
     return None
@@ -262,8 +264,11 @@ def _answer_reads(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Ques
     """Per question: the answer row's input averaged over its greedy answer (None for an
     empty answer), and whether the answer is right."""
     lm = LLM(model, tokenizer)
-    answered = [(prompt, [t.id for t in toks], q.grade("".join(t.text for t in toks)))
-                for q, prompt, toks in greedy_answers(lm, qs, batch_size=batch_size)]
+    try:
+        answered = [(prompt, [t.id for t in toks], q.grade("".join(t.text for t in toks)))
+                    for q, prompt, toks in greedy_answers(lm, qs, batch_size=batch_size)]
+    finally:  # the decode backend's module swaps out again: the caller's model as it was
+        remove_decode_swaps(model)
     seen: list[torch.Tensor] = []
     hook = model.metahead.answer.register_forward_hook(
         lambda _m, inputs, _out: seen.append(inputs[0]))
@@ -294,14 +299,14 @@ def describe(fit: dict[str, float]) -> str:
             f"{fit['calibration_ece_before']:.4f} -> {fit['calibration_ece_after']:.4f}")
     if "answer_fit_answers" in fit:
         l2 = fit["answer_fit_l2"]
-        how = "kept as it was" if math.isinf(l2) else \
+        how = "the confidence logit alone (no fit ranked better)" if math.isinf(l2) else \
             f"block outputs, logit features and confidence, L2 {l2:g}"
         text += (f"\nMetaHead answer row fitted on {fit['answer_fit_answers']:,.0f} greedy "
                  f"answers to {fit['answer_fit_questions']:,.0f} held-out questions "
                  f"(accuracy {fit['answer_fit_accuracy']:.3f}): {how}, chosen by 5-fold "
                  f"cross-validation over questions (held-out AUROC "
-                 f"{fit['answer_fit_cv_auroc']:.4f}; the row before "
-                 f"{fit['answer_fit_cv_auroc_before']:.4f})")
+                 f"{fit['answer_fit_cv_auroc']:.4f}; the confidence logit alone "
+                 f"{fit['answer_fit_cv_auroc_unfitted']:.4f})")
     return text
 
 
