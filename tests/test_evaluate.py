@@ -87,6 +87,9 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
     assert d["baseline"] in ans["methods"] and not d["baseline"].startswith("metahead")
     assert "max_softmax_calibrated" in full and full["max_softmax_calibrated"]["n"] == \
         report["tokens"]
+    # Platt-scaled on the split the MetaHead's confidence is refitted on, not on these tokens.
+    assert full["max_softmax_calibrated"]["fitted_on"].startswith(
+        "builtin:skills calibration split")
 
 
 def test_scores_match_a_direct_computation(model_dir, tmp_path):

@@ -330,8 +330,8 @@ class AnswerFit:
 
     weight: np.ndarray  # [d]: the row over the (pooled) features
     bias: float
-    l2: float  # the penalty cross-validation chose (inf: the row kept as it was)
-    cv_auroc: dict[float, float]  # per candidate penalty, out-of-fold (inf: the kept row)
+    l2: float  # the penalty cross-validation chose (inf: the row given, unchanged)
+    cv_auroc: dict[float, float]  # per candidate penalty, out-of-fold (inf: the row given)
     answers: int
     groups: int
 
