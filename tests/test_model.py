@@ -346,6 +346,8 @@ def test_answer_row_reads_every_block_output_and_pools_by_the_mean():
     assert answer_confidence(torch.tensor([0.0, 2.0])) == pytest.approx(
         1 / (1 + math.exp(-1.0)))
     assert answer_confidence([]) == 0.5
+    with torch.device("meta"):  # built where the rest of the model is
+        assert vs.VesperLM(cfg).metahead.answer.weight.is_meta
 
 
 def test_folders_from_before_the_logit_features_still_load(tmp_path):

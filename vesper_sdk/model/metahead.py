@@ -101,10 +101,10 @@ class MetaHead(nn.Module):
         extra = N_LOGIT_FEATURES if self.use_logits else 0
         self.fc = nn.Linear(cfg.hidden_size + extra, cfg.metahead_hidden_size)
         self.out = nn.Linear(cfg.metahead_hidden_size, N_TOKEN_META)
-        # Built without a random init (reset_answer sets it): the same seed gives the same
-        # model as before the row existed.
-        self.answer = torch.nn.utils.skip_init(
-            nn.Linear, cfg.num_layers * cfg.hidden_size + extra + 1, 1)
+        # Its random init is undone by reset_answer, and drawn from a forked generator:
+        # the same seed gives the same model as before the row existed.
+        with torch.random.fork_rng(devices=[]):
+            self.answer = nn.Linear(cfg.num_layers * cfg.hidden_size + extra + 1, 1)
         # Fitted on graded answers after training, never by the training loss (DDP needs
         # every trainable parameter to get a gradient).
         self.answer.requires_grad_(False)
