@@ -219,6 +219,13 @@ def test_the_answer_row_fit_finds_what_predicts_right_answers_across_questions()
     assert fit.cv_auroc[fit.l2] > 0.8 > 0.6 > fit.cv_auroc[float("inf")]
     fresh_x, fresh_y = answers(400)
     assert auroc(fresh_x @ fit.weight + fit.bias, fresh_y) > 0.85
+    # The row given ranks best (it reads the very feature that decides): kept, with its
+    # ranking, but Platt-scaled into an answer's probability.
+    knows = np.eye(12)[3] * 10.0  # far too sure of itself
+    y_sharp = (x[:, 3] + 0.3 * rng.normal(size=600) > 0).astype(float)
+    scaled = fit_answer_row(x, y_sharp, groups, knows, 0.0)
+    assert scaled.l2 == float("inf")
+    assert np.count_nonzero(scaled.weight) == 1 and 0 < scaled.weight[3] < 10.0
     # Nothing to tell apart (every answer wrong): the row stays as it was.
     kept = fit_answer_row(x, np.zeros(600), groups, useless, 0.25)
     assert kept.l2 == float("inf") and kept.bias == 0.25

@@ -330,7 +330,7 @@ class AnswerFit:
 
     weight: np.ndarray  # [d]: the row over the (pooled) features
     bias: float
-    l2: float  # the penalty cross-validation chose (inf: the row given, unchanged)
+    l2: float  # the penalty cross-validation chose (inf: the row given, Platt-scaled)
     cv_auroc: dict[float, float]  # per candidate penalty, out-of-fold (inf: the row given)
     answers: int
     groups: int
@@ -349,8 +349,9 @@ def fit_answer_row(features: Any, correct: Any, groups: Any, weight: Any, bias: 
     prefers penalties that lose ranking), averaged over the folds (pooling the folds'
     scores would rank one fold's fit against another's). A row given (``weight``,
     ``bias``; not fitted on these answers, or its score would leak) is a candidate too
-    (``inf``) and is returned unless a penalty ranks better, or when there is nothing to
-    fit (fewer groups than folds, or answers all right or all wrong).
+    (``inf``); chosen, it is returned Platt-scaled on the answers (its ranking kept), and
+    as given when there is nothing to fit (fewer groups than folds, or answers all right
+    or all wrong).
     """
     x = np.asarray(_to_numpy(features), dtype=np.float64)
     y = np.asarray(_to_numpy(correct)).reshape(-1).astype(np.float64)
@@ -383,7 +384,15 @@ def fit_answer_row(features: Any, correct: Any, groups: Any, weight: Any, bias: 
             fits = [fit(np.flatnonzero(~t), l2) for t in tests]
             cv[l2] = fold_mean([x[t] @ w + b for (w, b), t in zip(fits, tests, strict=True)])
     chosen = max(cv, key=lambda k: (cv[k], k)) if cv else math.inf  # ties: stronger
-    row, b = (w0, float(bias)) if math.isinf(chosen) else fit(np.arange(y.size), chosen)
+    if not math.isinf(chosen):
+        row, b = fit(np.arange(y.size), chosen)
+    elif cv:
+        # The row given ranks best: keep its ranking, but make its probability an
+        # answer's (Platt scaling; a token-level logit passed through is over-confident).
+        scale, shift = fit_platt(x @ w0 + bias, y)
+        row, b = (scale * w0, float(scale * bias + shift)) if scale > 0 else (w0, float(bias))
+    else:
+        row, b = w0, float(bias)
     return AnswerFit(row, b, float(chosen), cv, int(y.size), n_groups)
 
 

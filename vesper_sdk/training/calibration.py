@@ -215,9 +215,9 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
     over that mean. :func:`~vesper_sdk.eval.metrics.fit_answer_row` fits it: L2-penalised
     logistic regression on those means, the penalty chosen by cross-validated AUROC over
     ``groups``. It starts from scratch each time: the unfitted row (the confidence logit
-    passed through) is the candidate to beat, and is what the row becomes unless a fit
-    ranks better. Returns the fit's figures, or None (the row left as it was, why said
-    through ``warn``) when there are too few answers.
+    passed through) is the candidate to beat, and is what the row becomes (Platt-scaled on
+    the answers) unless a fit ranks better. Returns the fit's figures, or None (the row
+    left as it was, why said through ``warn``) when there are too few answers.
     """
     was_training = model.training
     model.eval()
@@ -299,8 +299,12 @@ def describe(fit: dict[str, float]) -> str:
             f"{fit['calibration_ece_before']:.4f} -> {fit['calibration_ece_after']:.4f}")
     if "answer_fit_answers" in fit:
         l2 = fit["answer_fit_l2"]
-        how = "the confidence logit alone (no fit ranked better)" if math.isinf(l2) else \
-            f"block outputs, logit features and confidence, L2 {l2:g}"
+        if not math.isinf(l2):
+            how = f"block outputs, logit features and confidence, L2 {l2:g}"
+        elif math.isnan(fit["answer_fit_cv_auroc"]):
+            how = "the confidence logit alone (nothing to fit: all right or all wrong)"
+        else:
+            how = "the confidence logit alone, Platt-scaled (no fit ranked better)"
         text += (f"\nMetaHead answer row fitted on {fit['answer_fit_answers']:,.0f} greedy "
                  f"answers to {fit['answer_fit_questions']:,.0f} held-out questions "
                  f"(accuracy {fit['answer_fit_accuracy']:.3f}): {how}, chosen by 5-fold "
