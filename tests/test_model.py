@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vesper_sdk as vs
 from vesper_sdk.model import ANSWER, FlyLoRALinear, answer_confidence, logit_features
@@ -348,6 +349,41 @@ def test_answer_row_reads_every_block_output_and_pools_by_the_mean():
     assert answer_confidence([]) == 0.5
     with torch.device("meta"):  # built where the rest of the model is
         assert vs.VesperLM(cfg).metahead.answer.weight.is_meta
+
+
+def test_a_training_step_skips_the_answer_row_and_keeps_loss_and_gradients():
+    """No loss reads the answer row, so a training step (train mode, grad on) leaves it
+    out; everything the losses read is what the full forward gives."""
+    torch.manual_seed(0)
+    cfg = vs.VesperConfig.from_preset("tiny", vocab_size=64, hidden_size=32, num_layers=2,
+                                      num_heads=2, ffn_hidden_size=64, max_seq_len=32)
+    model = vs.VesperLM(cfg).train()
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        model.metahead.answer.weight.normal_()  # a fitted row: not the pass-through
+
+    def step():
+        model.zero_grad()
+        out = model(ids)
+        loss = (F.cross_entropy(out.logits.flatten(0, 1), ids.flatten())
+                + out.meta_logits[..., :ANSWER].square().mean() + out.confidence.mean())
+        loss.backward()
+        return out, loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+    out, loss, grads = step()
+    assert out.answer is None and out.meta_logits.shape[-1] == ANSWER
+    # The same step with the row computed (eval mode: the same maths here, no dropout;
+    # the FlyLoRA balance update waits for the optimizer step).
+    model.eval()
+    full, full_loss, full_grads = step()
+    assert full.answer is not None and full.meta_logits.shape[-1] == ANSWER + 1
+    torch.testing.assert_close(full_loss, loss)
+    assert full_grads.keys() == grads.keys() and grads
+    for name, g in grads.items():
+        torch.testing.assert_close(full_grads[name], g, msg=name)
+    with torch.no_grad():  # train mode without grad (validation) computes it
+        assert model.train()(ids).answer is not None
 
 
 def test_folders_from_before_the_logit_features_still_load(tmp_path):

@@ -119,11 +119,14 @@ class MetaHead(nn.Module):
         self.answer.bias.zero_()
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor,
-                block_outputs: list[torch.Tensor]) -> torch.Tensor:
+                block_outputs: list[torch.Tensor] | None) -> torch.Tensor:
         """Raw meta logits [..., 6] from the final hidden state, the logits and the
-        blocks' outputs (no gradient reaches the blocks through the answer row)."""
+        blocks' outputs (no gradient reaches the blocks through the answer row); [..., 5],
+        the token rows alone, when ``block_outputs`` is None."""
         features = logit_features(logits).to(h.dtype) if self.use_logits else None
         token = self.out(self._hidden(h, features))
+        if block_outputs is None:
+            return token
         scale, bias = self.calibration.to(token.dtype).unbind()
         confidence_logit = token[..., CONFIDENCE:CONFIDENCE + 1] * scale + bias
         reads = [x.detach().to(h.dtype) for x in block_outputs]

@@ -41,10 +41,12 @@ class VesperOutput:
 
     logits [B,S,V]; confidence and stop [B,S] (probabilities); error_logits [B,S,3]
     (right / near miss / miss); answer [B,S] (the answer logit: an answer's confidence is
-    ``metahead.answer_confidence`` of its tokens'); aux_loss (MoE load balancing, 0
+    ``metahead.answer_confidence`` of its tokens'; None in a training step, in train mode
+    with grad enabled, which skips the answer row); aux_loss (MoE load balancing, 0
     without MoE); past_key_values (the cache written, indexable per layer as (k, v)
     [B,H,T,D]) when ``use_cache``; hidden_states [B,S,D] (final normed hidden state, what
-    the LM head and MetaHead read); meta_logits [B,S,6] (the MetaHead's raw outputs, see
+    the LM head and MetaHead read); meta_logits [B,S,6] ([B,S,5] in a training step: the
+    MetaHead's raw outputs, see
     its ``CONFIDENCE``, ``STOP``, ``ERROR`` and ``ANSWER`` slices).
     """
 
@@ -52,7 +54,7 @@ class VesperOutput:
     confidence: torch.Tensor
     stop: torch.Tensor
     error_logits: torch.Tensor
-    answer: torch.Tensor
+    answer: torch.Tensor | None
     aux_loss: torch.Tensor
     past_key_values: Cache | None
     hidden_states: torch.Tensor
@@ -321,13 +323,16 @@ class VesperLM(nn.Module):
         x = self.embed(input_ids)
         rope = RopeTable(self.rope, position_ids, x.dtype)
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        block_outputs = []  # what the MetaHead's answer row reads
+        # What the MetaHead's answer row reads. A training step (train mode, grad on) skips
+        # the row: no loss reads it, and it would concatenate every block's output.
+        block_outputs = None if self.training and torch.is_grad_enabled() else []
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, aux = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
             else:
                 x, aux = block(x, rope, mask, cache, i)
-            block_outputs.append(x)
+            if block_outputs is not None:
+                block_outputs.append(x)
             if aux is not None:
                 aux_loss = aux_loss + aux
         h = self.norm(x)
@@ -339,7 +344,7 @@ class VesperLM(nn.Module):
             confidence=self.metahead.confidence(meta),
             stop=torch.sigmoid(meta[..., STOP]),
             error_logits=meta[..., ERROR],
-            answer=meta[..., ANSWER],
+            answer=meta[..., ANSWER] if block_outputs is not None else None,
             aux_loss=aux_loss,
             past_key_values=cache if use_cache else None,
             hidden_states=h,
@@ -378,10 +383,11 @@ class VesperLM(nn.Module):
         # A padded query sees only itself, so no softmax row is empty (NaN).
         return position_ids, (allowed & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
 
-    def heads(self, h: torch.Tensor, block_outputs: list[torch.Tensor],
+    def heads(self, h: torch.Tensor, block_outputs: list[torch.Tensor] | None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [..., V], raw meta logits [..., 6] in fp32) from the final hidden state
-        and the blocks' outputs."""
+        """(logits [..., V], raw meta logits [..., 6] in fp32, [..., 5] without the answer
+        row when ``block_outputs`` is None) from the final hidden state and the blocks'
+        outputs."""
         logits = self.lm_head(h)
         meta_in = h if self.config.metahead_grad_to_trunk else h.detach()
         return logits, self.metahead(meta_in, logits, block_outputs).float()
