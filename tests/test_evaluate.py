@@ -50,7 +50,7 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
     assert cli.main(["eval", str(model_dir), "--data", "builtin:skills", "--out-dir", str(out),
                      "--max-examples", "40", "--skills-questions", "6",
                      "--max-answer-tokens", "4", "--device", "cpu",
-                     "--json", str(tmp_path / "full.json")]) == 0
+                     "--calibration-chats", "50", "--json", str(tmp_path / "full.json")]) == 0
     text = capsys.readouterr().out
     for needle in ("perplexity", "ECE (15 bins)", "AUROC", "MetaHead confidence",
                    "max softmax prob (baseline)", "max softmax, recalibrated",
@@ -88,8 +88,14 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
     assert "max_softmax_calibrated" in full and full["max_softmax_calibrated"]["n"] == \
         report["tokens"]
     # Platt-scaled on the split the MetaHead's confidence is refitted on, not on these tokens.
-    assert full["max_softmax_calibrated"]["fitted_on"].startswith(
-        "builtin:skills calibration split")
+    fitted_on = full["max_softmax_calibrated"]["fitted_on"]
+    assert fitted_on == "builtin:skills calibration split, 50 chats"
+    # The token-level target's comparison, with its paired interval.
+    cal = full["metahead_minus_calibrated_baseline"]
+    assert cal["ece"] == pytest.approx(full["metahead"]["ece"]
+                                       - full["max_softmax_calibrated"]["ece"])
+    lo, hi = cal["ci95"]["ece"]
+    assert lo <= hi and f"MetaHead - recalibrated baseline: ECE {cal['ece']:+.4f}" in text
 
 
 def test_scores_match_a_direct_computation(model_dir, tmp_path):

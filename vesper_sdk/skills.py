@@ -55,6 +55,9 @@ _STREAM_VERSION = 2  # seeds the random streams: the held-out questions stay tho
 IDK = "I don't know."
 HELD_OUT_PERCENT = 10
 CALIBRATION_PERCENT = 5
+# Calibration-split chats the MetaHead's confidence is refitted on by default (vesper
+# calibrate, vesper train) and the max-softmax baseline recalibrated on (vesper eval).
+CALIBRATION_CHATS = 10_000
 
 WORDS = (
     "apple banana cherry grape lemon mango melon peach pear plum orange kiwi "

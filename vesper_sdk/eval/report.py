@@ -66,6 +66,9 @@ class EvalOptions:
     max_answer_tokens: int = field(default=24, metadata={
         "help": "longest answer generated per skills question"})
     seed: int = field(default=0, metadata={"help": "seed of the built-in held-out split"})
+    calibration_chats: int = field(default=skills.CALIBRATION_CHATS, metadata={
+        "help": "builtin:skills: calibration-split chats the max-softmax baseline is "
+                "Platt-scaled on (match the model's --calibration-examples)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     json: str | None = field(default=None, metadata={
         "help": "also write the whole report to this JSON file"})
@@ -126,12 +129,16 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
              max_tokens: int = 50_000, seq_len: int = 512, batch_size: int = 8,
              bins: int = 15, skills_questions: int = 200, max_answer_tokens: int = 24,
              seed: int = 0, device: str = "auto", json_path: str | Path | None = None,
-             ) -> dict[str, Any]:
+             calibration_chats: int = skills.CALIBRATION_CHATS) -> dict[str, Any]:
     """Evaluate a model folder (or an ``LLM``) on ``data``; write JSON + PNG; return the report.
 
     The report has ``perplexity``, ``tokens``, ``token_accuracy``, ``metahead`` and
     ``max_softmax`` (each: ``ece``, ``auroc``, ``brier``, ``mean_confidence``,
-    ``reliability`` bins), ``skills`` (builtin:skills only) and the written ``files``.
+    ``reliability`` bins), ``max_softmax_calibrated`` (the baseline Platt-scaled on
+    ``calibration_chats`` of builtin:skills' calibration split, or cross-fitted on the
+    evaluated documents), ``metahead_minus_baseline`` and
+    ``metahead_minus_calibrated_baseline`` (paired bootstrap intervals), ``skills`` and
+    ``answers`` (graded greedy answers) and the written ``files``.
     """
     lm = model if isinstance(model, LLM) else load(model, device=device)
     if out_dir is None:
@@ -164,11 +171,12 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
                             seed=seed)
     report["metahead"]["ci95"], report["max_softmax"]["ci95"] = boot["a"], boot["b"]
     # The baseline recalibrated too, so ECE compares like with like: on the calibration
-    # split the MetaHead's confidence is refitted on, where there is one.
+    # chats the MetaHead's confidence is refitted on by default, where there are some.
     if data == "builtin:skills":
+        chats = calibration_chats
         recalibrated = msp_recalibrated_on_calibration_split(
-            lm, np.asarray(stats.msp), max_examples, seed, seq_len, batch_size)
-        fitted_on = f"builtin:skills calibration split, {max_examples} chats"
+            lm, np.asarray(stats.msp), chats, seed, seq_len, batch_size)
+        fitted_on = f"builtin:skills calibration split, {chats:,} chats"
     else:
         recalibrated = recalibrated_msp(np.asarray(stats.msp), np.asarray(stats.correct),
                                         np.asarray(stats.doc))
@@ -180,6 +188,15 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
         "auroc": report["metahead"]["auroc"] - report["max_softmax"]["auroc"],
         "ci95": boot["a_minus_b"], "resamples": boot["resamples"],
         "documents": boot["groups"]}
+    # What the token-level target compares: the MetaHead against the recalibrated baseline.
+    boot_cal = paired_bootstrap(stats.confidence, recalibrated, stats.correct, stats.doc, bins,
+                                seed=seed)
+    report["max_softmax_calibrated"]["ci95"] = boot_cal["b"]
+    report["metahead_minus_calibrated_baseline"] = {
+        "ece": report["metahead"]["ece"] - report["max_softmax_calibrated"]["ece"],
+        "auroc": report["metahead"]["auroc"] - report["max_softmax_calibrated"]["auroc"],
+        "ci95": boot_cal["a_minus_b"], "resamples": boot_cal["resamples"],
+        "documents": boot_cal["groups"]}
     qs = questions(records, data, skills_questions, seed) if skills_questions > 0 else []
     rows = answer_questions(lm, qs, max_answer_tokens, batch_size) if qs else []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,10 +309,15 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name:<28}{_with_ci(s['ece'], ci.get('ece')):>22}"
                      f"{_with_ci(s['auroc'], ci.get('auroc')):>22}"
                      f"{_fmt(s['brier']):>8}{_fmt(s['mean_confidence']):>11}")
+    for key, name in (("metahead_minus_baseline", "baseline"),
+                      ("metahead_minus_calibrated_baseline", "recalibrated baseline")):
+        d = report.get(key)
+        if d:
+            lines.append(f"MetaHead - {name}: ECE "
+                         f"{_with_ci(d['ece'], d['ci95']['ece'], 4, True)}, AUROC "
+                         f"{_with_ci(d['auroc'], d['ci95']['auroc'], 4, True)}")
     d = report.get("metahead_minus_baseline")
     if d:
-        lines.append(f"MetaHead - baseline: ECE {_with_ci(d['ece'], d['ci95']['ece'], 4, True)}"
-                     f", AUROC {_with_ci(d['auroc'], d['ci95']['auroc'], 4, True)}")
         lines.append(f"[...]: 95 % intervals from {d['resamples']} bootstrap resamples of the "
                      f"{d['documents']} documents")
     fitted_on = report.get("max_softmax_calibrated", {}).get("fitted_on")
@@ -340,7 +362,8 @@ def cli(opts: EvalOptions) -> int:
                       seq_len=opts.seq_len, batch_size=opts.batch_size, bins=opts.bins,
                       skills_questions=opts.skills_questions,
                       max_answer_tokens=opts.max_answer_tokens, seed=opts.seed,
-                      device=opts.device, json_path=opts.json)
+                      device=opts.device, json_path=opts.json,
+                      calibration_chats=opts.calibration_chats)
     print(format_report(report))
     record_eval(opts.model_dir, report)  # the model card's Evaluation section
     return 0

@@ -315,8 +315,8 @@ def describe(fit: dict[str, float]) -> str:
 
 
 def calibrate(model_dir: str | Path, data: str = "builtin:skills",
-              out_dir: str | Path | None = None, examples: int = 10_000, seed: int = 0,
-              seq_len: int = 128, batch_size: int = 16, device: str = "auto",
+              out_dir: str | Path | None = None, examples: int = skills.CALIBRATION_CHATS,
+              seed: int = 0, seq_len: int = 128, batch_size: int = 16, device: str = "auto",
               answers: int = 4000) -> dict[str, float]:
     """Refit the confidence of the model in ``model_dir`` on held-out ``data``; save it.
 
@@ -378,7 +378,7 @@ class CalibrateOptions:
                 "the model did not train on"})
     out_dir: str | None = field(default=None, metadata={
         "help": "where the recalibrated model goes (default: back into MODEL_DIR)"})
-    examples: int = field(default=10_000, metadata={
+    examples: int = field(default=skills.CALIBRATION_CHATS, metadata={
         "help": "chats/documents to read (builtin:skills: chats drawn from its "
                 "calibration split)"})
     answers: int = field(default=4000, metadata={

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import skills
 from ..config import PRESETS, run_folder_hint
 from ..folder import CONFIG_NAME
 
@@ -77,8 +78,8 @@ class TrainOptions:
                            "held-out tokens (Platt scaling plus a cross-validated correction "
                            "from its activations): builtin:skills' calibration split, else "
                            "the validation blocks")
-    calibration_examples: int = _opt(10_000, "builtin:skills: chats drawn from the "
-                                     "calibration split for --calibrate")
+    calibration_examples: int = _opt(skills.CALIBRATION_CHATS, "builtin:skills: chats drawn "
+                                     "from the calibration split for --calibrate")
     calibration_answers: int = _opt(4000, "builtin:skills: of those, questions answered "
                                     "greedily and graded, to fit the MetaHead's "
                                     "answer-level confidence (0: not fitted)")
