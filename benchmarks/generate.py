@@ -119,9 +119,10 @@ def run_hf(model: Any, prompts: torch.Tensor, new_tokens: int) -> float:
     return dt
 
 
-def matvec_sweep(lm: LLM, parts_list: list[int], prompt_len: int, new_tokens: int,
+def matvec_sweep(lm: LLM, parts_list: list[int | str], prompt_len: int, new_tokens: int,
                  repeats: int) -> list[dict[str, Any]]:
-    """Decode speed and product bandwidth for each ``parts`` (0 = plain F.linear).
+    """Decode speed and product bandwidth for each ``parts`` (0 = plain F.linear, "auto" =
+    the count measured per weight shape, the default).
 
     Bandwidth: one pass of every attached product over a random vector, i.e. the bytes of
     every weight a decode step reads, without the rest of the step.
@@ -143,7 +144,9 @@ def matvec_sweep(lm: LLM, parts_list: list[int], prompt_len: int, new_tokens: in
         row: dict[str, Any] = {"parts": parts}
         if products:
             xs = [torch.randn(1, 1, p.in_features) for p in products]
-            nbytes = sum(p.blocks.numel() * p.blocks.element_size() for p in products)
+            weights = [p.blocks if hasattr(p, "blocks") else p.weight
+                       for p in products]
+            nbytes = sum(w.numel() * w.element_size() for w in weights)
             with torch.inference_mode():
                 for _ in range(3):
                     for p, x in zip(products, xs, strict=True):
@@ -158,8 +161,8 @@ def matvec_sweep(lm: LLM, parts_list: list[int], prompt_len: int, new_tokens: in
         row["tok_s"] = max(new_tokens / run_ours(lm, prompts, new_tokens)
                            for _ in range(repeats))
         rows.append(row)
-    remove_decode_swaps(model)  # back to the default
-    apply_cpu_decode(model)
+    remove_decode_swaps(model)  # back to the backend's own
+    apply_cpu_decode(model, lm.backend.matvec_parts)
     print("parts  products ms  products GB/s  decode tok/s (batch 1)")
     for r in rows:
         prod = (f"{r['products_ms']:>11.2f}  {r['products_gb_s']:>13.1f}"
@@ -191,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                          "LLM(pipeline=...) and TorchBackend(pair_ffn=...): what those two "
                          "give, in the same run (for a GPU; on the CPU both are off anyway)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 tokens, 1 repeat")
-    ap.add_argument("--matvec-sweep", type=int, nargs="*", default=None, metavar="PARTS",
+    ap.add_argument("--matvec-sweep", nargs="*", default=None, metavar="PARTS",
+                    type=lambda v: v if v == "auto" else int(v),
                     help="also time CPU decode with each block count of the threaded "
-                         "matrix-vector products (inference.decode_swaps; 0 = plain F.linear); "
-                         "default list 0 1 2 4 8 16")
+                         "matrix-vector products (inference.decode_swaps; 0 = plain F.linear, "
+                         "auto = measured per weight shape, the default); default list "
+                         "0 1 2 4 8 16 auto")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the report here (default benchmarks/results/"
                          "generate-<device>.json)")
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print("parameters: " + ", ".join(f"{n} {p / 1e6:.1f} M" for n, p in params.items()))
     sweep = None
     if args.matvec_sweep is not None and device.type == "cpu":
-        sweep = matvec_sweep(impls["vesper"][0], args.matvec_sweep or [0, 1, 2, 4, 8, 16],
+        sweep = matvec_sweep(impls["vesper"][0], args.matvec_sweep or [0, 1, 2, 4, 8, 16, "auto"],
                              args.prompt_len, args.new_tokens, args.repeats)
 
     report = {

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import vesper_sdk as vs
+from vesper_sdk.inference import decode_swaps
 from vesper_sdk.inference.decode_swaps import (
+    CANDIDATE_PARTS,
+    MIN_MEASURED,
     DenseProduct,
     MatVecLinear,
     PairedFeedForward,
@@ -18,6 +21,8 @@ from vesper_sdk.inference.decode_swaps import (
     apply_cpu_decode,
     apply_pair_ffn,
     decode_products,
+    measured_parts,
+    pick_parts,
     remove_decode_swaps,
 )
 from vesper_sdk.model import GLUFeedForward
@@ -167,3 +172,51 @@ def test_a_weight_updated_in_place_falls_back_to_its_current_values(tiny_model):
         want = ffn.down(ffn.act(gate(x)) * (F.linear(x, up.weight) + F.linear(
             up.rank_mask(x)[0] * up.rank_mask(x)[1], up.lora_B)))
         torch.testing.assert_close(ffn(x), want)
+
+
+def test_picking_parts_takes_the_fastest_unless_the_default_is_within_the_margin():
+    assert pick_parts({0: 1.0, 2: 0.5, 8: 0.6}) == 2  # 17 % faster than the default
+    assert pick_parts({0: 1.0, 2: 0.57, 8: 0.6}) == 8  # 5 %: the default stays
+    assert pick_parts({0: 0.95, 8: 1.0}) == 8
+    assert pick_parts({0: 0.3, 2: 0.5}) == 0  # no default among them: the fastest
+
+
+def test_measured_parts_times_each_shape_once_and_leaves_small_weights_to_f_linear(
+        monkeypatch):
+    monkeypatch.setattr(decode_swaps, "_MEASURED", {})
+    clock = decode_swaps.time.perf_counter
+    calls = []
+    monkeypatch.setattr(decode_swaps.time, "perf_counter",
+                        lambda: calls.append(1) or clock())
+    assert measured_parts(5, 128) == 0 and not calls  # below MIN_MEASURED: not timed
+    out, inn = 384, MIN_MEASURED // 256
+    parts = measured_parts(out, inn)
+    assert parts in CANDIDATE_PARTS and (parts == 0 or out % parts == 0)
+    timed = len(calls)
+    assert timed > 0
+    assert measured_parts(out, inn) == parts and len(calls) == timed  # remembered
+
+
+def test_auto_parts_apply_each_shapes_measured_choice_and_keep_the_outputs(tiny_model,
+                                                                          monkeypatch):
+    _as_if_trained(tiny_model)
+    ref = copy.deepcopy(tiny_model)
+    qkv = tiny_model.blocks[0].attn.qkv.weight.shape
+    # As if measured: F.linear fastest for the attention's qkv, 2 blocks for the rest (as
+    # measured_parts, only a count that divides the outputs).
+    monkeypatch.setattr(decode_swaps, "measured_parts",
+                        lambda out, inn: 0 if (out, inn) == tuple(qkv) or out % 2 else 2)
+    apply_cpu_decode(tiny_model, parts="auto")
+    assert all(type(b.attn.qkv) is torch.nn.Linear for b in tiny_model.blocks)
+    assert all(b.attn.o_proj.product.parts == 2 for b in tiny_model.blocks)
+    assert all(isinstance(b.ffn, PairedFeedForward) for b in tiny_model.blocks)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        prefill = tiny_model(ids, use_cache=True)
+        step = tiny_model(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True)
+        ref_prefill = ref(ids, use_cache=True)
+        ref_step = ref(ids[:, :1], past_key_values=ref_prefill.past_key_values,
+                       use_cache=True)
+    for got, want in ((prefill, ref_prefill), (step, ref_step)):
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-4, atol=1e-5)

@@ -724,7 +724,7 @@ def test_score_and_request_helpers(lm, model, tokenizer):
 
 def test_cpu_decode_uses_threaded_products_with_the_same_tokens(model, tokenizer):
     """The CPU backend attaches split products; greedy text and scores match without."""
-    fast = LLM(TorchBackend(copy.deepcopy(model)), tokenizer)
+    fast = LLM(TorchBackend(copy.deepcopy(model), matvec_parts=8), tokenizer)
     plain = LLM(TorchBackend(copy.deepcopy(model), matvec_parts=0), tokenizer)
     assert isinstance(fast.backend.model.lm_head, MatVecHead)
     assert not isinstance(plain.backend.model.lm_head, MatVecHead)

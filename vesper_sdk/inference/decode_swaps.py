@@ -15,6 +15,12 @@ chosen rows of B (``GLUFeedForward.paired``). :func:`apply_pair_ffn` makes the s
 over one ``F.linear`` (:class:`DenseProduct`) on any device: for a GPU decode step, fewer
 kernels. :func:`remove_decode_swaps` puts the model's own modules back.
 
+How many blocks pays depends on the CPU: more threads than blocks idle, and on some
+machines MKL's own product on the [out, in] layout is the fastest (measured: the blocks
+win on a 2-core AMD EPYC and lose on a 2-core Intel Xeon). :func:`measured_parts` times the
+candidates once per weight shape and thread count in a process, on a stand-in weight of
+that shape, and :func:`apply_cpu_decode` with ``parts="auto"`` uses what it found.
+
 The products serve only small inputs (at most ``max_rows`` rows) with autograd off, so
 prefill and training keep ``F.linear``. They are a copy of the weights taken when
 applied (the weights' memory again); once a weight is updated in place (its version
@@ -25,7 +31,11 @@ module holds the very parameters of the one it replaces.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +45,65 @@ from ..model import GLUFeedForward, TiedHead, paired_ffn_weights
 
 DEFAULT_PARTS = 8
 DEFAULT_MAX_ROWS = 16
+# What measured_parts times: 0 is F.linear over the weight as it is (no swap), n > 0 is
+# SplitMatVec with n column blocks (where n divides the output features).
+CANDIDATE_PARTS = (0, 2, 4, 8)
+# Weights this small are not measured: the call's own cost is all there is, and F.linear's
+# is the lowest (a MetaHead row, say).
+MIN_MEASURED = 1 << 16
+# Another candidate replaces the default only when it is at least this much faster: the
+# timings of one process on a shared machine move by a few per cent.
+MARGIN = 0.10
+Parts = int | Literal["auto"]
+_MEASURED: dict[tuple[int, int, int], int] = {}  # (out, in, threads) -> chosen parts
+
+
+def pick_parts(times: Mapping[int, float], default: int = DEFAULT_PARTS,
+               margin: float = MARGIN) -> int:
+    """The candidate to use from each one's time (``{parts: seconds}``): the fastest, unless
+    ``default`` is among them and within ``margin`` of it."""
+    best = min(times, key=lambda k: times[k])
+    if default in times and times[best] > (1.0 - margin) * times[default]:
+        return default
+    return best
+
+
+def measured_parts(out_features: int, in_features: int, rounds: int = 3,
+                   budget_s: float = 0.001) -> int:
+    """How many column blocks a decode product of a [out, in] fp32 weight should use on
+    this machine, with ``torch.get_num_threads()`` threads (0: plain ``F.linear``).
+
+    Times every candidate of :data:`CANDIDATE_PARTS` on one row, on a weight of that shape,
+    in ``rounds`` interleaved rounds of about ``budget_s`` each, and picks by the medians
+    (:func:`pick_parts`); remembered for the process, so each shape is measured once
+    (a 'small' model's eight shapes: about a third of a second). Weights of fewer than
+    :data:`MIN_MEASURED` elements get 0.
+    """
+    if out_features * in_features < MIN_MEASURED:
+        return 0
+    key = (out_features, in_features, torch.get_num_threads())
+    if key in _MEASURED:
+        return _MEASURED[key]
+    with torch.no_grad():
+        # Any values do (no denormals): only the time is read.
+        weight = torch.full((out_features, in_features), 0.01)
+        x = torch.ones(1, in_features)
+        products: dict[int, Callable[[], torch.Tensor]] = {0: lambda: F.linear(x, weight)}
+        for parts in CANDIDATE_PARTS[1:]:
+            if out_features % parts == 0:
+                products[parts] = functools.partial(SplitMatVec(weight, parts), x)
+        # About budget_s at 16 GB/s, the order of a decode product's speed.
+        calls = min(100, max(1, int(budget_s * 16e9 / (4 * out_features * in_features))))
+        times: dict[int, list[float]] = {p: [] for p in products}
+        for _ in range(rounds):
+            for parts, product in products.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    product()
+                times[parts].append((time.perf_counter() - start) / calls)
+    chosen = pick_parts({p: statistics.median(t) for p, t in times.items()})
+    _MEASURED[key] = chosen
+    return chosen
 
 
 def _split_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -227,10 +296,10 @@ def _parts_for(out_features: int, parts: int) -> int:
     return max(p for p in range(1, parts + 1) if out_features % p == 0)
 
 
-def _usable(weight: object, parts: int) -> bool:
+def _usable(weight: object, parts: Parts) -> bool:
     # Only fp32 CPU weights of plain layers: bitsandbytes layers keep their own kernels, and
     # bf16 goes faster through F.linear's oneDNN kernels.
-    return (parts > 0 and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
+    return (parts != 0 and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
             and weight.dim() == 2 and weight.dtype == torch.float32)
 
 
@@ -245,28 +314,37 @@ def _swap_children(module: nn.Module, replace: Callable[[nn.Module], nn.Module |
     return count
 
 
-def apply_cpu_decode(model: nn.Module, parts: int = DEFAULT_PARTS,
+def apply_cpu_decode(model: nn.Module, parts: Parts = DEFAULT_PARTS,
                      max_rows: int = DEFAULT_MAX_ROWS) -> int:
     """Swap in the CPU's threaded decode products; returns how many modules were swapped.
 
-    ``parts=0`` swaps nothing. Call :func:`remove_decode_swaps` first to apply again.
+    ``parts``: column blocks for every weight (at most: the largest count that divides
+    each one's outputs), ``"auto"`` for each weight shape's :func:`measured_parts`, 0 to
+    swap nothing. Call :func:`remove_decode_swaps` first to apply again.
     """
+    def blocks(out_features: int, in_features: int) -> int:
+        if parts == "auto":
+            return measured_parts(out_features, in_features)
+        return _parts_for(out_features, parts)
+
     def replace(child: nn.Module) -> nn.Module | None:
         if isinstance(child, SWAPS):
             return None
         if isinstance(child, GLUFeedForward):
             pair = paired_ffn_weights(child)
             if pair is not None and _usable(pair["weight"], parts):
-                return PairedFeedForward.swap(child, PairProduct(child, pair, parts, max_rows))
+                # Measured as the stacked product it is: [gate; up; A_gate; A_up].
+                n = blocks(pair["weight"].shape[0] + pair["lora_A"].shape[0],
+                           pair["weight"].shape[1])
+                return PairedFeedForward.swap(child, PairProduct(child, pair, n, max_rows))
             return None
-        if type(child) is nn.Linear and _usable(child.weight, parts):
+        if type(child) in (nn.Linear, TiedHead) and _usable(child.weight, parts):
             w = child.weight
-            return MatVecLinear.swap(child, SplitMatVec(w, _parts_for(w.shape[0], parts),
-                                                        max_rows))
-        if type(child) is TiedHead and _usable(child.weight, parts):
-            w = child.weight
-            return MatVecHead.swap(child, SplitMatVec(w, _parts_for(w.shape[0], parts),
-                                                      max_rows))
+            n = blocks(*w.shape)
+            if n == 0:  # F.linear is the fastest here: the module stays as it is
+                return None
+            swap = MatVecLinear.swap if type(child) is nn.Linear else MatVecHead.swap
+            return swap(child, SplitMatVec(w, n, max_rows))
         return None
 
     return _swap_children(model, replace)

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..model import FlyLoRALinear, StaticCache, VesperLM
 from .decode_swaps import (
-    DEFAULT_PARTS,
     MatVecLinear,
+    Parts,
     apply_cpu_decode,
     apply_pair_ffn,
     decode_products,
@@ -122,8 +122,10 @@ class TorchBackend:
     """DecodeBackend over a VesperLM (fp32, bf16 or bitsandbytes-quantized layers).
 
     CPU: the decode swaps (:func:`apply_cpu_decode`) give every dense weight a threaded
-    matrix-vector product for the decode steps (``matvec_parts`` column blocks; 0 leaves
-    the model untouched; the gate and up FlyLoRA layers of a feed-forward share one).
+    matrix-vector product for the decode steps (``matvec_parts`` column blocks; ``"auto"``,
+    the default, measures per weight shape which count is fastest on this machine, once per
+    process (:func:`~vesper_sdk.inference.decode_swaps.measured_parts`); 0 leaves the
+    model untouched; the gate and up FlyLoRA layers of a feed-forward share one).
     That copy doubles the memory the weights take. Dense models of plain layers decode over a
     static KV cache (below), eagerly, attending only the filled slots: no cache is
     concatenated per token, and a batch without padding takes no mask.
@@ -155,7 +157,7 @@ class TorchBackend:
     the CUDA graphs recorded over the old copy are recorded anew.
     """
 
-    def __init__(self, model: VesperLM, *, matvec_parts: int = DEFAULT_PARTS,
+    def __init__(self, model: VesperLM, *, matvec_parts: Parts = "auto",
                  static_cache: bool | None = None, compile: bool = False,
                  cuda_graph: bool | None = None, pair_ffn: bool | None = None) -> None:
         self.model = model.eval()
@@ -166,8 +168,8 @@ class TorchBackend:
         self.matvec_parts = matvec_parts
         if pair_ffn is None:  # measured faster on CUDA only
             pair_ffn = cuda
-        # The CPU's threaded products pair them already (matvec_parts > 0).
-        self.pair_ffn = pair_ffn and not (self.device.type == "cpu" and matvec_parts > 0)
+        # The CPU's threaded products pair them already (matvec_parts not 0).
+        self.pair_ffn = pair_ffn and not (self.device.type == "cpu" and matvec_parts != 0)
         self._epoch = 0  # bumped whenever the products are copied again
         self._attach()
         if static_cache is None:
