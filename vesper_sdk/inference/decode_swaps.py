@@ -15,11 +15,10 @@ chosen rows of B (``GLUFeedForward.paired``). :func:`apply_pair_ffn` makes the s
 over one ``F.linear`` (:class:`DenseProduct`) on any device: for a GPU decode step, fewer
 kernels. :func:`remove_decode_swaps` puts the model's own modules back.
 
-How many blocks pays depends on the CPU: more threads than blocks idle, and on some
-machines MKL's own product on the [out, in] layout is the fastest (measured: the blocks
-win on a 2-core AMD EPYC and lose on a 2-core Intel Xeon). :func:`measured_parts` times the
-candidates once per weight shape and thread count in a process, on a stand-in weight of
-that shape, and :func:`apply_cpu_decode` with ``parts="auto"`` uses what it found.
+How many blocks pays depends on the CPU (its cores, its caches, how fast MKL's own
+one-row product is on it), so it is measured rather than fixed: :func:`measured_parts`
+times the candidates once per weight shape and thread count in a process, on a stand-in
+weight of that shape, and :func:`apply_cpu_decode` with ``parts="auto"`` uses it.
 
 The products serve only small inputs (at most ``max_rows`` rows) with autograd off, so
 prefill and training keep ``F.linear``. They are a copy of the weights taken when
