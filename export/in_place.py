@@ -80,9 +80,11 @@ class _DecodeBinding:
     """The IO binding of one cache's decode steps (one token per row), bound once: the
     buffers as past and present, the token ids, and the outputs into arrays of their own.
 
-    Per step only the key mask is bound again (its width grows). Rebinding everything
-    and wrapping every output each step cost the host more than a tenth of a step
-    ('small', int4, batch 1). A grown or reordered cache is a new object, with its own.
+    The key mask is bound once too, as wide as the buffers: the operator reads each row's
+    length from it (its count of ones) and attends that many positions, so the zeros past
+    them cost nothing, and every step runs on the same shapes. Rebinding everything and
+    wrapping every output each step cost the host more than a tenth of a step ('small',
+    int4, batch 1). A grown or reordered cache is a new object, with its own.
     """
 
     def __init__(self, backend: Any, cache: InPlaceCache) -> None:
@@ -102,9 +104,12 @@ class _DecodeBinding:
         for name, out in zip(backend._head_names, self.outputs, strict=True):
             self.binding.bind_output(name, "cpu", 0, np.float32, list(out.shape),
                                      out.ctypes.data)
-        # Every row's key mask over the whole buffer; a step sets each row's new position.
+        # Every row's key mask over the whole buffer, bound over the same memory: a step
+        # sets each row's new position in place.
         self.mask = (np.arange(cache.capacity)[None, :] < cache.lengths[:, None]).astype(
             np.int64)
+        self._mask_value = ort.OrtValue.ortvalue_from_numpy(self.mask)
+        self.binding.bind_ortvalue_input("attention_mask", self._mask_value)
         self.rows = np.arange(b)
 
 
@@ -164,10 +169,7 @@ def _decode_step(backend: Any, input_ids: torch.Tensor, past: InPlaceCache) -> S
         d = past.decode = _DecodeBinding(backend, past)
     d.ids[:] = int64_array(input_ids)
     new_lens = past.lengths + 1
-    d.mask[d.rows, new_lens - 1] = 1
-    # A view of the full mask: contiguous (no copy) for one row.
-    d.binding.bind_cpu_input("attention_mask",
-                             np.ascontiguousarray(d.mask[:, :int(new_lens.max())]))
+    d.mask[d.rows, new_lens - 1] = 1  # the bound mask, written in place
     backend.session.run_with_iobinding(d.binding)
     past.lengths = new_lens
     # Copies: the arrays are written again by the next step, and a caller may keep these.
