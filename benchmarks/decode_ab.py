@@ -2,6 +2,7 @@
 
     python benchmarks/decode_ab.py --ref HEAD~3            # 'small', batch 1, 6 rounds
     python benchmarks/decode_ab.py --ref HEAD~3 --backend compiled   # or onnx
+    python benchmarks/decode_ab.py --ref HEAD~1 --backend onnx --quantize int4 --in-place-kv
 
 Checks ``--ref`` out into a temporary git worktree and times both trees in alternating
 fresh processes (ref, this, ref, this, ...), each through ``LLM.generate_tokens`` over
@@ -55,7 +56,9 @@ def child(args: argparse.Namespace) -> int:
         if args.backend == "onnx":
             model.save_pretrained(Path(tmp) / "model")
             tok.save(Path(tmp) / "model")
-            vs.export_onnx(Path(tmp) / "model", Path(tmp) / "onnx")
+            extra = {"in_place_kv": True} if args.in_place_kv else {}
+            vs.export_onnx(Path(tmp) / "model", Path(tmp) / "onnx", quantize=args.quantize,
+                           **extra)
             lm = vs.export.OnnxModel(Path(tmp) / "onnx")
         else:
             lm = LLM(TorchBackend(model, compile=args.backend == "compiled"), tok)
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=["eager", "compiled", "onnx"], default="eager",
                     help="vs.load's default (eager), compile=True, or the model exported to "
                          "ONNX and run by OnnxModel (default eager)")
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="--backend onnx: export quantized (default fp32)")
+    ap.add_argument("--in-place-kv", action="store_true",
+                    help="--backend onnx: the in-place KV export (both trees must have it)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -105,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = [sys.executable, __file__, "--child", str(tree),
                            "--repeats", str(args.repeats), "--batch", str(args.batch),
                            "--new-tokens", str(args.new_tokens), "--preset", args.preset,
-                           "--vocab-size", str(args.vocab_size), "--backend", args.backend]
+                           "--vocab-size", str(args.vocab_size), "--backend", args.backend,
+                           *(["--quantize", args.quantize] if args.quantize else []),
+                           *(["--in-place-kv"] if args.in_place_kv else [])]
                     env = {**os.environ, "PYTHONPATH": str(tree)}
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                          env=env, cwd=tree).stdout
@@ -117,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                             str(ref_tree)], check=False)
 
     (ref_name, ref_runs), (new_name, new_runs) = runs.items()
-    print(f"\ngreedy decode ({args.backend}), '{args.preset}', batch {args.batch}, "
+    what = args.backend + (f" {args.quantize}" if args.quantize else "") + (
+        " in-place KV" if args.in_place_kv else "")
+    print(f"\ngreedy decode ({what}), '{args.preset}', batch {args.batch}, "
           f"{args.new_tokens} new "
           f"tokens, {args.rounds} alternating rounds (best of {args.repeats} per process)")
     for name, rs in runs.items():
