@@ -75,7 +75,7 @@ def measured_parts(out_features: int, in_features: int, rounds: int = 3,
     Times every candidate of :data:`CANDIDATE_PARTS` on one row, on a weight of that shape,
     in ``rounds`` interleaved rounds of about ``budget_s`` each, and picks by the medians
     (:func:`pick_parts`); remembered for the process, so each shape is measured once
-    (a 'small' model's eight shapes: about a third of a second). Weights of fewer than
+    (a 'small' model's shapes: about a quarter of a second). Weights of fewer than
     :data:`MIN_MEASURED` elements get 0.
     """
     if out_features * in_features < MIN_MEASURED:
