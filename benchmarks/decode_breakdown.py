@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import statistics
 import sys
@@ -29,12 +28,12 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import vesper_sdk as vs
 from vesper_sdk.benchmarks import decode_peers  # the same models, the peer's own converter
+from vesper_sdk.benchmarks.decode_peers_worker import decoder  # each path's own loop
 from vesper_sdk.benchmarks.suite import cpu_model, git_info, now_iso
 from vesper_sdk.model.metahead import MetaHead
 from vesper_sdk.model.vesper import ERA
@@ -76,35 +75,6 @@ def export_variant(work: Path, name: str, precision: str, seed: int) -> Path:
     return out
 
 
-def _decode_vesper(lm: Any, prompts: list[list[int]], n: int) -> None:
-    lm.generate_tokens(prompts, max_new_tokens=n, temperature=0.0, ignore_eos=True)
-
-
-def decoders(paths: dict[str, Path], threads: int) -> dict[str, Any]:
-    import onnxruntime_genai as og
-
-    from vesper_sdk.inference.llm import load_onnx
-
-    out: dict[str, Any] = {}
-    for name, path in paths.items():
-        if name == "peer":
-            model = og.Model(str(path))
-
-            def decode_og(prompts: list[list[int]], n: int, model: Any = model) -> None:
-                params = og.GeneratorParams(model)
-                total = len(prompts[0]) + n
-                params.set_search_options(max_length=total, min_length=total,
-                                          do_sample=False, batch_size=len(prompts))
-                gen = og.Generator(model, params)
-                gen.append_tokens(np.array(prompts, dtype=np.int32))
-                while not gen.is_done():
-                    gen.generate_next_token()
-            out[name] = decode_og
-        else:
-            out[name] = functools.partial(_decode_vesper, load_onnx(path, threads=threads))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", default="int4", choices=("fp32", "int8", "int4"))
@@ -126,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in VARIANTS:
             print(f"exporting '{name}' ({args.precision})", flush=True)
             paths[name] = export_variant(work, name, args.precision, args.seed)
-        run = decoders(paths, args.threads)
+        run = {name: decoder("onnxruntime-genai", args.precision, path, args.threads, False)
+               if name == "peer" else
+               decoder("vesper", f"onnx-{args.precision}-inplace", path, args.threads, False)
+               for name, path in paths.items()}
         results: dict[int, dict[str, list[float]]] = {}
         for batch in [int(b) for b in args.batches.split(",")]:
             prompts = [[5 + (i * 7 + j) % 250 for j in range(args.prompt_len)]

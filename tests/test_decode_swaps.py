@@ -93,6 +93,21 @@ def _as_if_trained(model: vs.VesperLM) -> vs.VesperLM:
     return model
 
 
+def _assert_same_decode(model, ref) -> None:
+    """A prefill and one cached step of ``model`` give ``ref``'s outputs."""
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        prefill = model(ids, use_cache=True)
+        step = model(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True)
+        ref_prefill = ref(ids, use_cache=True)
+        ref_step = ref(ids[:, :1], past_key_values=ref_prefill.past_key_values,
+                       use_cache=True)
+    for got, want in ((prefill, ref_prefill), (step, ref_step)):
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.answer, want.answer, rtol=1e-4, atol=1e-5)
+
+
 def test_cpu_decode_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_model):
     _as_if_trained(tiny_model)
     ref = copy.deepcopy(tiny_model)
@@ -105,17 +120,7 @@ def test_cpu_decode_covers_every_dense_weight_and_keeps_the_decode_outputs(tiny_
     assert all(isinstance(b.ffn, PairedFeedForward) for b in tiny_model.blocks)
     # The swapped modules hold the very same tensors under the same names.
     assert {k: v.data_ptr() for k, v in tiny_model.state_dict().items()} == keys
-    ids = torch.randint(0, 96, (2, 9))
-    with torch.no_grad():
-        prefill = tiny_model(ids, use_cache=True)
-        step = tiny_model(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True)
-        ref_prefill = ref(ids, use_cache=True)
-        ref_step = ref(ids[:, :1], past_key_values=ref_prefill.past_key_values,
-                       use_cache=True)
-    for got, want in ((prefill, ref_prefill), (step, ref_step)):
-        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got.answer, want.answer, rtol=1e-4, atol=1e-5)
+    _assert_same_decode(tiny_model, ref)
     assert tiny_model.blocks[0].attn.qkv.product.parts == 4
     assert tiny_model.metahead.out.product.parts == 1  # no divisor of 5 in 2..4
 
@@ -210,13 +215,4 @@ def test_auto_parts_apply_each_shapes_measured_choice_and_keep_the_outputs(tiny_
     assert all(type(b.attn.qkv) is torch.nn.Linear for b in tiny_model.blocks)
     assert all(b.attn.o_proj.product.parts == 2 for b in tiny_model.blocks)
     assert all(isinstance(b.ffn, PairedFeedForward) for b in tiny_model.blocks)
-    ids = torch.randint(0, 96, (2, 9))
-    with torch.no_grad():
-        prefill = tiny_model(ids, use_cache=True)
-        step = tiny_model(ids[:, :1], past_key_values=prefill.past_key_values, use_cache=True)
-        ref_prefill = ref(ids, use_cache=True)
-        ref_step = ref(ids[:, :1], past_key_values=ref_prefill.past_key_values,
-                       use_cache=True)
-    for got, want in ((prefill, ref_prefill), (step, ref_step)):
-        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-4, atol=1e-5)
+    _assert_same_decode(tiny_model, ref)

@@ -323,11 +323,12 @@ class VesperLM(nn.Module):
         x = self.embed(input_ids)
         rope = RopeTable(self.rope, position_ids, x.dtype)
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        # What the MetaHead's answer row reads. A training step (train mode, grad on) skips
-        # the row: no loss reads it, and it would concatenate every block's output.
-        block_outputs = None if self.training and torch.is_grad_enabled() else []
+        training_step = self.training and torch.is_grad_enabled()
+        # What the MetaHead's answer row reads. A training step skips the row: no loss
+        # reads it, and it would concatenate every block's output.
+        block_outputs = None if training_step else []
         for i, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and training_step:
                 x, aux = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
             else:
                 x, aux = block(x, rope, mask, cache, i)
