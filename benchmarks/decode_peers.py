@@ -54,12 +54,17 @@ PATHS: dict[str, tuple[str, str]] = {
     # The in-place KV export (GroupQueryAttention writing the cache buffers in place).
     **{f"vesper-onnx-{q}-inplace": ("vesper", f"onnx-{q}-inplace")
        for q in ("fp32", "int8", "int4")},
+    # The same in-place exports run by onnxruntime-genai's C++ loop (export.genai): the
+    # runtime's share of the gap, apart from the graph's.
+    **{f"vesper-onnx-{q}-inplace-genai": ("vesper-in-genai", f"onnx-{q}-inplace")
+       for q in ("fp32", "int8", "int4")},
     **{f"ort-genai-{q}": ("onnxruntime-genai", q) for q in ("fp32", "int8", "int4")},
     **{f"llama.cpp-{q}": ("llama.cpp", q) for q in ("f32", "q8_0", "q4_0")},
     "ct2-fp32": ("ctranslate2", "float32"), "ct2-int8": ("ctranslate2", "int8"),
 }
 # family -> (import name, pip name: its install log is .venv-peers/install-<pip name>.log)
 PACKAGES = {"onnxruntime-genai": ("onnxruntime_genai", "onnxruntime-genai"),
+            "vesper-in-genai": ("onnxruntime_genai", "onnxruntime-genai"),
             "llama.cpp": ("llama_cpp", "llama-cpp-python"),
             "ctranslate2": ("ctranslate2", "ctranslate2")}
 
@@ -162,8 +167,8 @@ def against_peers(runs: dict[str, dict[int, list[float]]], batch_sizes: list[int
         for prec in ("fp32", "int8", "int4"):
             med = {n: statistics.median(v[b]) for n, v in runs.items()
                    if v.get(b) and precision(n) == prec}
-            ours = [n for n in med if PATHS[n][0] == "vesper"]
-            peers = [n for n in med if PATHS[n][0] != "vesper"]
+            ours = [n for n in med if PATHS[n][0].startswith("vesper")]
+            peers = [n for n in med if not PATHS[n][0].startswith("vesper")]
             if not ours or not peers:
                 continue
             v, p = max(ours, key=med.__getitem__), max(peers, key=med.__getitem__)
@@ -297,12 +302,20 @@ def _run(cmd: list[str], what: str, timeout: float = 600) -> None:
                            + "\n".join((p.stderr or p.stdout).strip().splitlines()[-12:]))
 
 
+def _genai_threads(folder: Path, threads: int) -> None:
+    """Pin onnxruntime-genai's intra-op threads in ``folder``'s genai_config.json."""
+    cfg_path = folder / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def convert(name: str, work: Path, vdir: Path, hdir: Path, args: argparse.Namespace) -> Path:
     """The model a path runs, made by that path's own tool."""
     family, variant = PATHS[name]
     out = work / name
     py = sys.executable
-    if family == "vesper":
+    if family.startswith("vesper"):
         if variant in ("eager", "compiled"):
             return vdir
         import vesper_sdk as vs
@@ -310,15 +323,14 @@ def convert(name: str, work: Path, vdir: Path, hdir: Path, args: argparse.Namesp
         q = variant.removeprefix("onnx-").removesuffix("-inplace")
         vs.export_onnx(vdir, out, quantize=None if q == "fp32" else q, verbose=False,
                        in_place_kv=variant.endswith("-inplace"))
+        if family == "vesper-in-genai":  # the export's own genai_config.json, threads set
+            _genai_threads(out, args.threads)
     elif family == "onnxruntime-genai":
         cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", str(hdir), "-o", str(out),
                "-p", variant, "-e", "cpu", "-c", str(work / "ort-genai-cache")]
         _run(cmd + ([] if variant == "fp32" else ["--extra_options", "accuracy_level=4"]),
              "onnxruntime-genai's model builder")
-        cfg_path = out / "genai_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = args.threads
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+        _genai_threads(out, args.threads)
     elif family == "llama.cpp":
         f32 = work / "llama-f32.gguf"
         if not f32.is_file():
@@ -349,7 +361,7 @@ def weight_bytes(name: str, model: Path) -> int:
         header = _safetensors_header(model / "model.safetensors")
         return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
                    if k != "__metadata__")  # tied embeddings: the table is the LM head
-    if family in ("vesper", "onnxruntime-genai"):
+    if family in ("vesper", "vesper-in-genai", "onnxruntime-genai"):
         import onnx
 
         proto = onnx.load(str(model / "model.onnx"), load_external_data=False)
@@ -555,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize({n: v for n, v in runs.items() if any(v.values())}, args.reference,
                      args.batch_sizes, weights, bandwidth["read_gbs"])
     for name, first in ids.items():  # same greedy tokens as the family's fp32 path?
-        ref = ids.get({"vesper": "vesper-eager", "onnxruntime-genai": "ort-genai-fp32",
+        ref = ids.get({"vesper": "vesper-eager", "vesper-in-genai": "vesper-eager",
+                       "onnxruntime-genai": "ort-genai-fp32",
                        "llama.cpp": "llama.cpp-f32", "ctranslate2": "ct2-fp32"}[
                            PATHS[name][0]])
         if ref is not None:

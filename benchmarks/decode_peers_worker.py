@@ -30,7 +30,7 @@ def decoder(family: str, variant: str, model: Path, threads: int, extra_bufts: b
               else vs.load(model, device="cpu", compile=variant == "compiled"))
         return lambda prompts, n: [[t.id for t in row] for row in lm.generate_tokens(
             prompts, max_new_tokens=n, temperature=0.0, ignore_eos=True)]
-    if family == "onnxruntime-genai":
+    if family in ("onnxruntime-genai", "vesper-in-genai"):  # a builder model or our export
         import numpy as np
         import onnxruntime_genai as og
 

@@ -40,7 +40,8 @@ class ExportOptions:
         "help": "export the KV cache inputs/outputs (--no-cache: re-read the sequence)"})
     in_place_kv: bool = field(default=False, metadata={
         "help": "attention as ONNX Runtime's GroupQueryAttention, which writes the KV cache "
-                "in place (no copy per token; head_dim a multiple of 16; not for Optimum)"})
+                "in place (no copy per token; head_dim a multiple of 16; not for Optimum); "
+                "also writes genai_config.json, so onnxruntime-genai can run the folder"})
 
 
 def cli(opts: ExportOptions) -> int:

@@ -60,13 +60,15 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_folder
+from ..config import VesperConfig
 from ..folder import ModelFolder
 from ..hf.card import onnx_section, update_model_card
 from ..hf.files import write_folder_files
 from ..inference.types import HEAD_OUTPUTS
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
-from ..tokenizer import TOKENIZER_NAME
+from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
 from .fusions import fuse_residual_norms, share_tied_int4_table
+from .genai import write_genai_config
 from .lowering import (
     KeyMaskCache,
     fused_attention,
@@ -390,6 +392,14 @@ def default_opset(quantize: str | None, runtime_version: str) -> int:
     return INT4_MIN_OPSET if quantize == "int4" else 18
 
 
+def _special_ids(model_dir: Path, config: VesperConfig) -> tuple[int, int, int]:
+    """(bos, eos, pad) ids: the folder's tokenizer's, else the config's."""
+    if (model_dir / TOKENIZER_NAME).is_file():
+        tok = VesperTokenizer.from_file(model_dir)
+        return tok.bos_id, tok.eos_id, tok.pad_id
+    return config.bos_token_id, config.eos_token_id, config.pad_token_id
+
+
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = None,
                 quantize: str | None = None, block_size: int = 32, use_cache: bool = True,
                 verbose: bool = True, in_place_kv: bool = False) -> Path:
@@ -472,6 +482,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         write_folder_files(tmp, model.config, "onnx", {"ONNX opset": opset,
                                                        "Weights": quantize or "fp32"})
+        if in_place_kv:  # onnxruntime-genai can run this layout's loop (export.genai)
+            write_genai_config(tmp, model.config, *_special_ids(model_dir, model.config))
         result.update(stats)
 
     atomic_write_folder(out_dir, files, writer=write, keep_existing=False)

@@ -168,3 +168,38 @@ def test_shift_moves_rows_and_back():
     assert _shift(right, shift)[0, 2:].tolist() == [1, 2]
 
 
+
+
+def test_onnxruntime_genai_runs_the_export_with_our_tokens_and_confidence(exports):
+    """genai_config.json describes the export to onnxruntime-genai: its C++ loop gives the
+    greedy tokens of our runner, and the MetaHead's confidence is read by output name."""
+    import onnxruntime_genai as og
+
+    from vesper_sdk.export.genai import GENAI_CONFIG_NAME
+    from vesper_sdk.tokenizer import VesperTokenizer
+
+    folder = exports["in_place"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert GENAI_CONFIG_NAME in manifest["files"]  # checked with the rest of the folder
+    assert not (exports["plain"] / GENAI_CONFIG_NAME).exists()  # the concat layout: no
+    model = og.Model(str(folder))
+    prompt = "the cat sat on a mat while seven"
+    tok = VesperTokenizer.from_file(folder)
+    # onnxruntime-genai's tokenizer reads tokenizer.json but adds no BOS: vesper prompts
+    # start with one.
+    assert list(og.Tokenizer(model).encode(prompt)) == tok.encode(prompt)
+    ids = tok.encode(prompt, add_bos=True)
+    n = 12
+    ours = load_onnx(folder).generate_tokens([prompt], max_new_tokens=n, temperature=0.0,
+                                             ignore_eos=True)[0]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n)  # greedy: the config's default
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([ids], dtype=np.int32))
+    theirs, confidence = [], []
+    while not gen.is_done():  # until EOS or max_length
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+        confidence.append(float(gen.get_output("confidence")[0, -1]))
+    assert theirs and theirs == [t.id for t in ours[:len(theirs)]]
+    assert np.allclose(confidence, [t.confidence for t in ours[:len(theirs)]], atol=1e-4)
