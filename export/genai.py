@@ -38,7 +38,8 @@ def genai_config(config: VesperConfig, bos_id: int, eos_id: int, pad_id: int,
                  filename: str = "model.onnx") -> dict[str, Any]:
     """The ``genai_config.json`` of an in-place export of a model with ``config`` (token
     ids from its tokenizer). Greedy by default; threads are ONNX Runtime's default (one
-    per core) unless the caller adds ``session_options.intra_op_num_threads``."""
+    per core): ``og.Config(folder).overlay(...)`` sets them without editing the file,
+    which the folder's manifest covers."""
     return {
         "model": {
             # onnxruntime-genai's generic decoder-only model: its state machinery reads the
