@@ -17,7 +17,9 @@ import torch
 
 from ..inference.types import StepOutput
 
-MIN_CAPACITY = 64  # positions per row allocated at first; doubled when a step needs more
+# Positions per row past the prompt allocated at a prefill the caller did not size
+# (OnnxBackend.reserve); doubled when a step needs more.
+MIN_CAPACITY = 64
 
 
 class InPlaceCache:
@@ -130,9 +132,10 @@ def in_place_step(backend: Any, input_ids: torch.Tensor, attention_mask: torch.T
             input_ids = _shift(input_ids.cpu(), -shift)
         else:
             shift = None
-        need = s + MIN_CAPACITY
+        # What the caller said the rows will reach (OnnxBackend.reserve), else room to grow.
+        need, backend.reserved = max(s + MIN_CAPACITY, getattr(backend, "reserved", 0)), 0
         past = InPlaceCache.empty(len(backend._past_names), b, cfg.num_heads, cfg.head_dim,
-                                  min(max(MIN_CAPACITY, need), max(cfg.max_seq_len, s)))
+                                  min(need, max(cfg.max_seq_len, s)))
         new_lens = lens.numpy().astype(np.int64)
     elif b > 1:
         raise ValueError(

@@ -175,6 +175,7 @@ class OnnxBackend:
         self._cache_device = ("cuda" if self.providers[0] in (
             "CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu")
         self._empty: dict[int, list[Any]] = {}
+        self.reserved = 0  # see reserve(); read (and reset) by an in-place prefill
         # The sampler's torch work between steps runs on one thread on the CPU: it is small
         # next to a step, and torch's own worker threads would contend with ONNX Runtime's
         # for the same cores (see DecodeBackend).
@@ -197,6 +198,12 @@ class OnnxBackend:
     def device(self) -> torch.device:
         # Inputs and outputs of forward() are host tensors whatever ONNX Runtime runs on.
         return torch.device("cpu")
+
+    def reserve(self, positions: int) -> None:
+        """Positions per row the next prefill's rows will reach (prompt + new tokens): an
+        in-place export sizes its cache buffers for them at that prefill, so decoding never
+        grows (copies) them. Other layouts ignore it."""
+        self.reserved = max(0, int(positions))
 
     def _empty_past(self, batch: int) -> list[Any]:
         """Zero-length past (prefill): the one graph serves prefill and decode."""

@@ -203,3 +203,22 @@ def test_onnxruntime_genai_runs_the_export_with_our_tokens_and_confidence(export
         confidence.append(float(gen.get_output("confidence")[0, -1]))
     assert theirs and theirs == [t.id for t in ours[:len(theirs)]]
     assert np.allclose(confidence, [t.confidence for t in ours[:len(theirs)]], atol=1e-4)
+
+
+def test_the_decoding_loop_sizes_the_cache_once_so_it_never_grows(exports, monkeypatch):
+    made = []
+    original = InPlaceCache.__init__
+
+    def spy(self, arrays, lengths):
+        made.append(arrays[0].shape[2])
+        original(self, arrays, lengths)
+
+    monkeypatch.setattr(InPlaceCache, "__init__", spy)
+    lm = load_onnx(exports["in_place"])
+    n = MIN_CAPACITY + 40  # past the buffer a prefill makes without the loop's reserve()
+    rows = lm.generate_tokens(["red car and two blue"], max_new_tokens=n, temperature=0.0,
+                              ignore_eos=True)
+    assert len(rows[0]) == n
+    prompt = len(lm.tokenizer.encode("red car and two blue", add_bos=True))
+    assert made == [prompt + n]  # one cache, as long as the prompt and the tokens
+    assert lm.backend.reserved == 0  # used by that prefill only

@@ -239,6 +239,8 @@ class Engine:
                 mask[i, : p_len - n] = 0
             pos = (mask[:, :p_len].cumsum(-1) - 1).clamp(min=0)
             ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+            if hasattr(backend, "reserve"):  # a cache sized once, not grown while decoding
+                backend.reserve(p_len + steps)
             out = backend.forward(ids, mask[:, :p_len], pos, None)
             past = out.past_key_values
             pos = pos[:, -1:] + 1

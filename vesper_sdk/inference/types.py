@@ -147,6 +147,8 @@ class DecodeBackend(Protocol):
 
     Optional extras: ``reorder_cache(past, index) -> past | None`` keeping only the batch
     rows in ``index`` (a LongTensor); with it, rows that finish early stop costing compute.
+    ``reserve(positions)``: the positions per row the next prefill's rows will reach, for
+    a backend that sizes its cache once.
     ``host_threads``: how many threads torch may use for the host-side work between steps
     (sampling), for a backend whose own threads need the cores (None: torch's setting).
     """
