@@ -68,7 +68,7 @@ from ..inference.types import HEAD_OUTPUTS
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
 from .fusions import fuse_residual_norms, share_tied_int4_table
-from .genai import write_genai_config
+from .genai import GENAI_CONFIG_NAME, write_genai_config
 from .lowering import (
     KeyMaskCache,
     fused_attention,
@@ -504,6 +504,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
               f"{size:.2f} MB = {size / fp:.2f}x the safetensors) in "
               f"{time.perf_counter() - start:.1f}s; ONNX Runtime vs PyTorch over prefill + "
               f"6 decode steps, batch 2, {'right' if in_place_kv else 'left'} padding: {verdict}")
+        if in_place_kv:
+            print(f"onnxruntime-genai runs it too: og.Model({str(out_dir)!r}) reads its "
+                  f"{GENAI_CONFIG_NAME} (prompts start with BOS; docs/quantize-export.md)")
     return out_dir
 
 

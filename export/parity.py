@@ -31,7 +31,9 @@ FP32_TOLERANCE = 1e-4
 #             picked a near-tie. Robust on random-weight models whose logits are flat.
 # int4's rel_err: a random-weight 'small' model (decode_peers') measures 0.35 with block 32,
 # its activations rounded to int8 inside MatMulNBits; a broken graph measures 1 or more.
-QUANT_BOUNDS = {"int8": {"rel_err": 0.10, "top1_gap": 1.0},
+# int8's: the bundled model measures 0.05 to 0.15 over this check's seeds (activations
+# quantized per tensor at run time), so a bound of 0.10 passed or failed by the seed.
+QUANT_BOUNDS = {"int8": {"rel_err": 0.20, "top1_gap": 1.0},
                 "int4": {"rel_err": 0.40, "top1_gap": 2.0}}
 def _run(session: Any, names_in: list[str], ids: torch.Tensor, mask: torch.Tensor,
          pos: torch.Tensor, past: list[np.ndarray]) -> list[np.ndarray]:
