@@ -11,7 +11,8 @@ its generation loop in C++ over the folder as it is:
 >>> params = og.GeneratorParams(model)
 >>> params.set_search_options(max_length=64)
 >>> gen = og.Generator(model, params)
->>> gen.append_tokens(np.array([og.Tokenizer(model).encode("Hello")]))
+>>> bos = 1  # genai_config.json's bos_token_id: its tokenizer adds none, vesper's prompts have one
+>>> gen.append_tokens(np.array([[bos, *og.Tokenizer(model).encode("Hello")]], dtype=np.int32))
 >>> while not gen.is_done():
 ...     gen.generate_next_token()
 ...     confidence = gen.get_output("confidence")  # the MetaHead, by output name
