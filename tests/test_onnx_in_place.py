@@ -168,8 +168,6 @@ def test_shift_moves_rows_and_back():
     assert _shift(right, shift)[0, 2:].tolist() == [1, 2]
 
 
-
-
 def test_onnxruntime_genai_runs_the_export_with_our_tokens_and_confidence(exports):
     """genai_config.json describes the export to onnxruntime-genai: its C++ loop gives the
     greedy tokens of our runner, and the MetaHead's confidence is read by output name."""
@@ -181,7 +179,7 @@ def test_onnxruntime_genai_runs_the_export_with_our_tokens_and_confidence(export
     folder = exports["in_place"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert GENAI_CONFIG_NAME in manifest["files"]  # checked with the rest of the folder
-    assert not (exports["plain"] / GENAI_CONFIG_NAME).exists()  # the concat layout: no
+    assert not (exports["plain"] / GENAI_CONFIG_NAME).exists()  # a plain export has none
     model = og.Model(str(folder))
     prompt = "the cat sat on a mat while seven"
     tok = VesperTokenizer.from_file(folder)
