@@ -302,14 +302,6 @@ def _run(cmd: list[str], what: str, timeout: float = 600) -> None:
                            + "\n".join((p.stderr or p.stdout).strip().splitlines()[-12:]))
 
 
-def _genai_threads(folder: Path, threads: int) -> None:
-    """Pin onnxruntime-genai's intra-op threads in ``folder``'s genai_config.json."""
-    cfg_path = folder / "genai_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-
-
 def convert(name: str, work: Path, vdir: Path, hdir: Path, args: argparse.Namespace) -> Path:
     """The model a path runs, made by that path's own tool."""
     family, variant = PATHS[name]
@@ -323,14 +315,11 @@ def convert(name: str, work: Path, vdir: Path, hdir: Path, args: argparse.Namesp
         q = variant.removeprefix("onnx-").removesuffix("-inplace")
         vs.export_onnx(vdir, out, quantize=None if q == "fp32" else q, verbose=False,
                        in_place_kv=variant.endswith("-inplace"))
-        if family == "vesper-in-genai":  # the export's own genai_config.json, threads set
-            _genai_threads(out, args.threads)
     elif family == "onnxruntime-genai":
         cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", str(hdir), "-o", str(out),
                "-p", variant, "-e", "cpu", "-c", str(work / "ort-genai-cache")]
         _run(cmd + ([] if variant == "fp32" else ["--extra_options", "accuracy_level=4"]),
              "onnxruntime-genai's model builder")
-        _genai_threads(out, args.threads)
     elif family == "llama.cpp":
         f32 = work / "llama-f32.gguf"
         if not f32.is_file():

@@ -34,7 +34,12 @@ def decoder(family: str, variant: str, model: Path, threads: int, extra_bufts: b
         import numpy as np
         import onnxruntime_genai as og
 
-        og_model = og.Model(str(model))
+        # Threads set over the folder's genai_config.json, not in it (an edited file
+        # would fail the manifest of a vesper export).
+        config = og.Config(str(model))
+        config.overlay(json.dumps(
+            {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        og_model = og.Model(config)
 
         def decode_og(prompts, n):
             params = og.GeneratorParams(og_model)

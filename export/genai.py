@@ -26,6 +26,7 @@ models), so feed one prompt per generator, or prompts of one length.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,6 @@ def genai_config(config: VesperConfig, bos_id: int, eos_id: int, pad_id: int,
 def write_genai_config(folder: Path, config: VesperConfig, bos_id: int, eos_id: int,
                        pad_id: int) -> Path:
     """Write :func:`genai_config` into ``folder`` (a folder being assembled aside)."""
-    import json
-
     path = Path(folder) / GENAI_CONFIG_NAME
     path.write_text(json.dumps(genai_config(config, bos_id, eos_id, pad_id), indent=2) + "\n")
     return path

@@ -133,7 +133,8 @@ def in_place_step(backend: Any, input_ids: torch.Tensor, attention_mask: torch.T
         else:
             shift = None
         # What the caller said the rows will reach (OnnxBackend.reserve), else room to grow.
-        need, backend.reserved = max(s + MIN_CAPACITY, getattr(backend, "reserved", 0)), 0
+        need = max(s + MIN_CAPACITY, backend.reserved)
+        backend.reserved = 0  # for this prefill only
         past = InPlaceCache.empty(len(backend._past_names), b, cfg.num_heads, cfg.head_dim,
                                   min(need, max(cfg.max_seq_len, s)))
         new_lens = lens.numpy().astype(np.int64)

@@ -66,7 +66,7 @@ from ..hf.card import onnx_section, update_model_card
 from ..hf.files import write_folder_files
 from ..inference.types import HEAD_OUTPUTS
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
-from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
+from ..tokenizer import TOKENIZER_NAME
 from .fusions import fuse_residual_norms, share_tied_int4_table
 from .genai import GENAI_CONFIG_NAME, write_genai_config
 from .lowering import (
@@ -395,7 +395,7 @@ def default_opset(quantize: str | None, runtime_version: str) -> int:
 def _special_ids(model_dir: Path, config: VesperConfig) -> tuple[int, int, int]:
     """(bos, eos, pad) ids: the folder's tokenizer's, else the config's."""
     if (model_dir / TOKENIZER_NAME).is_file():
-        tok = VesperTokenizer.from_file(model_dir)
+        tok = ModelFolder(model_dir).tokenizer()
         return tok.bos_id, tok.eos_id, tok.pad_id
     return config.bos_token_id, config.eos_token_id, config.pad_token_id
 
