@@ -405,6 +405,26 @@ def test_gpu_checks_script_runs_its_checks_on_cpu(tmp_path):
     assert gpu_checks.main(["--device", "cpu", "--checks", "nope"]) == 2
 
 
+def test_decode_profile_splits_an_onnx_step_into_the_runtimes_run_and_host_work(capsys):
+    from vesper_sdk.benchmarks import decode_profile
+
+    assert decode_profile.main(["--onnx", "int4", "--preset", "tiny", "--vocab-size", "512",
+                                "--new-tokens", "4", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ONNX Runtime, int4 in-place export, 1 threads" in out
+    # The step inside the loop (what the host work is measured against) and run alone.
+    assert re.search(r"ORT run: +[0-9.]+ ms/step inside the loop \(host work around it "
+                     r"-?[0-9.]+ ms/step, -?[0-9]+% of the loop\); [0-9.]+ ms run back to back",
+                     out)
+    summary = out.strip().splitlines()[-1]  # last: what the GPU suite's table reads
+    assert re.search(r"^summary: loop .* ONNX Runtime's run [0-9.]+ ms: host -?[0-9.]+ "
+                     r"ms/token", summary)
+    for bad in (["--onnx", "int4", "--device", "cuda"], ["--new-tokens", "1"]):
+        with pytest.raises(SystemExit) as err:
+            decode_profile.main(bad)
+        assert err.value.code == 2
+
+
 def test_generate_headline_names_every_path_and_its_ratio_to_hf():
     from vesper_sdk.benchmarks.suite import generate_headline
 
