@@ -8,8 +8,8 @@ CUDA graph, compiled), or with ``--onnx`` over an ``OnnxBackend`` on an in-place
 the same model at that precision: tokens/s of the whole loop; the time of the backend's
 step alone (its ``forward`` on the cache a real prefill made, synchronised); on CUDA the
 graph replay alone (pure GPU time of the step) and the kernels the step launches; with
-``--onnx`` ONNX Runtime's run alone (the step's bound inputs and outputs, run again), so
-the loop's own share (choosing, Tokens) and the backend's (binding, copies) are apart;
+``--onnx`` ONNX Runtime's runs timed inside the loop (the rest of a step is the host's
+work: choosing, the Tokens, bindings and copies) and the bound step run back to back;
 then the Python functions that cost the loop most (cProfile) and, with
 ``--torch-profile``, the top operators by device time (torch.profiler).
 """
