@@ -108,13 +108,18 @@ class _ExportWrapper(nn.Module):
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=pkv, use_cache=self.use_cache)
         flat = [t for kv in out.past_key_values for t in kv] if self.use_cache else []
-        return (out.logits, out.confidence, out.stop, out.answer, *flat)
+        heads = [out.logits, out.confidence, out.stop, out.answer]
+        if out.logsumexp is not None:  # a model with logit features has it for free
+            heads.append(out.logsumexp)
+        return (*heads, *flat)
 
 
-def io_names(num_layers: int, use_cache: bool) -> tuple[list[str], list[str]]:
-    """(input names, output names) of the exported graph."""
+def io_names(num_layers: int, use_cache: bool, logsumexp: bool = True,
+             ) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the exported graph; ``logsumexp``: whether the model
+    has that output (a model with logit features)."""
     inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = list(HEAD_OUTPUTS)
+    outputs = [n for n in HEAD_OUTPUTS if logsumexp or n != "logsumexp"]
     if use_cache:
         for i in range(num_layers):
             inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
@@ -161,7 +166,7 @@ def _torch_to_onnx(model: VesperLM, opset: int, use_cache: bool, in_place: bool 
                               "position_ids": {0: dyn, 1: dyn}}
     if use_cache:
         shapes["past"] = tuple({0: dyn, 2: dyn} for _ in past)
-    in_names, out_names = io_names(cfg.num_layers, use_cache)
+    in_names, out_names = io_names(cfg.num_layers, use_cache, cfg.metahead_logit_features)
     with _quiet_exporter(), torch.no_grad(), lowered(model, opset):
         try:
             program = torch.onnx.export(
@@ -439,7 +444,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int | None = 
         "kv_layout": "in_place" if in_place_kv else "concat",
         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
     }
-    in_names, out_names = io_names(model.config.num_layers, use_cache)
+    in_names, out_names = io_names(model.config.num_layers, use_cache,
+                                   model.config.metahead_logit_features)
     info.update(inputs=in_names, outputs=out_names)
     start = time.perf_counter()
     proto = _torch_to_onnx(model, opset, use_cache, in_place_kv)

@@ -13,10 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..inference.types import HEAD_OUTPUTS
 from ..model import VesperLM
-
-N_HEADS = len(HEAD_OUTPUTS)  # the graph's outputs before the cache's
 
 
 class ExportError(ValueError):
@@ -53,9 +50,13 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
     PyTorch's greedy choices, fed to both, so errors do not compound. Returns
     ``max_abs`` (logits, every position), ``max_abs_meta`` (confidence, stop and the
     answer logit), ``rel_err``
-    and ``top1_gap`` (see QUANT_BOUNDS) and ``top1_agree`` over real positions.
+    and ``top1_gap`` (see QUANT_BOUNDS) and ``top1_agree`` over real positions. A graph's
+    ``logsumexp`` output must be that of its own logits (the decoding loop takes a token's
+    log-probability from it).
     """
     cfg = model.config
+    # The graph's outputs before the cache's: logits, confidence, stop, answer[, logsumexp].
+    n_heads = sum(not o.name.startswith("present.") for o in session.get_outputs())
     gen = torch.Generator().manual_seed(seed)
     lens = [min(9, cfg.max_seq_len - steps), min(5, cfg.max_seq_len - steps)]
     s = max(lens)
@@ -80,7 +81,13 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
         g_logits = torch.from_numpy(got[0])
         new = r_logits.shape[1]  # a --no-cache graph returns the whole sequence
         g_logits = g_logits[:, -new:]
-        got_conf = [torch.from_numpy(g)[:, -new:] for g in got[1:N_HEADS]]
+        got_conf = [torch.from_numpy(g)[:, -new:] for g in got[1:4]]
+        if n_heads > 4:
+            lse = torch.from_numpy(got[4])[:, -new:]
+            own = torch.logsumexp(g_logits.double(), -1).float()
+            if not (lse - own).abs().max() <= 1e-3 * max(1.0, own.abs().max().item()):
+                raise ExportError("the ONNX graph's logsumexp output is not its logits' "
+                                  f"(off by {(lse - own).abs().max().item():.3g})")
         if not torch.isfinite(g_logits).all() or not all(torch.isfinite(c).all()
                                                           for c in got_conf):
             raise ExportError("the ONNX graph produced NaN/inf outputs")
@@ -111,7 +118,7 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
         if use_cache:
             ragged = (torch.arange(mask.shape[1]) < n_real[:, None]).long()
             got = _run(session, names_in, nxt, ragged if in_place else mask, pos,
-                       got[N_HEADS:])
+                       got[n_heads:])
         else:
             all_ids = torch.cat([all_ids, nxt], 1)
             all_pos = torch.cat([all_pos, pos], 1)

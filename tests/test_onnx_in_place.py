@@ -220,3 +220,36 @@ def test_the_decoding_loop_sizes_the_cache_once_so_it_never_grows(exports, monke
     prompt = len(lm.tokenizer.encode("red car and two blue", add_bos=True))
     assert made == [prompt + n]  # one cache, as long as the prompt and the tokens
     assert lm.backend.reserved == 0  # used by that prefill only
+
+
+@pytest.mark.parametrize("path", ["plain", "in_place", "torch"])
+def test_token_logprobs_from_the_models_logsumexp_equal_those_of_a_log_softmax(exports, path):
+    # The model computes the logits' log-sum-exp for its features; the decoding loop takes
+    # each token's log-probability from it instead of a log-softmax over the vocabulary.
+    # The same tokens and log-probabilities either way: greedy, sampled, with a logit bias
+    # (the log-probability stays the model's, not the biased one).
+    import dataclasses
+
+    lm = (vs.load(exports["model"], device="cpu") if path == "torch"
+          else load_onnx(exports[path]))
+    forward, had = lm.backend.forward, []
+
+    def without_logsumexp(*args):
+        out = forward(*args)
+        had.append(out.logsumexp is not None)
+        return dataclasses.replace(out, logsumexp=None)
+
+    prompts = ["the cat sat on a mat while seven", "two", "red car and two blue"]
+    for fields in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 3},
+                   {"temperature": 0.0, "logit_bias": {7: 3.0, 11: -2.0}}):
+        with_lse = lm.generate_tokens(prompts, max_new_tokens=10, ignore_eos=True, **fields)
+        lm.backend.forward = without_logsumexp
+        try:
+            plain = lm.generate_tokens(prompts, max_new_tokens=10, ignore_eos=True, **fields)
+        finally:
+            lm.backend.forward = forward
+        for a, b in zip(with_lse, plain, strict=True):
+            assert [t.id for t in a] == [t.id for t in b]
+            np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b],
+                                       rtol=0, atol=2e-5)
+    assert had and all(had)  # every step had it: the fast path is what ran above

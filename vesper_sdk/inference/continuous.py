@@ -212,7 +212,8 @@ class SlotEngine:
                 continue
             first = _BatchState(self.engine, [row], self.device)
             last = StepOutput(out.logits[:, -1:], out.confidence[:, -1:], out.stop[:, -1:],
-                              None, out.answer[:, -1:])
+                              None, out.answer[:, -1:],
+                              None if out.logsumexp is None else out.logsumexp[:, -1:])
             for r, tok in first.emit(first.choose(last)):
                 self._emit(r, tok, events)
             if row.finished:

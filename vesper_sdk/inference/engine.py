@@ -470,9 +470,12 @@ class _BatchState:
                 else:
                     decisions[i] = None  # the model ended (or must not end) on its own
             chosen = torch.tensor(chosen_l, device=logits.device)
-        # One log_softmax, not logsumexp and a subtraction: one pass over the vocabulary less.
-        logprobs = logits.log_softmax(-1)
-        lp = logprobs.gather(1, chosen[:, None])[:, 0]
+        logprobs = None
+        if out.logsumexp is not None:  # the model's, computed on the way to its features
+            lp = logits.gather(1, chosen[:, None])[:, 0] - out.logsumexp[:, -1].float()
+        else:  # one log_softmax, not logsumexp and a subtraction: one pass less
+            logprobs = logits.log_softmax(-1)
+            lp = logprobs.gather(1, chosen[:, None])[:, 0]
         ready: torch.cuda.Event | None = None
         host: list[list[Any]] | torch.Tensor
         if logits.device.type == "cpu":  # already on the host: no stack to build
@@ -487,6 +490,8 @@ class _BatchState:
                 ready.record()
         top: list[Any] | None = None
         if self.any_top:
+            if logprobs is None:
+                logprobs = logits.log_softmax(-1)
             vals, idx = torch.topk(logprobs, self.any_top, dim=-1)
             top = list(zip(idx.tolist(), vals.tolist(), strict=True))
         if self.seen is not None or self.counts is not None:  # penalties in use

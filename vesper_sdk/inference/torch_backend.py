@@ -90,11 +90,13 @@ def _static_step(model: VesperLM, input_ids: torch.Tensor, position_ids: torch.T
     """One decode step of ``VesperLM.forward`` over a :class:`StaticCache` of these buffers.
 
     Tensors in, tensors out, so that ``torch.compile`` and CUDA graphs can take the step
-    whole; ``length`` and ``padded`` as in :class:`StaticCache`.
+    whole; ``length`` and ``padded`` as in :class:`StaticCache`. Out: logits, confidence,
+    stop, answer and, from a model with logit features, the logits' log-sum-exp.
     """
     cache = StaticCache(keys, values, key_mask, write_index, length, padded)
     out = model(input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
-    return out.logits.float(), out.confidence, out.stop, out.answer
+    heads = (out.logits.float(), out.confidence, out.stop, out.answer)
+    return heads if out.logsumexp is None else (*heads, out.logsumexp)
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
@@ -221,7 +223,7 @@ class TorchBackend:
         if self.static_cache and past_key_values is None:
             past = self._to_static(past, attention_mask)
         logits = out.logits if out.logits.dtype == torch.float32 else out.logits.float()
-        return StepOutput(logits, out.confidence, out.stop, past, out.answer)
+        return StepOutput(logits, out.confidence, out.stop, past, out.answer, out.logsumexp)
 
     def reorder_cache(self, past: Any, index: torch.Tensor) -> Any:
         """Keep only the batch rows in ``index`` (None under CUDA graphs: fixed shapes, so
@@ -275,10 +277,11 @@ class TorchBackend:
             fill = input_ids.new_zeros(bucket - b, 1)
             input_ids = torch.cat([input_ids, fill])
             position_ids = torch.cat([position_ids, fill])
-        logits, conf, stop, answer = self._run_static(bufs, input_ids, position_ids, t,
-                                                      cache.padded)
+        logits, conf, stop, answer, *lse = self._run_static(bufs, input_ids, position_ids, t,
+                                                            cache.padded)
         cache.length = t + 1
-        return StepOutput(logits[:b], conf[:b], stop[:b], cache, answer[:b])
+        return StepOutput(logits[:b], conf[:b], stop[:b], cache, answer[:b],
+                          lse[0][:b] if lse else None)
 
     def _run_static(self, bufs: _StaticBuffers, input_ids: torch.Tensor,
                     position_ids: torch.Tensor, t: int, padded: bool,

@@ -110,7 +110,7 @@ class GenerationRequest:
 
 # The model's per-position outputs a decoding step hands on, by name (an ONNX export's
 # output names).
-HEAD_OUTPUTS = ("logits", "confidence", "stop", "answer")
+HEAD_OUTPUTS = ("logits", "confidence", "stop", "answer", "logsumexp")
 
 
 @dataclass
@@ -122,24 +122,30 @@ class StepOutput:
     stop: torch.Tensor  # [B,S] probability that the response ends here
     past_key_values: Any  # the backend's own cache object, passed back unchanged
     answer: torch.Tensor  # [B,S] MetaHead answer logit (pooled by answer_confidence)
+    # [B,S] the logits' log-sum-exp (a token's log-probability is its logit minus it), when
+    # the model computed it; else the decoding loop takes the log-softmax itself.
+    logsumexp: torch.Tensor | None = None
 
     def select_rows(self, index: torch.Tensor, past: Any) -> StepOutput:
         """The rows in ``index`` of this step, with ``past`` (the cache kept to them)."""
         return StepOutput(self.logits.index_select(0, index),
                           self.confidence.index_select(0, index),
                           self.stop.index_select(0, index), past,
-                          self.answer.index_select(0, index))
+                          self.answer.index_select(0, index),
+                          None if self.logsumexp is None
+                          else self.logsumexp.index_select(0, index))
 
     @classmethod
     def from_heads(cls, heads: Sequence[Any], past: Any) -> StepOutput:
-        """A step from its :data:`HEAD_OUTPUTS` (arrays or tensors) in that order. Three
-        (an ONNX export made before the answer row): the answer logit is then the
-        confidence logit, what an unfitted answer row gives."""
+        """A step from its :data:`HEAD_OUTPUTS` (arrays or tensors) in that order, as
+        many as the graph has. Three (an ONNX export made before the answer row): the
+        answer logit is then the confidence logit, what an unfitted answer row gives; four:
+        no log-sum-exp (an export from before it, or a model without logit features)."""
         t = [h if isinstance(h, torch.Tensor) else torch.from_numpy(h) for h in heads]
         if len(t) == 3:
             t.append(torch.logit(t[1].double()).to(t[1].dtype))
-        logits, confidence, stop, answer = t
-        return cls(logits, confidence, stop, past, answer)
+        logits, confidence, stop, answer, *rest = t
+        return cls(logits, confidence, stop, past, answer, rest[0] if rest else None)
 
 
 class DecodeBackend(Protocol):

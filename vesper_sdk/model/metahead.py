@@ -14,6 +14,10 @@ from torch import nn
 from ..config import VesperConfig
 
 N_LOGIT_FEATURES = 3
+# :func:`logit_statistics` holds the features, then the log-sum-exp of the logits (what a
+# token's log-probability needs, computed on the way to the features).
+LOGSUMEXP = N_LOGIT_FEATURES
+N_LOGIT_STATISTICS = N_LOGIT_FEATURES + 1
 # The MetaHead's six raw outputs, named once: meta[..., CONFIDENCE] is the confidence logit
 # (is my top-1 right?), meta[..., STOP] the stop logit, meta[..., ERROR] the 3-way error
 # class logits (right / near miss: the label in my top 5 / miss), meta[..., ANSWER] the
@@ -31,6 +35,12 @@ def logit_features(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor
     what the hidden state adds. Eagerly, rows go ``chunk_rows`` at a time, so a training
     batch never holds more than that many fp32 rows of softmax temporaries.
     """
+    return logit_statistics(logits, chunk_rows)[..., :N_LOGIT_FEATURES]
+
+
+def logit_statistics(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """:func:`logit_features` and, at ``[..., LOGSUMEXP]``, the logits' log-sum-exp (fp32,
+    no grad): [..., V] -> [..., 4]."""
     if torch.onnx.is_in_onnx_export():
         # One operator the export translates (vesper_sdk.export.lowering), this function's
         # own math in PyTorch.
@@ -43,7 +53,8 @@ def logit_features(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor
         else:
             out = torch.cat([_logit_features(flat[i:i + chunk_rows])
                              for i in range(0, flat.shape[0], chunk_rows)])
-        return out.view(*logits.shape[:-1], 3)
+        return out.view(*logits.shape[:-1], N_LOGIT_STATISTICS)
+
 
 
 def _logit_features(logits: torch.Tensor) -> torch.Tensor:
@@ -61,19 +72,20 @@ def _logit_features(logits: torch.Tensor) -> torch.Tensor:
         top2 = z.topk(2, dim=-1).values
         first, second = top2[..., 0], top2[..., 1]
     entropy = lse - (z.softmax(-1) * z).sum(-1)
-    return torch.stack((first - lse, first - second, entropy), -1)
+    return torch.stack((first - lse, first - second, entropy, lse), -1)
 
 
 @torch.library.custom_op("vesper::logit_features", mutates_args=())
 def logit_features_op(logits: torch.Tensor) -> torch.Tensor:
-    """:func:`logit_features` as one operator [..., V] -> [..., 3] (what the export sees)."""
+    """:func:`logit_statistics` as one operator [..., V] -> [..., 4] (what the export
+    sees)."""
     flat = logits.reshape(-1, logits.shape[-1])
-    return _logit_features(flat).view(*logits.shape[:-1], N_LOGIT_FEATURES)
+    return _logit_features(flat).view(*logits.shape[:-1], N_LOGIT_STATISTICS)
 
 
 @logit_features_op.register_fake
 def _(logits: torch.Tensor) -> torch.Tensor:
-    return logits.new_empty((*logits.shape[:-1], N_LOGIT_FEATURES), dtype=torch.float32)
+    return logits.new_empty((*logits.shape[:-1], N_LOGIT_STATISTICS), dtype=torch.float32)
 
 
 class MetaHead(nn.Module):
@@ -119,11 +131,17 @@ class MetaHead(nn.Module):
         self.answer.bias.zero_()
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor,
-                block_outputs: list[torch.Tensor] | None) -> torch.Tensor:
+                block_outputs: list[torch.Tensor] | None,
+                statistics: torch.Tensor | None = None) -> torch.Tensor:
         """Raw meta logits [..., 6] from the final hidden state, the logits and the
         blocks' outputs (no gradient reaches the blocks through the answer row); [..., 5],
-        the token rows alone, when ``block_outputs`` is None."""
-        features = logit_features(logits).to(h.dtype) if self.use_logits else None
+        the token rows alone, when ``block_outputs`` is None. ``statistics``: the logits'
+        :func:`logit_statistics` when the caller has them already."""
+        features = None
+        if self.use_logits:
+            if statistics is None:
+                statistics = logit_statistics(logits)
+            features = statistics[..., :N_LOGIT_FEATURES].to(h.dtype)
         token = self.out(self._hidden(h, features))
         if block_outputs is None:
             return token

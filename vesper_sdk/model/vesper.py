@@ -32,7 +32,7 @@ from .files import (
     load_weights,
 )
 from .flylora import FlyLoRALinear, _balance_step, flylora_branch
-from .metahead import ANSWER, ERROR, STOP, MetaHead
+from .metahead import ANSWER, ERROR, LOGSUMEXP, STOP, MetaHead, logit_statistics
 
 
 @dataclass
@@ -47,7 +47,9 @@ class VesperOutput:
     [B,H,T,D]) when ``use_cache``; hidden_states [B,S,D] (final normed hidden state, what
     the LM head and MetaHead read); meta_logits [B,S,6] ([B,S,5] in a training step: the
     MetaHead's raw outputs, see
-    its ``CONFIDENCE``, ``STOP``, ``ERROR`` and ``ANSWER`` slices).
+    its ``CONFIDENCE``, ``STOP``, ``ERROR`` and ``ANSWER`` slices); logsumexp [B,S] fp32
+    (the logits' log-sum-exp, so a token's log-probability is its logit minus it; the
+    MetaHead computes it for its logit features, None in a model without them).
     """
 
     logits: torch.Tensor
@@ -59,6 +61,7 @@ class VesperOutput:
     past_key_values: Cache | None
     hidden_states: torch.Tensor
     meta_logits: torch.Tensor
+    logsumexp: torch.Tensor | None = None
 
 
 class ERA(nn.Module):
@@ -337,7 +340,7 @@ class VesperLM(nn.Module):
             if aux is not None:
                 aux_loss = aux_loss + aux
         h = self.norm(x)
-        logits, meta = self.heads(h, block_outputs)
+        logits, meta, lse = self.heads(h, block_outputs)
         if self.config.num_experts:
             aux_loss = aux_loss * self.config.moe_aux_loss_coef
         return VesperOutput(
@@ -350,6 +353,7 @@ class VesperLM(nn.Module):
             past_key_values=cache if use_cache else None,
             hidden_states=h,
             meta_logits=meta,
+            logsumexp=lse,
         )
 
     def _positions_and_mask(self, b: int, s: int, past_len: int,
@@ -385,13 +389,15 @@ class VesperLM(nn.Module):
         return position_ids, (allowed & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
 
     def heads(self, h: torch.Tensor, block_outputs: list[torch.Tensor] | None,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(logits [..., V], raw meta logits [..., 6] in fp32, [..., 5] without the answer
-        row when ``block_outputs`` is None) from the final hidden state and the blocks'
-        outputs."""
+        row when ``block_outputs`` is None, the logits' log-sum-exp [...] or None without
+        logit features) from the final hidden state and the blocks' outputs."""
         logits = self.lm_head(h)
         meta_in = h if self.config.metahead_grad_to_trunk else h.detach()
-        return logits, self.metahead(meta_in, logits, block_outputs).float()
+        stats = logit_statistics(logits) if self.metahead.use_logits else None
+        meta = self.metahead(meta_in, logits, block_outputs, stats).float()
+        return logits, meta, None if stats is None else stats[..., LOGSUMEXP]
 
     # --- the model folder ----------------------------------------------------------
     def save_pretrained(self, directory: str | Path, extra_files: dict[str, Path] | None = None,
