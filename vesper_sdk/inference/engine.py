@@ -470,11 +470,14 @@ class _BatchState:
                 else:
                     decisions[i] = None  # the model ended (or must not end) on its own
             chosen = torch.tensor(chosen_l, device=logits.device)
-        logprobs = None
-        if out.logsumexp is not None:  # the model's, computed on the way to its features
+        # The model's log-sum-exp (computed on the way to its features) saves a pass over
+        # the vocabulary; with top_logprobs, both come from one log_softmax, so a greedy
+        # token's log-probability is exactly its top alternative's (lm-eval's is_greedy).
+        logprobs = (logits.log_softmax(-1) if self.any_top or out.logsumexp is None
+                    else None)
+        if logprobs is None:
             lp = logits.gather(1, chosen[:, None])[:, 0] - out.logsumexp[:, -1].float()
-        else:  # one log_softmax, not logsumexp and a subtraction: one pass less
-            logprobs = logits.log_softmax(-1)
+        else:
             lp = logprobs.gather(1, chosen[:, None])[:, 0]
         ready: torch.cuda.Event | None = None
         host: list[list[Any]] | torch.Tensor
@@ -489,9 +492,7 @@ class _BatchState:
                 ready = torch.cuda.Event()
                 ready.record()
         top: list[Any] | None = None
-        if self.any_top:
-            if logprobs is None:
-                logprobs = logits.log_softmax(-1)
+        if logprobs is not None and self.any_top:
             vals, idx = torch.topk(logprobs, self.any_top, dim=-1)
             top = list(zip(idx.tolist(), vals.tolist(), strict=True))
         if self.seen is not None or self.counts is not None:  # penalties in use
