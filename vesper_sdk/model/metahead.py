@@ -56,7 +56,6 @@ def logit_statistics(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tens
         return out.view(*logits.shape[:-1], N_LOGIT_STATISTICS)
 
 
-
 def _logit_features(logits: torch.Tensor) -> torch.Tensor:
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)
