@@ -24,6 +24,9 @@ Checks (``--checks``, comma-separated):
   quantized to int8 and nf4 by ``vesper_sdk.quantize`` on the GPU, reloaded on the GPU,
   its logits compared with fp32 (relative error, top-1 agreement) and 16 tokens generated.
 
+* ``head_loss``: the chunked training head against the plain full-logits head: the
+  step's loss and every gradient, eager and compiled, in bf16 autocast.
+
 ``--device cpu`` runs the same checks on the CPU (kernel through the interpreter, at
 small sizes) so the script itself is tested where no GPU is present.
 
@@ -361,6 +364,13 @@ def _decode_variants(device: str) -> dict[str, dict[str, Any]]:
             "static eager": {"cuda_graph": False}}
 
 
+def _failed(row: dict[str, Any], exc: Exception) -> None:
+    """Mark a case failed by ``exc``, with the end of its traceback."""
+    row["error"] = f"{type(exc).__name__}: {exc}"
+    row["trace"] = traceback.format_exc().splitlines()[-3:]
+    row["ok"] = False
+
+
 def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
     """The CUDA decode paths give the model's own greedy tokens, and how fast each runs.
 
@@ -439,16 +449,65 @@ def check_decode(device: str, small: bool) -> list[dict[str, Any]]:
                              and row["pair_ffn"] == kw.get("pair_ffn", cuda)
                              and row["pipeline"] == kw.get("pipeline", cuda))
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            row["trace"] = traceback.format_exc().splitlines()[-3:]
-            row["ok"] = False
+            _failed(row, exc)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- head loss
+def check_head_loss(device: str, small: bool) -> list[dict[str, Any]]:
+    """The chunked training head (``vesper_sdk.model.head_loss``) against the plain
+    full-logits head on ``device``: the step's loss and every gradient, eager and (on
+    CUDA) compiled, under the autocast training uses there (bf16 on CUDA, none on the CPU).
+    Tolerance: 1e-4 relative in fp32, 5e-2 in bf16 (norm of each gradient's difference
+    over its norm)."""
+    from vesper_sdk.config import VesperConfig
+    from vesper_sdk.model import VesperLM
+    from vesper_sdk.model.metahead import metahead_loss
+
+    cuda = device.startswith("cuda")
+    cfg = VesperConfig.from_preset("tiny", vocab_size=4096 if small else 32000, num_layers=2)
+    torch.manual_seed(0)
+    model = VesperLM(cfg).to(device).train()
+    batch, seq = (2, 64) if small else (8, 512)
+    x = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
+    y = torch.randint(3, cfg.vocab_size, (batch, seq), device=device)
+    m = torch.ones_like(y, dtype=torch.bool)
+
+    def step(chunked: bool, compiled: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model.set_chunked_loss(chunked, 32 if small else 0)
+        model.zero_grad(set_to_none=True)
+        fwd = torch.compile(model) if compiled else model
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+            out = fwd(x, labels=y, loss_mask=m)
+        loss = out.loss.lm_loss_sum / m.sum() + metahead_loss(
+            out, y, m, cfg.eos_token_id, targets=out.loss.targets)
+        loss.backward()
+        return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+    tol = 5e-2 if cuda else 1e-4
+    ref_loss, ref = step(False, False)
+    rows = []
+    for compiled in ([False, True] if cuda else [False]):
+        row: dict[str, Any] = {"check": "head_loss",
+                               "case": "chunked, " + ("compiled" if compiled else "eager")}
+        try:
+            loss, got = step(True, compiled)
+            row["loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
+            row["max_grad_rel"] = max(float((got[k] - g).norm() / g.norm().clamp(min=1e-12))
+                                      for k, g in ref.items())
+            row["ok"] = got.keys() == ref.keys() and row["loss_rel"] < tol \
+                and row["max_grad_rel"] < tol
+        except Exception as exc:
+            _failed(row, exc)
         rows.append(row)
     return rows
 
 
 CHECKS: dict[str, Callable[[str, bool], list[dict[str, Any]]]] = {
     "kernel": check_kernel, "optimizer": check_optimizer, "bnb": check_bnb,
-    "decode": check_decode}
+    "decode": check_decode, "head_loss": check_head_loss}
 
 
 def _environment(device: str) -> dict[str, Any]:

@@ -29,7 +29,8 @@
 #                  load at 0.3x/1x/2x capacity, continuous vs static scheduler, 'small'
 #                  shape and demo model; about 60 s (2 s of arrivals per point)
 #                                          (serve_load.json/.png in the bundle: $OUT is full)
-#   7 train_step   benchmarks/train_step.py, medium, B=8, S=1024 (bf16, compile, SDPA) vs
+#   7 train_step   benchmarks/train_step.py, medium, B=8, S=1024 (bf16, compile, SDPA):
+#                  ours (chunked head), ours with the full logits, and the
 #                  seed-style; last, as its compile takes what the budget has left
 #                                                                           -> train_step.json
 #   8 ort          ONNX Runtime CUDA provider: reported, "absent" in the image -> env.json

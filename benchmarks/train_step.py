@@ -9,9 +9,12 @@ in the same process:
 - **seed-style**: the LM loss as ``log_softmax`` + ``nll_loss`` over the full vocabulary
   in fp32 (unfused), an optimizer that updates one parameter tensor at a time (the seed
   launched one kernel per tensor), no torch.compile;
-- **ours**: ``F.cross_entropy`` (fused) as in ``vesper_sdk.train``, Velvet (one Triton
-  launch over a flat buffer on GPU, ``_foreach`` ops on CPU), torch.compile with
-  ``--compile``.
+- **ours**: as ``vesper_sdk.train`` runs it: the LM loss, its gradient and the MetaHead's
+  targets a chunk of tokens at a time, never the whole logits
+  (``vesper_sdk.model.head_loss``), Velvet (one Triton launch over a flat buffer on GPU,
+  ``_foreach`` ops on CPU), torch.compile with ``--compile``;
+- **ours-full-logits**: the same with the plain head (the whole logits, then
+  ``F.cross_entropy``): the chunked head's share of the difference.
 
 On GPU both use bf16 autocast, as the seed did; on CPU both run fp32. The table gives
 forward (incl. loss), backward and optimizer milliseconds (medians), tokens/s, peak
@@ -39,9 +42,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from vesper_sdk.config import VesperConfig  # noqa: E402
+from vesper_sdk.device import matmul_peak_tflops  # noqa: E402
 from vesper_sdk.model import VesperLM  # noqa: E402
 from vesper_sdk.model.metahead import metahead_loss  # noqa: E402
-from vesper_sdk.training.losses import lm_loss_sum  # noqa: E402
 
 
 class PerTensorAdamW(torch.optim.Optimizer):
@@ -73,20 +76,6 @@ def seed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.nll_loss(logp.view(-1, logp.shape[-1]), labels.reshape(-1))
 
 
-def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
-    """Measured bf16 n^3 matmul rate (TFLOP/s) on this GPU."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
 class Variant:
     """One way of running the training step, timed phase by phase."""
 
@@ -96,6 +85,7 @@ class Variant:
         torch.manual_seed(0)
         self.model = VesperLM(cfg).to(device).train()
         self.seed_style = name == "seed-style"
+        self.model.set_chunked_loss(name == "ours")
         if self.seed_style:
             self.opt: torch.optim.Optimizer = PerTensorAdamW(self.model.parameters())
             self.fwd: Callable = self.model
@@ -126,13 +116,19 @@ class Variant:
         # (record_function: the phases show as labelled ranges under --profile)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
             with record_function("forward"):
-                out = self.fwd(self.inputs)
+                if self.seed_style:
+                    out = self.fwd(self.inputs)
+                else:  # the model's own head makes the loss, as in vesper_sdk.train
+                    out = self.fwd(self.inputs, labels=self.labels, loss_mask=self.mask)
         with record_function("loss"):
             if self.seed_style:
                 lm = seed_lm_loss(out.logits, self.labels)
+                targets = None
             else:
-                lm = lm_loss_sum(out.logits, self.labels, self.mask) / self.mask.numel()
-            loss = lm + metahead_loss(out, self.labels, self.mask, self.cfg.eos_token_id)
+                lm = out.loss.lm_loss_sum / self.mask.numel()
+                targets = out.loss.targets
+            loss = lm + metahead_loss(out, self.labels, self.mask, self.cfg.eos_token_id,
+                                      targets=targets)
             loss = loss + out.aux_loss
         self._sync()
         t1 = time.perf_counter()
@@ -220,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")
     cfg = VesperConfig.from_preset(args.preset, vocab_size=args.vocab,
                                    max_seq_len=max(args.seq, 1024))
-    peak = matmul_tflops(device) if cuda else None
-    variants = [Variant(name, cfg, args, device) for name in ("seed-style", "ours")]
+    peak = matmul_peak_tflops(device) if cuda else None
+    variants = [Variant(name, cfg, args, device)
+                for name in ("seed-style", "ours-full-logits", "ours")]
     # Interleaved steps: a busy machine slows both variants alike.
     for i in range(args.warmup + args.steps):
         for v in variants:
@@ -229,19 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = [v.row(args) for v in variants]
     for row in rows:
         row["mfu"] = row["model_tflops"] / peak if peak else None
-    seed, ours = rows
+    seed, ours = rows[0], rows[-1]
     speedup = seed["total_ms"] / ours["total_ms"]
     mem_col = "peak_mem_mib" if cuda else "peak_rss_mib"
     print(f"train step: preset {args.preset} ({cfg.num_parameters() / 1e6:.1f} M params), "
           f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}, {device}, "
           f"{'bf16 autocast' if cuda else 'fp32'}, median of {args.steps} steps")
-    header = (f"{'variant':<11} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} {'total ms':>9} "
+    header = (f"{'variant':<16} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} {'total ms':>9} "
               f"{'tok/s':>9} {'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['variant']:<11} {r['fwd_ms']:8.2f} {r['bwd_ms']:8.2f} {r['opt_ms']:8.2f} "
+        print(f"{r['variant']:<16} {r['fwd_ms']:8.2f} {r['bwd_ms']:8.2f} {r['opt_ms']:8.2f} "
               f"{r['total_ms']:9.2f} {r['tokens_per_s']:9.0f} {r[mem_col]:9.0f} "
               f"{r['model_tflops']:8.3f} {mfu:>6}")
     if peak:
@@ -254,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"B={args.batch} S={args.seq} on {device}")
     print(headline)
     if args.profile:
-        profile_steps(variants[1], device)
+        profile_steps(variants[-1], device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

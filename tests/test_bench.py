@@ -391,7 +391,7 @@ def test_gpu_checks_script_runs_its_checks_on_cpu(tmp_path):
     # On CPU the kernel goes through Triton's interpreter: same code path as on the GPU
     # but for the compilation, so the script cannot fail on a first GPU run for a bug here.
     out = tmp_path / "checks.json"
-    assert gpu_checks.main(["--device", "cpu", "--checks", "kernel,optimizer,decode",
+    assert gpu_checks.main(["--device", "cpu", "--checks", "kernel,optimizer,decode,head_loss",
                             "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["ok"] and report["checks"]["kernel"]["cases"] >= 12
@@ -402,6 +402,8 @@ def test_gpu_checks_script_runs_its_checks_on_cpu(tmp_path):
         "static eager, pipelined"]
     assert all(r["same_tokens"] and r["conf_max_diff"] < 1e-3 for r in decode[1:])
     assert [r["pair_ffn"] for r in decode[1:]] == [False, True, False]
+    head = report["checks"]["head_loss"]["rows"]
+    assert [r["case"] for r in head] == ["chunked, eager"] and head[0]["max_grad_rel"] < 1e-4
     assert gpu_checks.main(["--device", "cpu", "--checks", "nope"]) == 2
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import vesper_sdk as vs
-import vesper_sdk.training.trainer as train_mod
+import vesper_sdk.model.vesper as vesper_mod
 from vesper_sdk import cli
 from vesper_sdk.eval.metrics import expected_calibration_error
 from vesper_sdk.model import VesperOutput
@@ -247,16 +247,18 @@ def test_flylora_finetune_trains_only_lora_b_and_metahead(base_run, tmp_path, ca
 
 
 def test_nonfinite_losses_are_skipped(tmp_path, monkeypatch, small):
-    real = train_mod.lm_loss_sum
+    real = vesper_mod.head_loss
     calls = {"n": 0}
 
-    def flaky(logits, labels, mask):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
-        loss = real(logits, labels, mask)
+        loss = real(*args, **kwargs)
         # Training calls 3 and 4 (evaluation is off) are NaN.
-        return loss * float("nan") if calls["n"] in (3, 4) else loss
+        if calls["n"] in (3, 4):
+            loss.lm_loss_sum = loss.lm_loss_sum * float("nan")
+        return loss
 
-    monkeypatch.setattr(train_mod, "lm_loss_sum", flaky)
+    monkeypatch.setattr(vesper_mod, "head_loss", flaky)
     r = vs.train("builtin:skills", tmp_path, **small, seq_len=32, batch_size=4, max_steps=8,
                  eval_every=0, val_fraction=0.0, log_every=1, checkpoint_every=0)
     assert r.steps == 8 and r.skipped_steps == 2 and len(r.history) == 6
@@ -264,9 +266,14 @@ def test_nonfinite_losses_are_skipped(tmp_path, monkeypatch, small):
 
 
 def test_many_nonfinite_losses_stop_with_a_diagnosis(tmp_path, monkeypatch, small):
-    real = train_mod.lm_loss_sum
-    monkeypatch.setattr(train_mod, "lm_loss_sum",
-                        lambda *a: real(*a) * float("inf"))
+    real = vesper_mod.head_loss
+
+    def infinite(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        loss.lm_loss_sum = loss.lm_loss_sum * float("inf")
+        return loss
+
+    monkeypatch.setattr(vesper_mod, "head_loss", infinite)
     with pytest.raises(TrainingError) as exc:
         vs.train("builtin:skills", tmp_path, **small, seq_len=32, batch_size=4, max_steps=50,
                  eval_every=0, max_nonfinite=4, checkpoint_every=0)
@@ -278,16 +285,16 @@ def test_many_nonfinite_losses_stop_with_a_diagnosis(tmp_path, monkeypatch, smal
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_or_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, small,
                                                                   sig):
-    real = train_mod.lm_loss_sum
+    real = vesper_mod.head_loss
     calls = {"n": 0}
 
-    def interrupting(*args):
+    def interrupting(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 7:
             signal.raise_signal(sig)  # as if Ctrl-C (or a job scheduler's kill) in step 7
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "lm_loss_sum", interrupting)
+    monkeypatch.setattr(vesper_mod, "head_loss", interrupting)
     opts = dict(**small, seq_len=32, batch_size=4, max_steps=12, eval_every=0,
                 checkpoint_every=0)
     r = vs.train("builtin:skills", tmp_path, **opts)
@@ -295,7 +302,7 @@ def test_sigint_or_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, monk
     assert r.metrics_step is None and not r.metrics  # no evaluation ran before step 7
     assert r.checkpoint == ckpt.step_dir(tmp_path / "checkpoints", 7)
     assert signal.getsignal(sig) is not None  # handlers restored
-    monkeypatch.setattr(train_mod, "lm_loss_sum", real)
+    monkeypatch.setattr(vesper_mod, "head_loss", real)
     done = vs.train("builtin:skills", tmp_path, resume=True, **opts)
     assert not done.interrupted and done.steps == 12 and done.model_dir.is_dir()
     assert done.metrics_step == 12 and "val_loss" in done.metrics

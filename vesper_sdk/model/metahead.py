@@ -71,6 +71,13 @@ def _logit_features(logits: torch.Tensor) -> torch.Tensor:
         top2 = z.topk(2, dim=-1).values
         first, second = top2[..., 0], top2[..., 1]
     entropy = lse - (z.softmax(-1) * z).sum(-1)
+    return logit_features_from_top2(first, second, entropy, lse)
+
+
+def logit_features_from_top2(first: torch.Tensor, second: torch.Tensor, entropy: torch.Tensor,
+                             lse: torch.Tensor) -> torch.Tensor:
+    """The statistics [..., 4] from the top two logits, the entropy and the log-sum-exp
+    (shared with the chunked training head, :mod:`.head_loss`)."""
     return torch.stack((first - lse, first - second, entropy, lse), -1)
 
 

@@ -32,7 +32,16 @@ from .files import (
     load_weights,
 )
 from .flylora import FlyLoRALinear, _balance_step, flylora_branch
-from .metahead import ANSWER, ERROR, LOGSUMEXP, STOP, MetaHead, logit_statistics
+from .head_loss import HeadLoss, head_loss, lm_loss_sum
+from .metahead import (
+    ANSWER,
+    ERROR,
+    LOGSUMEXP,
+    STOP,
+    MetaHead,
+    logit_statistics,
+    metahead_targets,
+)
 
 
 @dataclass
@@ -49,10 +58,12 @@ class VesperOutput:
     MetaHead's raw outputs, see
     its ``CONFIDENCE``, ``STOP``, ``ERROR`` and ``ANSWER`` slices); logsumexp [B,S] fp32
     (the logits' log-sum-exp, so a token's log-probability is its logit minus it; the
-    MetaHead computes it for its logit features, None in a model without them).
+    MetaHead computes it for its logit features, None in a model without them); loss
+    (given ``labels``): the LM loss sum and the MetaHead's targets, and then logits are
+    None when the chunked head is on (:meth:`VesperLM.set_chunked_loss`).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     confidence: torch.Tensor
     stop: torch.Tensor
     error_logits: torch.Tensor
@@ -62,6 +73,7 @@ class VesperOutput:
     hidden_states: torch.Tensor
     meta_logits: torch.Tensor
     logsumexp: torch.Tensor | None = None
+    loss: HeadLoss | None = None
 
 
 class ERA(nn.Module):
@@ -219,6 +231,7 @@ class VesperLM(nn.Module):
             config.hidden_size, config.vocab_size, bias=False)
         self.metahead = MetaHead(config)
         self.gradient_checkpointing = config.gradient_checkpointing
+        self.chunked_loss_rows: int | None = None  # see set_chunked_loss
         self.reset_parameters()
 
     # --- init ----------------------------------------------------------------------
@@ -291,6 +304,12 @@ class VesperLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
+    def set_chunked_loss(self, enabled: bool = True, chunk_rows: int = 0) -> None:
+        """With ``labels``, compute the LM loss and the MetaHead's statistics and targets
+        ``chunk_rows`` rows at a time (0: as many as keep a chunk's fp32 logits under
+        :data:`~.head_loss.CHUNK_BYTES`), never the whole logits (:mod:`.head_loss`)."""
+        self.chunked_loss_rows = chunk_rows if enabled else None
+
     @staticmethod
     def position_ids_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
         """Positions that skip left padding: cumsum of the mask minus one, last seq_len."""
@@ -301,6 +320,7 @@ class VesperLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values: Cache | Sequence[KVPair] | None = None,
                 use_cache: bool = False, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 ) -> VesperOutput:
         """Run the model: training, prefill, cached decode and every backend come through here.
 
@@ -309,7 +329,9 @@ class VesperLM(nn.Module):
         (:class:`DynamicCache`, :class:`StaticCache`), a tuple of per-layer (key, value),
         or None; ``use_cache`` returns the cache written by this call; position_ids [B,S]
         default from the mask (or the cache's length). A :class:`StaticCache` brings its
-        own key mask and needs ``position_ids``.
+        own key mask and needs ``position_ids``. ``labels`` [B,S] (with ``loss_mask``,
+        default all true): also return the LM loss sum over the masked positions and the
+        MetaHead's targets (``loss``), as a training step needs.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -340,7 +362,7 @@ class VesperLM(nn.Module):
             if aux is not None:
                 aux_loss = aux_loss + aux
         h = self.norm(x)
-        logits, meta, lse = self.heads(h, block_outputs)
+        logits, meta, lse, loss = self.heads(h, block_outputs, labels, loss_mask)
         if self.config.num_experts:
             aux_loss = aux_loss * self.config.moe_aux_loss_coef
         return VesperOutput(
@@ -354,6 +376,7 @@ class VesperLM(nn.Module):
             hidden_states=h,
             meta_logits=meta,
             logsumexp=lse,
+            loss=loss,
         )
 
     def _positions_and_mask(self, b: int, s: int, past_len: int,
@@ -389,15 +412,33 @@ class VesperLM(nn.Module):
         return position_ids, (allowed & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
 
     def heads(self, h: torch.Tensor, block_outputs: list[torch.Tensor] | None,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                         HeadLoss | None]:
         """(logits [..., V], raw meta logits [..., 6] in fp32, [..., 5] without the answer
         row when ``block_outputs`` is None, the logits' log-sum-exp [...] or None without
-        logit features) from the final hidden state and the blocks' outputs."""
-        logits = self.lm_head(h)
+        logit features, the loss given ``labels``) from the final hidden state and the
+        blocks' outputs. The chunked head (:meth:`set_chunked_loss`) returns no logits."""
         meta_in = h if self.config.metahead_grad_to_trunk else h.detach()
-        stats = logit_statistics(logits) if self.metahead.use_logits else None
+        use_stats = self.metahead.use_logits
+        loss = None
+        if labels is not None:
+            loss_mask = torch.ones_like(labels, dtype=torch.bool) if loss_mask is None \
+                else loss_mask.bool()
+        if labels is not None and self.chunked_loss_rows is not None:
+            logits = None
+            loss = head_loss(h, self.lm_head.weight, labels, loss_mask,
+                             self.config.eos_token_id, self.chunked_loss_rows or None)
+            stats = loss.statistics if use_stats else None
+        else:
+            logits = self.lm_head(h)
+            stats = logit_statistics(logits) if use_stats else None
+            if labels is not None:
+                loss = HeadLoss(lm_loss_sum(logits, labels, loss_mask), stats,
+                                metahead_targets(logits, labels, self.config.eos_token_id))
         meta = self.metahead(meta_in, logits, block_outputs, stats).float()
-        return logits, meta, None if stats is None else stats[..., LOGSUMEXP]
+        lse = None if stats is None else stats[..., LOGSUMEXP]
+        return logits, meta, lse, loss
 
     # --- the model folder ----------------------------------------------------------
     def save_pretrained(self, directory: str | Path, extra_files: dict[str, Path] | None = None,

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..device import matmul_peak_tflops
 from ..hf.card import training_section, update_model_card
 from ..integrity import ModelFolderError, require_intact
 from ..tokenizer import TOKENIZER_NAME
@@ -75,8 +76,11 @@ def run(opts: TrainOptions, log: Callable[[str], None] | None = None) -> TrainRe
             if tr.step % opts.log_every == 0 or tr.step == stop_at:
                 row = _interval_row(tr, interval, interval_time)
                 interval, interval_time = [], 0.0
-                tr.bar.set_postfix(loss=f"{row['loss']:.3f}", ppl=f"{row['ppl']:.1f}",
-                                   tok_s=f"{row['tok_s']:.0f}", lr=f"{row['lr']:.2e}")
+                shown = dict(loss=f"{row['loss']:.3f}", ppl=f"{row['ppl']:.1f}",
+                             tok_s=f"{row['tok_s']:.0f}", lr=f"{row['lr']:.2e}")
+                if "mfu" in row:
+                    shown["mfu"] = f"{100 * row['mfu']:.1f}%"
+                tr.bar.set_postfix(**shown)
             end = tr.step == stop_at
             due_ckpt = (opts.checkpoint_every and tr.step % opts.checkpoint_every == 0)
             due_eval = opts.eval_every and tr.step % opts.eval_every == 0
@@ -124,6 +128,8 @@ def _open_records(tr: Trainer) -> None:
             tr.log("profile_memory: CUDA memory snapshots need a GPU; on CPU "
                    "metrics.jsonl records the process's peak RSS instead")
     if tr.device.type == "cuda":
+        # MFU's denominator, measured on this GPU (the progress line and metrics.jsonl).
+        tr.matmul_peak = matmul_peak_tflops(tr.device)
         torch.cuda.reset_peak_memory_stats(tr.device)
 
 
@@ -145,12 +151,16 @@ def _interval_row(tr: Trainer, interval: list[dict[str, float]],
     meta = sum(s["meta_loss"] for s in finite) / len(finite) if finite else float("nan")
     tokens = sum(s["tokens"] for s in interval)
     key, mem = peak_memory(tr.device)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)) if finite else float("nan"),
-            "meta_loss": meta, "lr": interval[-1]["lr"],
-            "grad_norm": interval[-1]["grad_norm"],
-            "tok_s": tokens / max(seconds, 1e-9),
-            "epoch": round(tr.position / tr.sampler.batches_per_epoch, 3),
-            "skipped": tr.skipped, key: mem}
+    tok_s = tokens / max(seconds, 1e-9)
+    row = {"loss": loss, "ppl": math.exp(min(loss, 50.0)) if finite else float("nan"),
+           "meta_loss": meta, "lr": interval[-1]["lr"],
+           "grad_norm": interval[-1]["grad_norm"], "tok_s": tok_s,
+           "epoch": round(tr.position / tr.sampler.batches_per_epoch, 3),
+           "skipped": tr.skipped, key: mem}
+    if tr.matmul_peak:  # model FLOP/s per GPU over the bf16 matmul rate measured on it
+        flops = tr.raw_model.config.estimate_flops_per_token(tr.opts.seq_len) * tok_s
+        row["mfu"] = flops / tr.dist.world / (tr.matmul_peak * 1e12)
+    return row
 
 
 def _already_finished(tr: Trainer) -> bool:

@@ -118,6 +118,10 @@ class TrainOptions:
     compile: bool = _opt(False, "torch.compile the model")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward "
                                         "(less memory, one more forward pass)")
+    chunked_loss: bool = _opt(True, "compute the LM loss, its gradient and the MetaHead's "
+                              "targets a chunk of tokens at a time, never the whole "
+                              "[tokens, vocabulary] logits (less memory, faster); off: the "
+                              "plain full-logits loss")
     # --- evaluation, checkpoints, records
     eval_every: int = _opt(200, "evaluate every N steps (0 = only at the end)")
     eval_batches: int = _opt(20, "validation batches (of batch_size x processes sequences) "

@@ -39,7 +39,6 @@ from .calibration import (
 from .data import BlockSampler, DataSource, build_token_cache, get_batch, split_blocks, write_json
 from .distributed import init_distributed, process_device, sum_rank_loads, wrap_ddp
 from .evaluation import evaluate_blocks
-from .losses import lm_loss_sum
 from .options import TrainingError, TrainOptions
 from .precision import autocast, resolve_precision
 from .schedule import LRSchedule
@@ -100,6 +99,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.stop = StopRequest()
         self.tb: Any = None
+        self.matmul_peak: float | None = None  # TFLOP/s, measured on CUDA (for MFU)
         self.resume_rng: dict[str, Any] | None = None  # this rank's RNG from the checkpoint
 
     # --- logging -------------------------------------------------------------------
@@ -180,12 +180,17 @@ class Trainer:
         if self.tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the "
                              f"model only {cfg.vocab_size}: use the model's own tokenizer")
+        if self.tokenizer.eos_id != cfg.eos_token_id:  # the MetaHead's stop targets use it
+            raise ValueError(f"the tokenizer's end token is id {self.tokenizer.eos_id} but "
+                             f"the model's config says {cfg.eos_token_id}: use the model's "
+                             "own tokenizer")
         if opts.finetune == "flylora":
             if not self.raw_model.flylora_layers():
                 raise ValueError("finetune='flylora' but the model has no FlyLoRA layers "
                                  "(flylora_rank=0): use finetune='full'")
             self.raw_model.freeze_base()
         self.raw_model.set_gradient_checkpointing(opts.gradient_checkpointing)
+        self.raw_model.set_chunked_loss(opts.chunked_loss)
         self.raw_model.config.gradient_checkpointing = opts.gradient_checkpointing
         self.raw_model.config.metahead_grad_to_trunk = opts.metahead_grad_to_trunk
         self.raw_model.to(self.device).train()
@@ -390,9 +395,9 @@ class Trainer:
                 self.model, "no_sync") else contextlib.nullcontext())
             with sync:
                 with self._autocast():
-                    out = self.model(x)
-                lm = lm_loss_sum(out.logits, y, m)
-                meta = metahead_loss(out, y, m, eos, normalizer=1.0)
+                    out = self.model(x, labels=y, loss_mask=m)
+                lm = out.loss.lm_loss_sum
+                meta = metahead_loss(out, y, m, eos, normalizer=1.0, targets=out.loss.targets)
                 loss = (lm + opts.metahead_weight * meta) / norm + out.aux_loss / len(micro)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             sums[0] += lm.detach()
