@@ -428,8 +428,10 @@ register(BenchSpec(
     timeout_s={"cpu": 600, "quick": 300, "cuda": 120}, headline=optimizer_headline))
 register(BenchSpec(
     name="train_step", module="vesper_sdk.benchmarks.train_step",
-    description="training step breakdown (fwd/bwd/opt), ours vs seed-style",
-    args={"cpu": ["--preset", "tiny", "--steps", "20"], "quick": ["--preset", "tiny", "--quick"],
+    description="training step breakdown (fwd/bwd/opt): ours, ours with the full logits, "
+                "seed-style",
+    args={"cpu": ["--preset", "tiny", "--vocab", "32000", "--steps", "20"],
+          "quick": ["--preset", "tiny", "--quick"],
           # DESIGN.md's anchor: 'medium' (vocab 32000), B=8, S=1024, bf16, compiled.
           "cuda": ["--preset", "medium", "--batch", "8", "--seq", "1024", "--vocab", "32000",
                    "--compile", "--profile"]},
