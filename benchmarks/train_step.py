@@ -76,6 +76,9 @@ def seed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.nll_loss(logp.view(-1, logp.shape[-1]), labels.reshape(-1))
 
 
+VARIANTS = ("seed-style", "ours-full-logits", "ours")
+
+
 class Variant:
     """One way of running the training step, timed phase by phase."""
 
@@ -197,12 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3, quick 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile our variant")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of " + ", ".join(VARIANTS) + " (one alone: "
+                        "on the CPU its peak RSS is its own)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile two steps of our variant and print the "
                         "operators that take the most device (GPU) or CPU time, and the "
                         "phases (forward, loss, backward, optimizer)")
     args = p.parse_args(argv)
+    names = [n for n in VARIANTS if n in args.variants.split(",")]
+    if not names or set(args.variants.split(",")) - set(VARIANTS):
+        p.error(f"--variants: choose from {', '.join(VARIANTS)}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
@@ -217,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = VesperConfig.from_preset(args.preset, vocab_size=args.vocab,
                                    max_seq_len=max(args.seq, 1024))
     peak = matmul_peak_tflops(device) if cuda else None
-    variants = [Variant(name, cfg, args, device)
-                for name in ("seed-style", "ours-full-logits", "ours")]
+    variants = [Variant(name, cfg, args, device) for name in names]
     # Interleaved steps: a busy machine slows both variants alike.
     for i in range(args.warmup + args.steps):
         for v in variants:
@@ -226,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [v.row(args) for v in variants]
     for row in rows:
         row["mfu"] = row["model_tflops"] / peak if peak else None
-    seed, ours = rows[0], rows[-1]
-    speedup = seed["total_ms"] / ours["total_ms"]
+    by_name = {r["variant"]: r for r in rows}
+    seed, ours = by_name.get("seed-style"), by_name.get("ours")
+    speedup = seed["total_ms"] / ours["total_ms"] if seed and ours else None
     mem_col = "peak_mem_mib" if cuda else "peak_rss_mib"
     print(f"train step: preset {args.preset} ({cfg.num_parameters() / 1e6:.1f} M params), "
           f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}, {device}, "
@@ -246,9 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("MFU: skipped on CPU (no comparable matmul peak); peak MiB is the process's "
               "peak RSS so far")
-    headline = (f"ours {ours['tokens_per_s']:.0f} tok/s vs seed-style "
-                f"{seed['tokens_per_s']:.0f} tok/s ({speedup:.2f}x), {args.preset} "
-                f"B={args.batch} S={args.seq} on {device}")
+    shape = f"{args.preset} B={args.batch} S={args.seq} on {device}"
+    if speedup is not None:
+        headline = (f"ours {ours['tokens_per_s']:.0f} tok/s vs seed-style "
+                    f"{seed['tokens_per_s']:.0f} tok/s ({speedup:.2f}x), {shape}")
+    else:
+        headline = ", ".join(f"{r['variant']} {r['tokens_per_s']:.0f} tok/s" for r in rows) \
+            + f", {shape}"
     print(headline)
     if args.profile:
         profile_steps(variants[-1], device)

@@ -450,3 +450,22 @@ def test_quantized_headline_gives_the_int4_ratios_to_gpt2_both_ways():
     # Without transformers there is no baseline, and the headline says nothing of one.
     del rows[1]["speedup_vs_gpt2_generate"]
     assert "GPT-2" not in quantized_headline({"rows": rows})
+
+
+def test_train_step_benchmark_times_the_chunked_head_beside_the_full_logits(tmp_path):
+    from vesper_sdk.benchmarks import train_step
+
+    out = tmp_path / "ts.json"
+    assert train_step.main(["--quick", "--vocab", "512", "--steps", "1", "--warmup", "0",
+                            "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["rows"]] == ["seed-style", "ours-full-logits", "ours"]
+    # The same model, data and seed: the heads differ in how, not what, they compute.
+    losses = [r["final_loss"] for r in report["rows"]]
+    assert abs(losses[1] - losses[2]) < 1e-4 * abs(losses[1])
+    assert train_step.main(["--quick", "--vocab", "512", "--steps", "1", "--warmup", "0",
+                            "--device", "cpu", "--variants", "ours", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["rows"]] == ["ours"] and report["speedup"] is None
+    with pytest.raises(SystemExit):
+        train_step.main(["--variants", "nope"])
