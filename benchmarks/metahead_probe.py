@@ -22,7 +22,9 @@ criterion). ``metahead_answer`` is the model's own answer row, as fitted when it
 calibrated.
 
 Each is scored on the held-out questions (AUROC, PRR, paired bootstrap difference to the
-best single baseline): same data and seeds for every row, an ablation.
+best single baseline, the copies of a question drawn more than once resampled together;
+and the AUROC with each distinct question counted once): same data and seeds for every
+row, an ablation.
 
     python benchmarks/metahead_probe.py [MODEL_DIR] [--fit 2000] [--eval 600] [--json PATH]
 """
@@ -40,7 +42,14 @@ import torch
 import vesper_sdk as vs
 from vesper_sdk import skills
 from vesper_sdk.eval.answers import SIGNALS, Question, greedy_answers, prr, signals_of
-from vesper_sdk.eval.metrics import _fit_logistic, auroc, fit_answer_row, fit_confidence
+from vesper_sdk.eval.metrics import (
+    _fit_logistic,
+    auroc,
+    fit_answer_row,
+    fit_confidence,
+    group_resamples,
+    same_groups,
+)
 from vesper_sdk.training.calibration import ANSWER_L2_GRID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,27 +155,32 @@ def main(argv: list[str] | None = None) -> int:
     rows["answer row, penalty by log loss"] = r_ev @ by_log_loss.weight + by_log_loss.bias
     baselines = [n for n in SIGNALS if not n.startswith("metahead")]
     best = max(baselines, key=lambda n: auroc(rows[n], y_ev))
-    rng = np.random.default_rng(0)
+    # A question drawn twice is answered the same twice: its copies are resampled together.
+    asked = same_groups([q.messages[-1]["content"] for q in held])
+    first = np.unique(asked, return_index=True)[1]
     draws = {n: [] for n in rows}
-    for _ in range(args.resamples):
-        i = rng.integers(0, len(y_ev), len(y_ev))
+    for i in group_resamples(asked, args.resamples):
         for n in rows:
             draws[n].append(auroc(rows[n][i], y_ev[i]))
     result = {"model": args.model, "fit_answers": int(len(y_fit)),
               "fit_accuracy": float(y_fit.mean()), "eval_answers": int(len(y_ev)),
-              "eval_accuracy": float(y_ev.mean()), "best_baseline": best, "methods": {}}
+              "eval_accuracy": float(y_ev.mean()), "eval_questions": int(first.size),
+              "best_baseline": best, "methods": {}}
     print(f"fit on {len(y_fit)} calibration-split answers (accuracy {y_fit.mean():.3f}), "
-          f"scored on {len(y_ev)} held-out answers (accuracy {y_ev.mean():.3f})")
-    print(f"{'signal':<26}{'AUROC':>8}{'PRR':>8}   AUROC - {best} [95 %]")
+          f"scored on {len(y_ev)} held-out answers (accuracy {y_ev.mean():.3f}) to "
+          f"{first.size} distinct questions")
+    print(f"{'signal':<26}{'AUROC':>8}{'PRR':>8}   AUROC - {best} [95 %]   AUROC, each "
+          "question once")
     for n, score in rows.items():
         diff = np.subtract(draws[n], draws[best])
         lo, hi = np.percentile(diff, [2.5, 97.5])
         a = auroc(score, y_ev)
+        once = auroc(score[first], y_ev[first])
         result["methods"][n] = {"auroc": a, "prr": prr(score, y_ev),
                                 "minus_best_baseline": a - auroc(rows[best], y_ev),
-                                "ci95": [float(lo), float(hi)]}
+                                "ci95": [float(lo), float(hi)], "auroc_distinct": once}
         print(f"{n:<26}{a:>8.3f}{prr(score, y_ev):>8.3f}   {a - auroc(rows[best], y_ev):+.4f} "
-              f"[{lo:+.4f}, {hi:+.4f}]")
+              f"[{lo:+.4f}, {hi:+.4f}]   {once:.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

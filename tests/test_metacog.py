@@ -18,9 +18,11 @@ from vesper_sdk.eval.metrics import (
     expected_calibration_error,
     fit_confidence,
     fit_platt,
+    group_resamples,
     paired_bootstrap,
     rankdata,
     reliability_bins,
+    same_groups,
 )
 from vesper_sdk.eval.regulator import MetacognitiveRegulator, as_regulator, join_flags
 
@@ -199,6 +201,51 @@ def test_paired_bootstrap_intervals_are_paired_and_resample_whole_groups():
     assert whole["a"]["auroc"][0] == whole["a"]["auroc"][1] == pytest.approx(point)
     with pytest.raises(ValueError, match="groups and correct differ in length"):
         paired_bootstrap(good, noisy, correct, groups[:-1])
+
+
+def test_same_groups_gives_equal_items_one_id_in_order_of_first_appearance():
+    assert same_groups(["b", "a", "b", ("x", 1), "a", ("x", 1)]).tolist() == [0, 1, 0, 2, 1, 2]
+
+
+def test_group_resamples_take_every_copy_of_a_group_drawn():
+    groups = np.array([0, 0, 0, 1, 2, 2, 3])
+    size = np.bincount(groups)
+    draws = list(group_resamples(groups, 50, seed=1))
+    assert len(draws) == 50
+    for idx in draws:
+        counts = np.bincount(groups[idx], minlength=size.size)
+        assert (counts % size == 0).all() and counts.sum() == idx.size
+        assert (counts // size).sum() == size.size  # as many groups drawn as there are
+    assert list(group_resamples(np.array([], dtype=int), 5)) == []
+
+
+def test_answer_report_resamples_a_repeated_question_with_its_copies():
+    from vesper_sdk.eval.answers import SIGNALS, answer_report
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        right = bool(rng.random() < 0.7)
+        signals = {s: float(rng.random() * 0.3 + (0.6 if right else 0.3)) for s in SIGNALS}
+        # One wrong question the MetaHead alone is sure of, asked 40 times over.
+        copies = 40 if i == 0 else 1
+        if i == 0:
+            right = False
+            signals = {s: (0.2 if s != "metahead_answer" else 0.99) for s in SIGNALS}
+        rows += [{"question": f"q{i}", "reference": "r", "correct": right, **signals}] * copies
+    rep = answer_report(rows, resamples=300)
+    assert rep["n"] == 99 and rep["questions"] == 60
+    # Each distinct question once: computed on the first copies alone.
+    once = answer_report(rows[39:], resamples=10)  # the repeated question kept once
+    assert rep["distinct"]["auroc"] == pytest.approx(
+        {s: m["auroc"] for s, m in once["methods"].items()})
+    # Its 40 copies come and go together: the MetaHead's interval is far wider than the
+    # one of a bootstrap that treats them as 40 questions.
+    lo, hi = rep["methods"]["metahead_answer"]["auroc_ci95"]
+    naive = answer_report([{**r, "question": f"{r['question']}-{k}"} for k, r in
+                           enumerate(rows)], resamples=300)
+    nlo, nhi = naive["methods"]["metahead_answer"]["auroc_ci95"]
+    assert hi - lo > 1.5 * (nhi - nlo)
 
 
 def _confidence_problem(n: int, seed: int, signal: bool):

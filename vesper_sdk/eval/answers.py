@@ -36,7 +36,7 @@ import torch
 from .. import skills
 from ..inference import GenerationRequest, SamplingParams
 from ..model import answer_confidence
-from .metrics import auroc, expected_calibration_error
+from .metrics import auroc, expected_calibration_error, group_resamples, same_groups
 
 METAHEAD = "metahead_answer"
 PROBABILITY_SIGNALS = ("metahead_answer", "metahead_mean", "metahead_min",
@@ -185,16 +185,23 @@ def _metrics(c: np.ndarray, y: np.ndarray, probability: bool) -> dict[str, float
 def answer_report(rows: Sequence[dict[str, Any]], resamples: int = 1000, seed: int = 0,
                   ) -> dict[str, Any]:
     """Every signal's AUROC, PRR and ECE with paired-bootstrap 95 % intervals, the
-    MetaHead's paired difference to the best baseline, and selective accuracies."""
+    MetaHead's paired difference to the best baseline, and selective accuracies.
+
+    A question asked more than once (a held-out draw can repeat one) gets the same greedy
+    answer and the same scores each time: one sample, not several. The bootstrap draws
+    questions, each with all its copies, and ``distinct`` gives every signal's AUROC with
+    each question counted once.
+    """
     scored = [r for r in rows if METAHEAD in r]
     y = np.array([float(r["correct"]) for r in scored])
     sig = {s: np.array([r[s] for r in scored]) for s in SIGNALS}
     point = {s: _metrics(sig[s], y, s in PROBABILITY_SIGNALS) for s in SIGNALS}
-    rng = np.random.default_rng(seed)
+    groups = same_groups([(r["question"], r["reference"]) for r in scored])
+    first = np.unique(groups, return_index=True)[1]  # one answer per distinct question
+    distinct = {s: auroc(sig[s][first], y[first]) for s in SIGNALS}
     draws: dict[str, dict[str, list[float]]] = {s: {"auroc": [], "prr": [], "ece": []}
                                                  for s in SIGNALS}
-    for _ in range(resamples if y.size else 0):
-        idx = rng.integers(0, y.size, y.size)  # the same questions for every signal
+    for idx in group_resamples(groups, resamples, seed):  # the same answers for every signal
         for s in SIGNALS:
             for k, v in _metrics(sig[s][idx], y[idx], s in PROBABILITY_SIGNALS).items():
                 draws[s][k].append(v)
@@ -208,17 +215,25 @@ def answer_report(rows: Sequence[dict[str, Any]], resamples: int = 1000, seed: i
                    **{f"selective_accuracy_{int(cov * 100)}": selective_accuracy(sig[s], y, cov)
                       for cov in COVERAGES}} for s in SIGNALS}
     baselines = [s for s in SIGNALS if not s.startswith("metahead")]
-    best = max(baselines, key=lambda s: -math.inf if math.isnan(point[s]["auroc"])
-               else point[s]["auroc"])
+
+    def best_of(auc: dict[str, float]) -> str:
+        return max(baselines, key=lambda s: -math.inf if math.isnan(auc[s]) else auc[s])
+
+    best = best_of({s: point[s]["auroc"] for s in SIGNALS})
+    best_distinct = best_of(distinct)
     diff = {k: [a - b for a, b in zip(draws[METAHEAD][k], draws[best][k], strict=True)]
             for k in ("auroc", "prr")}
     return {
         "n": int(y.size), "accuracy": float(y.mean()) if y.size else float("nan"),
-        "unanswered": len(rows) - len(scored), "resamples": resamples, "methods": methods,
+        "questions": int(first.size), "unanswered": len(rows) - len(scored),
+        "resamples": resamples, "methods": methods,
         "metahead_minus_best_baseline": {
             "baseline": best,
             "auroc": point[METAHEAD]["auroc"] - point[best]["auroc"], "ci95": ci(diff["auroc"]),
             "prr": point[METAHEAD]["prr"] - point[best]["prr"], "prr_ci95": ci(diff["prr"])},
+        "distinct": {"auroc": distinct, "baseline": best_distinct,
+                     "metahead_minus_best_baseline":
+                         distinct[METAHEAD] - distinct[best_distinct]},
     }
 
 

@@ -11,7 +11,7 @@ confidence row on held-out tokens).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +161,31 @@ def calibration_summary(confidence: Any, correct: Any, n_bins: int = 15) -> dict
     }
 
 
+def same_groups(keys: Sequence[Hashable]) -> np.ndarray:
+    """One id per item, shared by equal items (in order of first appearance): identical
+    documents, or the same question asked again, whose scores are the same scores
+    again (greedy answers, teacher forcing) and so one sample, not two."""
+    ids: dict[Hashable, int] = {}
+    return np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
+
+
+def group_resamples(groups: Any, resamples: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Item indices of ``resamples`` bootstrap resamples, each drawing as many groups as
+    there are, with replacement, and taking every item of each group drawn."""
+    g = np.asarray(_to_numpy(groups)).reshape(-1)
+    _, inv = np.unique(g, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples if counts.size else 0):
+        pick = rng.integers(0, counts.size, counts.size)
+        lengths = counts[pick]
+        # Positions of the picked groups' items, vectorised: group start + offset within.
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        yield order[np.repeat(starts[pick], lengths) + offsets]
+
+
 def paired_bootstrap(confidence_a: Any, confidence_b: Any, correct: Any, groups: Any,
                      n_bins: int = 15, resamples: int = 200, level: float = 0.95,
                      seed: int = 0) -> dict[str, Any]:
@@ -177,18 +202,8 @@ def paired_bootstrap(confidence_a: Any, confidence_b: Any, correct: Any, groups:
     g = np.asarray(_to_numpy(groups)).reshape(-1)
     if g.shape != y.shape:
         raise ValueError(f"groups and correct differ in length: {g.size} vs {y.size}")
-    _, inv = np.unique(g, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    counts = np.bincount(inv)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {k: [] for k in ("a_ece", "a_auroc", "b_ece", "b_auroc")}
-    for _ in range(resamples if counts.size else 0):
-        pick = rng.integers(0, counts.size, counts.size)
-        lengths = counts[pick]
-        # Token positions of the picked groups, vectorised: group start + offset within.
-        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        idx = order[np.repeat(starts[pick], lengths) + offsets]
+    for idx in group_resamples(g, resamples, seed):
         for key, sig in (("a", a), ("b", b)):
             draws[f"{key}_ece"].append(expected_calibration_error(sig[idx], y[idx], n_bins))
             draws[f"{key}_auroc"].append(auroc(sig[idx], y[idx]))
@@ -204,7 +219,7 @@ def paired_bootstrap(confidence_a: Any, confidence_b: Any, correct: Any, groups:
     return {"a": {m: interval(draws[f"a_{m}"]) for m in ("ece", "auroc")},
             "b": {m: interval(draws[f"b_{m}"]) for m in ("ece", "auroc")},
             "a_minus_b": {m: interval(diff[m]) for m in ("ece", "auroc")},
-            "resamples": resamples, "groups": int(counts.size), "level": level}
+            "resamples": resamples, "groups": int(np.unique(g).size), "level": level}
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, penalty: np.ndarray, start: np.ndarray,

@@ -28,7 +28,7 @@ from .. import skills
 from ..hf.card import record_eval
 from ..inference import LLM, load
 from .answers import METAHEAD, answer_questions, answer_report, plot_risk_coverage, questions
-from .metrics import calibration_summary, fit_platt, paired_bootstrap
+from .metrics import calibration_summary, fit_platt, paired_bootstrap, same_groups
 from .scorer import encode_examples, held_out_records, score_tokens
 
 
@@ -166,8 +166,12 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
         "max_softmax": calibration_summary(stats.msp, stats.correct, bins),
     }
     # How far the figures would move on another sample of documents (paired: both signals
-    # on the same resampled tokens), so a difference is read against its noise.
-    boot = paired_bootstrap(stats.confidence, stats.msp, stats.correct, stats.doc, bins,
+    # on the same resampled tokens), so a difference is read against its noise. A document
+    # drawn twice scores the same twice: one sample, so its copies go together.
+    groups = same_groups([tuple(ids) for ids, _ in examples])
+    report["distinct_documents"] = int(groups.max()) + 1
+    doc_groups = groups[stats.doc]
+    boot = paired_bootstrap(stats.confidence, stats.msp, stats.correct, doc_groups, bins,
                             seed=seed)
     report["metahead"]["ci95"], report["max_softmax"]["ci95"] = boot["a"], boot["b"]
     # The baseline recalibrated too, so ECE compares like with like: on the calibration
@@ -179,7 +183,7 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
         fitted_on = f"builtin:skills calibration split, {chats:,} chats"
     else:
         recalibrated = recalibrated_msp(np.asarray(stats.msp), np.asarray(stats.correct),
-                                        np.asarray(stats.doc))
+                                        doc_groups)
         fitted_on = "the evaluated documents, cross-fitted over two halves"
     report["max_softmax_calibrated"] = {
         **calibration_summary(recalibrated, stats.correct, bins), "fitted_on": fitted_on}
@@ -189,8 +193,8 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
         "ci95": boot["a_minus_b"], "resamples": boot["resamples"],
         "documents": boot["groups"]}
     # What the token-level target compares: the MetaHead against the recalibrated baseline.
-    boot_cal = paired_bootstrap(stats.confidence, recalibrated, stats.correct, stats.doc, bins,
-                                seed=seed)
+    boot_cal = paired_bootstrap(stats.confidence, recalibrated, stats.correct, doc_groups,
+                                bins, seed=seed)
     report["max_softmax_calibrated"]["ci95"] = boot_cal["b"]
     report["metahead_minus_calibrated_baseline"] = {
         "ece": report["metahead"]["ece"] - report["max_softmax_calibrated"]["ece"],
@@ -319,7 +323,7 @@ def format_report(report: dict[str, Any]) -> str:
     d = report.get("metahead_minus_baseline")
     if d:
         lines.append(f"[...]: 95 % intervals from {d['resamples']} bootstrap resamples of the "
-                     f"{d['documents']} documents")
+                     f"{d['documents']} distinct documents (copies of one resampled together)")
     fitted_on = report.get("max_softmax_calibrated", {}).get("fitted_on")
     if fitted_on:
         lines.append(f"recalibrated: Platt scaling fitted on {fitted_on}")
@@ -351,7 +355,14 @@ def format_answers(ans: dict[str, Any]) -> list[str]:
                  f"{_with_ci(d['auroc'], d['ci95'], 4, True)}, PRR "
                  f"{_with_ci(d['prr'], d['prr_ci95'], 4, True)}")
     lines.append(f"[...]: 95 % intervals from {ans['resamples']} paired bootstrap resamples of "
-                 f"the {ans['n']} questions")
+                 f"the {ans.get('questions', ans['n'])} distinct questions ({ans['n']} answers; "
+                 "a question's copies resampled together)")
+    dd = ans.get("distinct")
+    if dd:
+        lines.append(f"each distinct question once: AUROC MetaHead "
+                     f"{_fmt(dd['auroc'][METAHEAD])}, best baseline ({dd['baseline']}) "
+                     f"{_fmt(dd['auroc'][dd['baseline']])}, difference "
+                     f"{_with_ci(dd['metahead_minus_best_baseline'], None, 4, True)}")
     return lines
 
 
