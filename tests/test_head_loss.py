@@ -96,3 +96,13 @@ def test_default_chunk_keeps_a_chunks_fp32_logits_under_the_budget_in_whole_tile
     rows = chunk_rows_for(32000)
     assert rows % 64 == 0 and rows * 32000 * 4 <= 128 * 2**20 < (rows + 64) * 32000 * 4
     assert chunk_rows_for(2**20) == 32 and chunk_rows_for(10**9) == 1
+
+
+def test_forward_names_labels_of_the_wrong_shape():
+    model = _model(True)
+    x = torch.randint(3, 300, (2, 8))
+    with pytest.raises(ValueError, match=r"must be \[batch, seq\] = \(2, 8\)"):
+        model(x, labels=torch.zeros(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="loss_mask"):
+        model(x, labels=torch.zeros(2, 8, dtype=torch.long),
+              loss_mask=torch.ones(2, 7, dtype=torch.bool))

@@ -385,3 +385,24 @@ def test_preset_auto_end_to_end(tmp_path, capsys):
     assert "profile_memory: CUDA memory snapshots need a GPU" in out
     # TensorBoard is optional: either it logged, or the run said why not and went on.
     assert (tmp_path / "tensorboard").is_dir() or "tensorboard: not installed" in out
+
+
+def test_progress_row_gives_mfu_against_the_measured_matmul_rate_when_there_is_one():
+    from types import SimpleNamespace
+
+    from vesper_sdk.training.loop import _interval_row
+
+    cfg = vs.VesperConfig.from_preset("tiny", vocab_size=512)
+    tr = SimpleNamespace(device=torch.device("cpu"), position=4, skipped=0,
+                         sampler=SimpleNamespace(batches_per_epoch=8),
+                         raw_model=SimpleNamespace(config=cfg),
+                         opts=SimpleNamespace(seq_len=128), dist=SimpleNamespace(world=2),
+                         matmul_peak=None)
+    interval = [{"finite": 1.0, "loss": 2.0, "meta_loss": 0.5, "tokens": 1000, "lr": 1e-3,
+                 "grad_norm": 1.0}] * 2
+    row = _interval_row(tr, interval, seconds=0.5)
+    assert row["tok_s"] == 4000 and "mfu" not in row  # no GPU: no rate to divide by
+    tr.matmul_peak = 100.0  # TFLOP/s, per GPU
+    row = _interval_row(tr, interval, seconds=0.5)
+    want = cfg.estimate_flops_per_token(128) * 4000 / 2 / 100e12
+    assert row["mfu"] == pytest.approx(want)

@@ -31,12 +31,13 @@ class HeadLoss:
     """What a training step needs from the LM head, without its logits.
 
     lm_loss_sum: the summed token cross-entropy over the scored positions (fp32, with a
-    gradient); statistics [..., 4]: :func:`~.metahead.logit_statistics` (no gradient);
+    gradient); statistics [..., 4]: :func:`~.metahead.logit_statistics` (no gradient; None
+    from the full-logits path of a model whose MetaHead reads no logit features);
     targets: the MetaHead's :class:`~.metahead.MetaTargets`.
     """
 
     lm_loss_sum: torch.Tensor
-    statistics: torch.Tensor
+    statistics: torch.Tensor | None
     targets: MetaTargets
 
 

@@ -423,6 +423,12 @@ class VesperLM(nn.Module):
         use_stats = self.metahead.use_logits
         loss = None
         if labels is not None:
+            if labels.shape != h.shape[:-1] or (loss_mask is not None
+                                                and loss_mask.shape != labels.shape):
+                raise ValueError(f"labels {tuple(labels.shape)} and loss_mask "
+                                 f"{None if loss_mask is None else tuple(loss_mask.shape)} "
+                                 f"must be [batch, seq] = {tuple(h.shape[:-1])}, one per "
+                                 "input token")
             loss_mask = torch.ones_like(labels, dtype=torch.bool) if loss_mask is None \
                 else loss_mask.bool()
         if labels is not None and self.chunked_loss_rows is not None:
