@@ -97,10 +97,11 @@ def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, l2: fl
     return design(x_eval) @ w
 
 
-def pick_l2(x: np.ndarray, y: np.ndarray, grid=(1e-3, 1e-2, 1e-1, 1.0), folds: int = 5,
-            ) -> float:
-    """The penalty with the best cross-validated AUROC on the fit set."""
-    idx = np.arange(len(y)) % folds
+def pick_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
+            grid=(1e-3, 1e-2, 1e-1, 1.0), folds: int = 5) -> float:
+    """The penalty with the best cross-validated AUROC on the fit set, folds over whole
+    ``groups`` (a question asked twice in two folds would leak its answer)."""
+    idx = np.random.default_rng(0).permutation(int(groups.max()) + 1)[groups] % folds
     best, best_auc = grid[0], -1.0
     for l2 in grid:
         scores = np.empty(len(y))
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "hidden probe + signals": (np.c_[h_fit, s_fit], np.c_[h_ev, s_ev]),
             "layers probe": (l_fit, l_ev),
             "layers probe + signals": (np.c_[l_fit, s_fit], np.c_[l_ev, s_ev])}.items():
-        rows[name] = fit_predict(xf, y_fit, xe, pick_l2(xf, y_fit))
+        rows[name] = fit_predict(xf, y_fit, xe, pick_l2(xf, y_fit, groups))
     passthrough = np.eye(r_fit.shape[1])[-1]  # the unfitted row: the confidence logit
     for name, cols in {"answer row: logit features + confidence": own,
                        "answer row: block outputs": blocks,
