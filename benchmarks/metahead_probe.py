@@ -48,7 +48,6 @@ from vesper_sdk.eval.metrics import (
     fit_answer_row,
     fit_confidence,
     group_resamples,
-    same_groups,
 )
 from vesper_sdk.training.calibration import ANSWER_L2_GRID
 
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
               for c in skills.calibration(args.fit, 1)
               if c["messages"][-2]["content"] not in seen]
     s_fit, h_fit, r_fit, y_fit, groups = answer_features(lm, fit_qs)
-    s_ev, h_ev, r_ev, y_ev, _ = answer_features(lm, held)
+    s_ev, h_ev, r_ev, y_ev, asked = answer_features(lm, held)
     # The answer row's input: every block's output, then the logit features and the
     # confidence logit (the last 4 columns; 1 without logit features).
     tail = r_fit.shape[1] - lm.model.config.num_layers * lm.model.config.hidden_size
@@ -156,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     rows["answer row, penalty by log loss"] = r_ev @ by_log_loss.weight + by_log_loss.bias
     baselines = [n for n in SIGNALS if not n.startswith("metahead")]
     best = max(baselines, key=lambda n: auroc(rows[n], y_ev))
-    # A question drawn twice is answered the same twice: its copies are resampled together.
-    asked = same_groups([q.messages[-1]["content"] for q in held])
+    # A question drawn twice is answered the same twice: its copies (one group of
+    # answer_features') are resampled together.
     first = np.unique(asked, return_index=True)[1]
     draws = {n: [] for n in rows}
     for i in group_resamples(asked, args.resamples):

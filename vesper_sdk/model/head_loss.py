@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .metahead import MetaTargets, logit_features_from_top2
+from .metahead import MetaTargets, logit_features_from_top2, metahead_targets_from_top
 
 IGNORE_INDEX = -100
 # Rows per chunk: as many as keep one chunk's fp32 logits under this many bytes.
@@ -70,11 +70,7 @@ def head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     rows = chunk_rows or chunk_rows_for(weight.shape[0])
     loss, stats, top5 = _HeadLoss.apply(h.reshape(-1, h.shape[-1]), weight,
                                         labels.reshape(-1), mask.reshape(-1), rows)
-    labels_flat = labels.reshape(-1)
-    correct = top5[:, 0] == labels_flat
-    in_top = (top5 == labels_flat[:, None]).any(-1)
-    error_class = torch.where(correct, 0, torch.where(in_top, 1, 2))
-    targets = MetaTargets(correct.view(lead), labels == eos_id, error_class.view(lead))
+    targets = metahead_targets_from_top(top5.view(*lead, top5.shape[-1]), labels, eos_id)
     return HeadLoss(loss, stats.view(*lead, stats.shape[-1]), targets)
 
 

@@ -214,7 +214,13 @@ def metahead_targets(logits: torch.Tensor, labels: torch.Tensor, eos_id: int) ->
     1 if the label is in the top-5, else 2.
     """
     k = min(5, logits.shape[-1])
-    top = logits.detach().topk(k, dim=-1).indices
+    return metahead_targets_from_top(logits.detach().topk(k, dim=-1).indices, labels, eos_id)
+
+
+def metahead_targets_from_top(top: torch.Tensor, labels: torch.Tensor,
+                              eos_id: int) -> MetaTargets:
+    """:func:`metahead_targets` from the indices of the top-5 logits [..., 5], highest
+    first (shared with the chunked training head, :mod:`.head_loss`)."""
     correct = top[..., 0] == labels
     in_top = (top == labels.unsqueeze(-1)).any(-1)
     error_class = torch.where(correct, 0, torch.where(in_top, 1, 2))
