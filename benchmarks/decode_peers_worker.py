@@ -3,8 +3,9 @@
     python decode_peers_worker.py '{"family": ..., "variant": ..., "model": ..., "threads": 2}'
 
 Loads the model once, says ``@@{"ready": true}``, then for each JSON line on stdin
-(``{"prompts": [[ids]], "new_tokens": n}``) decodes greedily, EOS ignored, and answers
-``@@{"seconds": ..., "ids0": first row's first 32 ids, "lengths": [row lengths]}``. Only the
+(``{"prompts": [[ids]], "new_tokens": n}``) decodes greedily, EOS ignored (but by
+vesper's genai runtime), and answers ``@@{"seconds": ..., "ids0": first row's first 32
+ids, "lengths": [row lengths], "tokens": how many}``. Only the
 path's own engine is imported (vesper, onnxruntime-genai, llama-cpp-python or CTranslate2).
 """
 
@@ -30,6 +31,17 @@ def decoder(family: str, variant: str, model: Path, threads: int, extra_bufts: b
               else vs.load(model, device="cpu", compile=variant == "compiled"))
         return lambda prompts, n: [[t.id for t in row] for row in lm.generate_tokens(
             prompts, max_new_tokens=n, temperature=0.0, ignore_eos=True)]
+    if family == "vesper-runtime-genai":  # vesper's API, onnxruntime-genai's loop
+        import torch
+
+        from vesper_sdk.inference.llm import load_onnx
+
+        torch.set_num_threads(threads)
+        lm = load_onnx(model, threads=threads, runtime="genai")
+        # That loop does not take ignore_eos (export.genai_loop): a row that picks EOS ends,
+        # and tokens/s counts the tokens decoded.
+        return lambda prompts, n: [[t.id for t in row] for row in lm.generate_tokens(
+            prompts, max_new_tokens=n, temperature=0.0)]
     if family in ("onnxruntime-genai", "vesper-in-genai"):  # a builder model or our export
         import numpy as np
         import onnxruntime_genai as og
@@ -121,7 +133,8 @@ def worker(spec: dict[str, Any]) -> int:
         rows = decode(req["prompts"], req["new_tokens"])
         dt = time.perf_counter() - t0
         print("@@" + json.dumps({"seconds": dt, "ids0": rows[0][:32],
-                                 "lengths": sorted({len(r) for r in rows})}), flush=True)
+                                 "lengths": sorted({len(r) for r in rows}),
+                                 "tokens": sum(map(len, rows))}), flush=True)
     return 0
 
 

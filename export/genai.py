@@ -18,10 +18,11 @@ its generation loop in C++ over the folder as it is:
 ...     confidence = gen.get_output("confidence")  # the MetaHead, by output name
 
 The MetaHead's outputs (``confidence``, ``stop``, ``answer``) are read by name after each
-step. What onnxruntime-genai does not do is vesper's: stop strings, the regulator, the
-per-token Token records; batches of prompts of different lengths, left-padded, do not
-give onnxruntime-genai the tokens each prompt gives alone (as with its own builder's
-models), so feed one prompt per generator, or prompts of one length.
+step. ``vesper_sdk.load(folder, runtime="genai")`` runs this loop behind vesper's own API
+(:mod:`.genai_loop`). What onnxruntime-genai does not do alone is vesper's: stop strings,
+the regulator, the per-token Token records; batches of prompts of different lengths,
+left-padded, do not give onnxruntime-genai the tokens each prompt gives alone (as with its
+own builder's models), so feed one prompt per generator, or prompts of one length.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ from ..config import VesperConfig
 from ..folder import ModelFolder
 from ..hf.card import onnx_section, update_model_card
 from ..hf.files import write_folder_files
-from ..inference.types import HEAD_OUTPUTS
+from ..inference.types import HEAD_OUTPUTS, TOP_LOGPROB
 from ..model import CONFIG_NAME, WEIGHTS_NAME, FlyLoRALinear, ModelFolderError, VesperLM
 from ..tokenizer import TOKENIZER_NAME
 from .fusions import fuse_residual_norms, share_tied_int4_table
@@ -109,17 +109,18 @@ class _ExportWrapper(nn.Module):
                          past_key_values=pkv, use_cache=self.use_cache)
         flat = [t for kv in out.past_key_values for t in kv] if self.use_cache else []
         heads = [out.logits, out.confidence, out.stop, out.answer]
-        if out.logsumexp is not None:  # a model with logit features has it for free
-            heads.append(out.logsumexp)
+        if out.logsumexp is not None:  # a model with logit features has both for free
+            heads += [out.logsumexp, out.top_logprob]
         return (*heads, *flat)
 
 
 def io_names(num_layers: int, use_cache: bool, logsumexp: bool = True,
              ) -> tuple[list[str], list[str]]:
     """(input names, output names) of the exported graph; ``logsumexp``: whether the model
-    has that output (a model with logit features)."""
+    has that output and ``top_logprob`` (a model with logit features)."""
     inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = [n for n in HEAD_OUTPUTS if logsumexp or n != "logsumexp"]
+    outputs = ([*HEAD_OUTPUTS, TOP_LOGPROB] if logsumexp
+               else [n for n in HEAD_OUTPUTS if n != "logsumexp"])
     if use_cache:
         for i in range(num_layers):
             inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]

@@ -52,10 +52,11 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
     answer logit), ``rel_err``
     and ``top1_gap`` (see QUANT_BOUNDS) and ``top1_agree`` over real positions. A graph's
     ``logsumexp`` output must be that of its own logits (the decoding loop takes a token's
-    log-probability from it).
+    log-probability from it), and its ``top_logprob`` their top-1 log-probability.
     """
     cfg = model.config
-    # The graph's outputs before the cache's: logits, confidence, stop, answer[, logsumexp].
+    # The graph's outputs before the cache's: logits, confidence, stop, answer[, logsumexp,
+    # top_logprob].
     n_heads = sum(not o.name.startswith("present.") for o in session.get_outputs())
     gen = torch.Generator().manual_seed(seed)
     lens = [min(9, cfg.max_seq_len - steps), min(5, cfg.max_seq_len - steps)]
@@ -88,6 +89,13 @@ def check_parity(session: Any, model: VesperLM, use_cache: bool = True, steps: i
             if not (lse - own).abs().max() <= 1e-3 * max(1.0, own.abs().max().item()):
                 raise ExportError("the ONNX graph's logsumexp output is not its logits' "
                                   f"(off by {(lse - own).abs().max().item():.3g})")
+        if n_heads > 5:
+            top = torch.from_numpy(got[5])[:, -new:]
+            own = g_logits.double().max(-1).values.float() - lse
+            if not (top - own).abs().max() <= 1e-3 * max(1.0, own.abs().max().item()):
+                raise ExportError("the ONNX graph's top_logprob output is not its logits' "
+                                  f"top-1 log-probability (off by "
+                                  f"{(top - own).abs().max().item():.3g})")
         if not torch.isfinite(g_logits).all() or not all(torch.isfinite(c).all()
                                                           for c in got_conf):
             raise ExportError("the ONNX graph produced NaN/inf outputs")

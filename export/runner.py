@@ -162,7 +162,8 @@ class OnnxBackend:
         self.max_seq_len = self.config.max_seq_len
         if threads is None and self.config.num_parameters() < SINGLE_THREAD_PARAMS:
             threads = 1
-        self.session = make_session(self.model_dir / ONNX_NAME, providers, threads, spin)
+        self.threads = threads or physical_cores()
+        self.session = make_session(self.model_dir / ONNX_NAME, providers, self.threads, spin)
         names = [i.name for i in self.session.get_inputs()]
         self._past_names = [n for n in names if n.startswith("past_key_values.")]
         self._present_names = [o.name for o in self.session.get_outputs()

@@ -78,7 +78,7 @@ def test_graph_signature_dynamic_axes_and_flylora_topk(exports, model_dir):
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert names[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     outs = [o.name for o in graph.output]
-    assert outs == ["logits", "confidence", "stop", "answer", "logsumexp"] + [
+    assert outs == ["logits", "confidence", "stop", "answer", "logsumexp", "top_logprob"] + [
         f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
 
     def dims(vi):
@@ -111,14 +111,18 @@ def test_past_length_zero_and_batch_size_change(exports, model_dir):
         with torch.no_grad():
             ref = model(ids, use_cache=True)
         assert got[0].shape == (b, s, cfg.vocab_size)
-        assert got[5].shape == (b, cfg.num_heads, s, cfg.head_dim)  # present = past(0) + s
+        assert got[6].shape == (b, cfg.num_heads, s, cfg.head_dim)  # present = past(0) + s
         assert np.abs(got[0] - ref.logits.numpy()).max() <= 1e-4
         assert np.abs(got[3] - ref.answer.numpy()).max() <= 1e-4  # the answer logit
         # The logits' log-sum-exp, the model's and the graph's own logits'.
         assert np.abs(got[4] - ref.logsumexp.numpy()).max() <= 1e-4
         lse = torch.logsumexp(torch.from_numpy(got[0]).double(), -1).numpy()
         assert np.abs(got[4] - lse).max() <= 1e-4
-        assert np.abs(got[5] - ref.past_key_values[0][0].numpy()).max() <= 1e-5
+        # The top-1 token's log-probability (a greedy token's), from the same statistics.
+        top = torch.from_numpy(got[0]).double().log_softmax(-1).max(-1).values.numpy()
+        assert np.abs(got[5] - top).max() <= 1e-4
+        assert np.abs(got[5] - ref.top_logprob.numpy()).max() <= 1e-4
+        assert np.abs(got[6] - ref.past_key_values[0][0].numpy()).max() <= 1e-5
 
 
 def test_quantized_exports_are_smaller_and_close(exports, model_dir):

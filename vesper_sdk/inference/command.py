@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..eval.regulator import MetacognitiveRegulator
 from ..model.metahead import answer_confidence
-from .llm import load
+from .llm import RUNTIMES, load
 from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams
 from .types import Token
 
@@ -21,6 +21,7 @@ class GenerateOptions:
       vesper generate runs/a/model --prompt "2+3=" --temperature 0
       vesper generate runs/a/model --chat --prompt "What is 7*6?" --regulator --retries 2
       echo "Once upon a time" | vesper generate runs/a/model --max-new-tokens 64 --json
+      vesper generate runs/a-int4 --prompt "2+3=" --temperature 0 --runtime genai
     """
 
     model_dir: str = field(metadata={"help": "model folder (config.json, model.safetensors, "
@@ -59,6 +60,10 @@ class GenerateOptions:
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the decode step: faster tokens (CPU ~1.2x, CUDA ~1.4x) "
                 "after a wait of tens of seconds for the compiler"})
+    runtime: str = field(default="vesper", metadata={
+        "choices": list(RUNTIMES),
+        "help": "an ONNX export's decoding loop: vesper's own, or onnxruntime-genai's C++ "
+                "loop for greedy answers (an --in-place-kv export; the genai extra)"})
 
 
 def cli(opts: GenerateOptions) -> int:
@@ -72,7 +77,7 @@ def cli(opts: GenerateOptions) -> int:
         if not prompt.strip():
             raise ValueError("no prompt: standard input was empty. Pass --prompt TEXT or "
                              "pipe text in (--prompt '' starts from nothing on purpose)")
-    lm = load(opts.model_dir, device=opts.device, compile=opts.compile)
+    lm = load(opts.model_dir, device=opts.device, compile=opts.compile, runtime=opts.runtime)
     if getattr(lm.backend, "compile", False):
         # Said up front: otherwise the first token's wait looks like a hang.
         print("note: --compile: the first tokens wait for torch.compile (tens of seconds the "

@@ -46,7 +46,8 @@ class LLM:
     """
 
     def __init__(self, model: VesperLM | DecodeBackend, tokenizer: VesperTokenizer,
-                 model_dir: str | Path | None = None, pipeline: bool | None = None) -> None:
+                 model_dir: str | Path | None = None, pipeline: bool | None = None,
+                 engine: Engine | None = None) -> None:
         backend = TorchBackend(model) if isinstance(model, VesperLM) else model
         if tokenizer.vocab_size > backend.vocab_size:
             raise ModelFolderError(
@@ -56,7 +57,8 @@ class LLM:
         self.model: VesperLM | None = getattr(backend, "model", None)
         self.tokenizer = tokenizer
         self.model_dir = Path(model_dir) if model_dir is not None else None
-        self.engine = Engine(backend, tokenizer, pipeline)
+        # Another loop over the same backend (export.genai_loop) may be given instead.
+        self.engine = engine if engine is not None else Engine(backend, tokenizer, pipeline)
 
     @property
     def pipeline(self) -> bool:
@@ -167,17 +169,30 @@ def _params(params: SamplingParams | None, fields: dict[str, Any]) -> SamplingPa
     return params.replace(**fields) if fields else params
 
 
+#: The decoding loops an ONNX export can run in (``load(..., runtime=...)``).
+RUNTIMES = ("vesper", "genai")
+
+
 def load(model_dir: str | Path, device: str | torch.device | None = "auto",
-         dtype: torch.dtype | None = None, compile: bool = False) -> LLM:
+         dtype: torch.dtype | None = None, compile: bool = False,
+         runtime: str = "vesper") -> LLM:
     """Load a model folder (fp32, bitsandbytes-quantized or ONNX export) ready to use.
 
     ``device='auto'`` picks CUDA when present. ``compile=True`` compiles the decode step
     with ``torch.compile`` (CUDA or CPU; see :class:`TorchBackend`): worth it for a
-    long-running process, not for one answer.
+    long-running process, not for one answer. ``runtime``: an ONNX export's decoding
+    loop, vesper's own (``"vesper"``) or onnxruntime-genai's C++ loop for greedy batches
+    (``"genai"``, an in-place KV export; see :func:`load_onnx`).
     """
     folder = ModelFolder(model_dir)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if folder.kind == "onnx":
-        return load_onnx(folder.path)
+        return load_onnx(folder.path, runtime=runtime)
+    if runtime != "vesper":
+        raise ValueError(f"runtime={runtime!r} runs an ONNX export; {folder.path} is a "
+                         f"{folder.kind} model folder (export it with `vesper export "
+                         "MODEL_DIR -o OUT --in-place-kv`)")
     dev = resolve_device(device)
     if folder.kind == "bnb":  # quantized layers fix their own dtype
         model = load_quantized(folder.path, device=dev)
@@ -189,11 +204,25 @@ def load(model_dir: str | Path, device: str | torch.device | None = "auto",
 
 
 def load_onnx(model_dir: str | Path, providers: list[str] | None = None,
-              threads: int | None = None) -> LLM:
+              threads: int | None = None, runtime: str = "vesper") -> LLM:
     """An exported ONNX folder as an ``LLM`` (``vesper_sdk.export.OnnxModel``): the same
-    generate / stream / chat / score and regulator over ONNX Runtime."""
+    generate / stream / chat / score and regulator over ONNX Runtime.
+
+    ``runtime="genai"`` (an in-place KV export, the ``genai`` extra): greedy batches of
+    plain requests decode in onnxruntime-genai's C++ loop, the same tokens with their
+    log-probability and MetaHead outputs, and everything else in vesper's own loop over
+    the same export (:mod:`vesper_sdk.export.genai_loop`). It loads the graph twice.
+    """
     # ONNX Runtime is the export extra's: imported only for an exported folder.
     from ..export.runner import OnnxBackend
 
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     backend = OnnxBackend(model_dir, providers=providers, threads=threads)
-    return LLM(backend, VesperTokenizer.from_file(model_dir), model_dir)
+    tokenizer = VesperTokenizer.from_file(model_dir)
+    engine = None
+    if runtime == "genai":
+        from ..export.genai_loop import GenaiEngine
+
+        engine = GenaiEngine(backend, tokenizer)
+    return LLM(backend, tokenizer, model_dir, engine=engine)

@@ -111,6 +111,9 @@ class GenerationRequest:
 # The model's per-position outputs a decoding step hands on, by name (an ONNX export's
 # output names).
 HEAD_OUTPUTS = ("logits", "confidence", "stop", "answer", "logsumexp")
+# An export's output after them: the top-1 token's log-probability, i.e. a greedy token's
+# own. The onnxruntime-genai loop reads it instead of copying the logits out each step.
+TOP_LOGPROB = "top_logprob"
 
 
 @dataclass

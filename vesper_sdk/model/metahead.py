@@ -14,6 +14,8 @@ from torch import nn
 from ..config import VesperConfig
 
 N_LOGIT_FEATURES = 3
+# The first feature is the top-1 log-probability: a greedy token's own log-probability.
+TOP1_LOGPROB = 0
 # :func:`logit_statistics` holds the features, then the log-sum-exp of the logits (what a
 # token's log-probability needs, computed on the way to the features).
 LOGSUMEXP = N_LOGIT_FEATURES

@@ -38,6 +38,7 @@ from .metahead import (
     ERROR,
     LOGSUMEXP,
     STOP,
+    TOP1_LOGPROB,
     MetaHead,
     logit_statistics,
     metahead_targets,
@@ -58,7 +59,9 @@ class VesperOutput:
     MetaHead's raw outputs, see
     its ``CONFIDENCE``, ``STOP``, ``ERROR`` and ``ANSWER`` slices); logsumexp [B,S] fp32
     (the logits' log-sum-exp, so a token's log-probability is its logit minus it; the
-    MetaHead computes it for its logit features, None in a model without them); loss
+    MetaHead computes it for its logit features, None in a model without them);
+    top_logprob [B,S] fp32 (the top-1 token's log-probability: a greedy token's, from the
+    same features; None without them); loss
     (given ``labels``): the LM loss sum and the MetaHead's targets, and then logits are
     None when the chunked head is on (:meth:`VesperLM.set_chunked_loss`).
     """
@@ -74,6 +77,7 @@ class VesperOutput:
     meta_logits: torch.Tensor
     logsumexp: torch.Tensor | None = None
     loss: HeadLoss | None = None
+    top_logprob: torch.Tensor | None = None
 
 
 class ERA(nn.Module):
@@ -362,7 +366,7 @@ class VesperLM(nn.Module):
             if aux is not None:
                 aux_loss = aux_loss + aux
         h = self.norm(x)
-        logits, meta, lse, loss = self.heads(h, block_outputs, labels, loss_mask)
+        logits, meta, stats, loss = self.heads(h, block_outputs, labels, loss_mask)
         if self.config.num_experts:
             aux_loss = aux_loss * self.config.moe_aux_loss_coef
         return VesperOutput(
@@ -375,8 +379,9 @@ class VesperLM(nn.Module):
             past_key_values=cache if use_cache else None,
             hidden_states=h,
             meta_logits=meta,
-            logsumexp=lse,
+            logsumexp=None if stats is None else stats[..., LOGSUMEXP],
             loss=loss,
+            top_logprob=None if stats is None else stats[..., TOP1_LOGPROB],
         )
 
     def _positions_and_mask(self, b: int, s: int, past_len: int,
@@ -416,8 +421,9 @@ class VesperLM(nn.Module):
               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
                          HeadLoss | None]:
         """(logits [..., V], raw meta logits [..., 6] in fp32, [..., 5] without the answer
-        row when ``block_outputs`` is None, the logits' log-sum-exp [...] or None without
-        logit features, the loss given ``labels``) from the final hidden state and the
+        row when ``block_outputs`` is None, the logit statistics [..., 4]
+        (:func:`~.metahead.logit_statistics`) or None without logit features, the loss
+        given ``labels``) from the final hidden state and the
         blocks' outputs. The chunked head (:meth:`set_chunked_loss`) returns no logits."""
         meta_in = h if self.config.metahead_grad_to_trunk else h.detach()
         use_stats = self.metahead.use_logits
@@ -443,8 +449,7 @@ class VesperLM(nn.Module):
                 loss = HeadLoss(lm_loss_sum(logits, labels, loss_mask), stats,
                                 metahead_targets(logits, labels, self.config.eos_token_id))
         meta = self.metahead(meta_in, logits, block_outputs, stats).float()
-        lse = None if stats is None else stats[..., LOGSUMEXP]
-        return logits, meta, lse, loss
+        return logits, meta, stats, loss
 
     # --- the model folder ----------------------------------------------------------
     def save_pretrained(self, directory: str | Path, extra_files: dict[str, Path] | None = None,
