@@ -20,28 +20,20 @@ from typing import Any
 
 def decoder(family: str, variant: str, model: Path, threads: int, extra_bufts: bool):
     """decode(prompts, new_tokens) -> generated ids per row, for one path."""
-    if family == "vesper":
+    if family in ("vesper", "vesper-runtime-genai"):  # vesper's API, either ONNX loop
         import torch
 
         import vesper_sdk as vs
         from vesper_sdk.inference.llm import load_onnx
 
         torch.set_num_threads(threads)
-        lm = (load_onnx(model, threads=threads) if variant.startswith("onnx")
+        runtime = "genai" if family == "vesper-runtime-genai" else "vesper"
+        lm = (load_onnx(model, threads=threads, runtime=runtime) if variant.startswith("onnx")
               else vs.load(model, device="cpu", compile=variant == "compiled"))
+        # The genai loop does not take ignore_eos (export.genai_loop): there a row that
+        # picks EOS ends, and tokens/s counts the tokens decoded.
         return lambda prompts, n: [[t.id for t in row] for row in lm.generate_tokens(
-            prompts, max_new_tokens=n, temperature=0.0, ignore_eos=True)]
-    if family == "vesper-runtime-genai":  # vesper's API, onnxruntime-genai's loop
-        import torch
-
-        from vesper_sdk.inference.llm import load_onnx
-
-        torch.set_num_threads(threads)
-        lm = load_onnx(model, threads=threads, runtime="genai")
-        # That loop does not take ignore_eos (export.genai_loop): a row that picks EOS ends,
-        # and tokens/s counts the tokens decoded.
-        return lambda prompts, n: [[t.id for t in row] for row in lm.generate_tokens(
-            prompts, max_new_tokens=n, temperature=0.0)]
+            prompts, max_new_tokens=n, temperature=0.0, ignore_eos=runtime == "vesper")]
     if family in ("onnxruntime-genai", "vesper-in-genai"):  # a builder model or our export
         import numpy as np
         import onnxruntime_genai as og

@@ -91,14 +91,7 @@ class GenaiEngine(Engine):
         if not takes(rows):
             yield from super()._decode(rows)
             return
-        p_len = len(rows[0].prompt_ids)
-        live = []
-        for r in rows:
-            r.budget = min(r.budget, self.max_seq_len - p_len)
-            if r.budget > 0 and not r.request.is_cancelled:
-                live.append(r)
-            else:
-                r.finished, r.cancelled = True, r.request.is_cancelled
+        p_len, live = self.live_rows(rows)  # no prompt_logprobs here: live rows have budget
         if not live:
             return
         og = self._og

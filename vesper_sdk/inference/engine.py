@@ -213,9 +213,9 @@ class Engine:
             b = self._bytes[idx] = self.tokenizer.token_bytes(idx)
         return b
 
-    def _decode(self, rows: list[_Row]) -> Iterator[tuple[_Row, Token | PromptLogprobs]]:
-        """Run ``rows`` to completion as one batch: one prefill, then one token per step."""
-        backend, dev = self.backend, self.device
+    def live_rows(self, rows: list[_Row]) -> tuple[int, list[_Row]]:
+        """(the longest prompt, the rows with work to do): each row's budget cut to the room
+        the longest prompt leaves; the rest are marked finished (or cancelled)."""
         p_len = max(len(r.prompt_ids) for r in rows)
         for r in rows:
             r.budget = min(r.budget, self.max_seq_len - p_len)
@@ -224,9 +224,14 @@ class Engine:
         for r in rows:
             if r not in live:
                 r.finished, r.cancelled = True, r.request.is_cancelled
-        if not live:
+        return p_len, live
+
+    def _decode(self, rows: list[_Row]) -> Iterator[tuple[_Row, Token | PromptLogprobs]]:
+        """Run ``rows`` to completion as one batch: one prefill, then one token per step."""
+        backend, dev = self.backend, self.device
+        p_len, rows = self.live_rows(rows)
+        if not rows:
             return
-        rows = live
         b, steps = len(rows), max(0, *(r.budget for r in rows))
         pad = self.tokenizer.pad_id
         with host_scope(backend):

@@ -173,6 +173,11 @@ def _params(params: SamplingParams | None, fields: dict[str, Any]) -> SamplingPa
 RUNTIMES = ("vesper", "genai")
 
 
+def _check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
 def load(model_dir: str | Path, device: str | torch.device | None = "auto",
          dtype: torch.dtype | None = None, compile: bool = False,
          runtime: str = "vesper") -> LLM:
@@ -185,8 +190,7 @@ def load(model_dir: str | Path, device: str | torch.device | None = "auto",
     (``"genai"``, an in-place KV export; see :func:`load_onnx`).
     """
     folder = ModelFolder(model_dir)
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    _check_runtime(runtime)
     if folder.kind == "onnx":
         return load_onnx(folder.path, runtime=runtime)
     if runtime != "vesper":
@@ -216,8 +220,7 @@ def load_onnx(model_dir: str | Path, providers: list[str] | None = None,
     # ONNX Runtime is the export extra's: imported only for an exported folder.
     from ..export.runner import OnnxBackend
 
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    _check_runtime(runtime)
     backend = OnnxBackend(model_dir, providers=providers, threads=threads)
     tokenizer = VesperTokenizer.from_file(model_dir)
     engine = None
