@@ -13,6 +13,13 @@ L2-penalised logistic regression from features of each answer to "the answer is 
   over the answer's positions and concatenated: what the intermediate layers know that
   the final one may no longer say (trained probes in the literature read these);
 - ``layers probe + signals``: both.
+- ``answer MLP``: what the answer row reads, at every token of the answer, through a small
+  MLP (one hidden layer of 64, GELU) whose per-token outputs are averaged over the answer
+  (pooled as the answer row is, so it could sit in the one forward), trained by gradient
+  descent on the answers' right/wrong, a fixed recipe. Beside it, the grouped 5-fold
+  cross-validation on the fit answers that a fit could choose between it and the answer
+  row by (each distinct question counted once per fold: one question drawn thousands
+  of times would otherwise decide a fold).
 
 Then the MetaHead's answer row, as ``vesper calibrate`` fits it
 (``eval.metrics.fit_answer_row``: penalty by cross-validated AUROC over questions), on
@@ -27,6 +34,7 @@ and the AUROC with each distinct question counted once): same data and seeds for
 row, an ablation.
 
     python benchmarks/metahead_probe.py [MODEL_DIR] [--fit 2000] [--eval 600] [--json PATH]
+        [--mlp-epochs 40]
 """
 
 from __future__ import annotations
@@ -58,8 +66,9 @@ def answer_features(lm, qs: list[Question], max_tokens: int = 24, batch: int = 1
                     ) -> tuple[np.ndarray, ...]:
     """(signals [n, S], pooled final hidden states [n, H], pooled answer-row inputs [n, R]:
     every block's output, the logit features, the confidence logit; correct [n]; the
-    question's group [n]) of greedy answers."""
-    sig, hid, reads, ok, asked = [], [], [], [], []
+    question's group [n]; each answer's per-token answer-row inputs [T_i, R]) of greedy
+    answers."""
+    sig, hid, reads, ok, asked, tokens = [], [], [], [], [], []
     seen: list[torch.Tensor] = []  # the answer row's input in the current forward
     hook = lm.model.metahead.answer.register_forward_hook(
         lambda _m, inputs, _out: seen.append(inputs[0]))
@@ -75,12 +84,13 @@ def answer_features(lm, qs: list[Question], max_tokens: int = 24, batch: int = 1
                        torch.tensor(ids))
         sig.append([s[k] for k in SIGNALS])
         hid.append(out.hidden_states[0, pos].float().mean(0).numpy())
-        reads.append(seen[-1][0, pos].float().mean(0).numpy())
+        tokens.append(seen[-1][0, pos].float())
+        reads.append(tokens[-1].mean(0).numpy())
         ok.append(float(q.grade("".join(t.text for t in answer))))
         asked.append(q.messages[-1]["content"])
     hook.remove()
     groups = np.unique(asked, return_inverse=True)[1]
-    return np.array(sig), np.array(hid), np.array(reads), np.array(ok), groups
+    return np.array(sig), np.array(hid), np.array(reads), np.array(ok), groups, tokens
 
 
 def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, l2: float,
@@ -112,12 +122,72 @@ def pick_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     return best
 
 
+def _pool(z: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of per-token values ``z`` over each answer (``seg``: a token's answer)."""
+    return torch.zeros(n).index_add_(0, seg, z) / torch.bincount(seg, minlength=n)
+
+
+def _stack(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor([len(t) for t in tokens])
+    return torch.cat(tokens), torch.repeat_interleave(torch.arange(len(tokens)), lens)
+
+
+def fit_answer_mlp(tokens: list[torch.Tensor], y: np.ndarray, epochs: int, seed: int = 0,
+                   hidden: int = 64):
+    """The answer MLP fitted on answers' per-token inputs; returns a scorer of answers
+    (their mean per-token logit). A fixed recipe (AdamW, lr 3e-3, weight decay 0.3,
+    input dropout 0.2, 512 answers a batch, ``epochs`` epochs), so cross-validation
+    of it is honest: nothing is chosen on the folds' test answers."""
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    x, seg = _stack(tokens)
+    mu, sd = x.mean(0), x.std(0) + 1e-4
+    x = (x - mu) / sd
+    net = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(x.shape[1], hidden),
+                              torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.3)
+    target, n = torch.tensor(y, dtype=torch.float32), len(y)
+    for _ in range(epochs):
+        net.train()
+        for b in torch.randperm(n, generator=order).split(512):
+            sel = torch.isin(seg, b)
+            local = torch.full((n,), -1, dtype=torch.long)
+            local[b] = torch.arange(len(b))
+            pooled = _pool(net(x[sel]).squeeze(-1), local[seg[sel]], len(b))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(pooled, target[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+
+    def score(answers: list[torch.Tensor]) -> np.ndarray:
+        xs, s = _stack(answers)
+        with torch.no_grad():
+            return _pool(net((xs - mu) / sd).squeeze(-1), s, len(answers)).numpy()
+    return score
+
+
+def distinct_cv(fit_score, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> float:
+    """Grouped ``folds``-fold cross-validated AUROC, each distinct question once per fold,
+    averaged over the folds. ``fit_score(train_idx, test_idx)`` scores the test answers
+    from a fit on the training ones."""
+    fold = np.random.default_rng(0).permutation(int(groups.max()) + 1)[groups] % folds
+    per = []
+    for f in range(folds):
+        test = np.flatnonzero(fold == f)
+        scores = fit_score(np.flatnonzero(fold != f), test)
+        once = np.unique(groups[test], return_index=True)[1]
+        per.append(auroc(scores[once], y[test][once]))
+    return float(np.mean(per))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "vesper_sdk/assets/default_model"))
     ap.add_argument("--fit", type=int, default=2000, help="calibration-split questions")
     ap.add_argument("--eval", type=int, default=600, help="held-out questions")
     ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument("--mlp-epochs", type=int, default=40, help="the answer MLP's epochs")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -127,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     fit_qs = [Question(c["messages"][:-1], c["messages"][-1]["content"], c["task"])
               for c in skills.calibration(args.fit, 1)
               if c["messages"][-2]["content"] not in seen]
-    s_fit, h_fit, r_fit, y_fit, groups = answer_features(lm, fit_qs)
-    s_ev, h_ev, r_ev, y_ev, asked = answer_features(lm, held)
+    s_fit, h_fit, r_fit, y_fit, groups, t_fit = answer_features(lm, fit_qs)
+    s_ev, h_ev, r_ev, y_ev, asked, t_ev = answer_features(lm, held)
     # The answer row's input: every block's output, then the logit features and the
     # confidence logit (the last 4 columns; 1 without logit features).
     tail = r_fit.shape[1] - lm.model.config.num_layers * lm.model.config.hidden_size
@@ -150,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         fit = fit_answer_row(r_fit[:, cols], y_fit, groups, passthrough[cols], 0.0,
                              l2_grid=ANSWER_L2_GRID)
         rows[name] = r_ev[:, cols] @ fit.weight + fit.bias
+    rows["answer MLP"] = fit_answer_mlp(t_fit, y_fit, args.mlp_epochs)(t_ev)
+    cv = {"answer MLP": distinct_cv(
+        lambda tr, te: fit_answer_mlp([t_fit[i] for i in tr], y_fit[tr], args.mlp_epochs)(
+            [t_fit[i] for i in te]), y_fit, groups)}
+    for l2 in ANSWER_L2_GRID:  # the answer row's L2 logistic regression, each penalty
+        cv[f"answer row, L2 {l2:g}"] = distinct_cv(
+            lambda tr, te, l2=l2: fit_predict(r_fit[tr], y_fit[tr], r_fit[te], l2),
+            y_fit, groups)
     by_log_loss = fit_confidence(r_fit, y_fit, groups, passthrough, 0.0,
                                  l2_grid=ANSWER_L2_GRID)
     rows["answer row, penalty by log loss"] = r_ev @ by_log_loss.weight + by_log_loss.bias
@@ -165,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "fit_answers": int(len(y_fit)),
               "fit_accuracy": float(y_fit.mean()), "eval_answers": int(len(y_ev)),
               "eval_accuracy": float(y_ev.mean()), "eval_questions": int(first.size),
-              "best_baseline": best, "methods": {}}
+              "best_baseline": best, "methods": {},
+              "fit_cv_auroc_each_question_once": cv}
     print(f"fit on {len(y_fit)} calibration-split answers (accuracy {y_fit.mean():.3f}), "
           f"scored on {len(y_ev)} held-out answers (accuracy {y_ev.mean():.3f}) to "
           f"{first.size} distinct questions")
@@ -181,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "ci95": [float(lo), float(hi)], "auroc_distinct": once}
         print(f"{n:<26}{a:>8.3f}{prr(score, y_ev):>8.3f}   {a - auroc(rows[best], y_ev):+.4f} "
               f"[{lo:+.4f}, {hi:+.4f}]   {once:.3f}")
+    print("grouped 5-fold CV on the fit answers, each question once per fold: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in cv.items()))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
