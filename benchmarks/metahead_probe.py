@@ -106,11 +106,16 @@ def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, l2: fl
     return design(x_eval) @ w
 
 
+def question_folds(groups: np.ndarray, folds: int) -> np.ndarray:
+    """Each answer's fold, whole ``groups`` (questions) to a fold, the same every run."""
+    return np.random.default_rng(0).permutation(int(groups.max()) + 1)[groups] % folds
+
+
 def pick_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
             grid=(1e-3, 1e-2, 1e-1, 1.0), folds: int = 5) -> float:
     """The penalty with the best cross-validated AUROC on the fit set, folds over whole
     ``groups`` (a question asked twice in two folds would leak its answer)."""
-    idx = np.random.default_rng(0).permutation(int(groups.max()) + 1)[groups] % folds
+    idx = question_folds(groups, folds)
     best, best_auc = grid[0], -1.0
     for l2 in grid:
         scores = np.empty(len(y))
@@ -171,7 +176,7 @@ def distinct_cv(fit_score, y: np.ndarray, groups: np.ndarray, folds: int = 5) ->
     """Grouped ``folds``-fold cross-validated AUROC, each distinct question once per fold,
     averaged over the folds. ``fit_score(train_idx, test_idx)`` scores the test answers
     from a fit on the training ones."""
-    fold = np.random.default_rng(0).permutation(int(groups.max()) + 1)[groups] % folds
+    fold = question_folds(groups, folds)
     per = []
     for f in range(folds):
         test = np.flatnonzero(fold == f)
