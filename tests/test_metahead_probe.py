@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from metahead_probe import distinct_cv, fit_answer_mlp, fit_predict  # noqa: E402
-
-from vesper_sdk.eval.metrics import auroc  # noqa: E402
+from vesper_sdk.benchmarks.metahead_probe import distinct_cv, fit_answer_mlp, fit_predict
+from vesper_sdk.eval.metrics import auroc
 
 
 def test_distinct_cv_is_unchanged_by_copies_of_a_question():
