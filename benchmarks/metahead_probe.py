@@ -13,20 +13,20 @@ L2-penalised logistic regression from features of each answer to "the answer is 
   over the answer's positions and concatenated: what the intermediate layers know that
   the final one may no longer say (trained probes in the literature read these);
 - ``layers probe + signals``: both.
-- ``answer MLP``: what the answer row reads, at every token of the answer, through a small
-  MLP (one hidden layer of 64, GELU) whose per-token outputs are averaged over the answer
-  (pooled as the answer row is, so it could sit in the one forward), trained by gradient
-  descent on the answers' right/wrong, a fixed recipe. Beside it, the grouped 5-fold
-  cross-validation on the fit answers that a fit could choose between it and the answer
-  row by (each distinct question counted once per fold: one question drawn thousands
-  of times would otherwise decide a fold).
+- ``answer MLP``: the MetaHead's answer MLP as ``vesper calibrate`` fits it
+  (``training.answer_mlp``): what the answer row reads, at every token of the answer,
+  through one hidden layer, its per-token outputs averaged over the answer, a fixed
+  recipe. Beside it, the grouped 5-fold cross-validation on the fit answers that
+  calibration chooses between it and the answer row by (``eval.metrics.cv_auroc_once``:
+  each distinct question counted once per fold, as one question drawn thousands of
+  times would otherwise decide a fold).
 
 Then the MetaHead's answer row, as ``vesper calibrate`` fits it
 (``eval.metrics.fit_answer_row``: penalty by cross-validated AUROC over questions), on
 the same answers, from parts of what it reads (``answer row: ...``), and with its penalty
 chosen by cross-validated log loss instead (``fit_confidence``, the token confidence's
-criterion). ``metahead_answer`` is the model's own answer row, as fitted when it was
-calibrated.
+criterion). ``metahead_answer`` is the model's own answer logit (its row, or its MLP),
+as fitted when it was calibrated.
 
 Each is scored on the held-out questions (AUROC, PRR, paired bootstrap difference to the
 best single baseline, the copies of a question drawn more than once resampled together;
@@ -40,6 +40,7 @@ row, an ablation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -53,10 +54,13 @@ from vesper_sdk.eval.answers import SIGNALS, Question, greedy_answers, prr, sign
 from vesper_sdk.eval.metrics import (
     _fit_logistic,
     auroc,
+    cv_auroc_once,
     fit_answer_row,
     fit_confidence,
     group_resamples,
+    question_folds,
 )
+from vesper_sdk.training.answer_mlp import DEFAULT_RECIPE, answer_logits, fit_answer_mlp
 from vesper_sdk.training.calibration import ANSWER_L2_GRID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,11 +110,6 @@ def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, l2: fl
     return design(x_eval) @ w
 
 
-def question_folds(groups: np.ndarray, folds: int) -> np.ndarray:
-    """Each answer's fold, whole ``groups`` (questions) to a fold, the same every run."""
-    return np.random.default_rng(0).permutation(int(groups.max()) + 1)[groups] % folds
-
-
 def pick_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
             grid=(1e-3, 1e-2, 1e-1, 1.0), folds: int = 5) -> float:
     """The penalty with the best cross-validated AUROC on the fit set, folds over whole
@@ -127,72 +126,14 @@ def pick_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
     return best
 
 
-def _pool(z: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of per-token values ``z`` over each answer (``seg``: a token's answer)."""
-    return torch.zeros(n).index_add_(0, seg, z) / torch.bincount(seg, minlength=n)
-
-
-def _stack(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    lens = torch.tensor([len(t) for t in tokens])
-    return torch.cat(tokens), torch.repeat_interleave(torch.arange(len(tokens)), lens)
-
-
-def fit_answer_mlp(tokens: list[torch.Tensor], y: np.ndarray, epochs: int, seed: int = 0,
-                   hidden: int = 64):
-    """The answer MLP fitted on answers' per-token inputs; returns a scorer of answers
-    (their mean per-token logit). A fixed recipe (AdamW, lr 3e-3, weight decay 0.3,
-    input dropout 0.2, 512 answers a batch, ``epochs`` epochs), so cross-validation
-    of it is honest: nothing is chosen on the folds' test answers."""
-    torch.manual_seed(seed)
-    order = torch.Generator().manual_seed(seed)
-    x, seg = _stack(tokens)
-    mu, sd = x.mean(0), x.std(0) + 1e-4
-    x = (x - mu) / sd
-    net = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(x.shape[1], hidden),
-                              torch.nn.GELU(), torch.nn.Linear(hidden, 1))
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.3)
-    target, n = torch.tensor(y, dtype=torch.float32), len(y)
-    for _ in range(epochs):
-        net.train()
-        for b in torch.randperm(n, generator=order).split(512):
-            sel = torch.isin(seg, b)
-            local = torch.full((n,), -1, dtype=torch.long)
-            local[b] = torch.arange(len(b))
-            pooled = _pool(net(x[sel]).squeeze(-1), local[seg[sel]], len(b))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(pooled, target[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-
-    def score(answers: list[torch.Tensor]) -> np.ndarray:
-        xs, s = _stack(answers)
-        with torch.no_grad():
-            return _pool(net((xs - mu) / sd).squeeze(-1), s, len(answers)).numpy()
-    return score
-
-
-def distinct_cv(fit_score, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> float:
-    """Grouped ``folds``-fold cross-validated AUROC, each distinct question once per fold,
-    averaged over the folds. ``fit_score(train_idx, test_idx)`` scores the test answers
-    from a fit on the training ones."""
-    fold = question_folds(groups, folds)
-    per = []
-    for f in range(folds):
-        test = np.flatnonzero(fold == f)
-        scores = fit_score(np.flatnonzero(fold != f), test)
-        once = np.unique(groups[test], return_index=True)[1]
-        per.append(auroc(scores[once], y[test][once]))
-    return float(np.mean(per))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "vesper_sdk/assets/default_model"))
     ap.add_argument("--fit", type=int, default=2000, help="calibration-split questions")
     ap.add_argument("--eval", type=int, default=600, help="held-out questions")
     ap.add_argument("--resamples", type=int, default=1000)
-    ap.add_argument("--mlp-epochs", type=int, default=40, help="the answer MLP's epochs")
+    ap.add_argument("--mlp-epochs", type=int, default=DEFAULT_RECIPE.epochs,
+                    help="the answer MLP's epochs")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -225,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         fit = fit_answer_row(r_fit[:, cols], y_fit, groups, passthrough[cols], 0.0,
                              l2_grid=ANSWER_L2_GRID)
         rows[name] = r_ev[:, cols] @ fit.weight + fit.bias
-    rows["answer MLP"] = fit_answer_mlp(t_fit, y_fit, args.mlp_epochs)(t_ev)
-    cv = {"answer MLP": distinct_cv(
-        lambda tr, te: fit_answer_mlp([t_fit[i] for i in tr], y_fit[tr], args.mlp_epochs)(
-            [t_fit[i] for i in te]), y_fit, groups)}
+    recipe = dataclasses.replace(DEFAULT_RECIPE, epochs=args.mlp_epochs)
+    rows["answer MLP"] = answer_logits(fit_answer_mlp(t_fit, y_fit, recipe), t_ev)
+    cv = {"answer MLP": cv_auroc_once(
+        lambda tr, te: answer_logits(fit_answer_mlp([t_fit[i] for i in tr], y_fit[tr], recipe),
+                                     [t_fit[i] for i in te]), y_fit, groups)}
     for l2 in ANSWER_L2_GRID:  # the answer row's L2 logistic regression, each penalty
-        cv[f"answer row, L2 {l2:g}"] = distinct_cv(
+        cv[f"answer row, L2 {l2:g}"] = cv_auroc_once(
             lambda tr, te, l2=l2: fit_predict(r_fit[tr], y_fit[tr], r_fit[te], l2),
             y_fit, groups)
     by_log_loss = fit_confidence(r_fit, y_fit, groups, passthrough, 0.0,

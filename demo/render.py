@@ -32,7 +32,7 @@ class TokenView:
     regulated: str | None = None  # the regulator's flag ("conservative", "retry 1", ...)
     special: bool = False  # the end-of-sequence token: no text, shown only if regulated
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # top-5 (text, p)
-    answer_logit: float = 0.0  # the MetaHead's answer row at this token
+    answer_logit: float = 0.0  # the MetaHead's answer logit at this token
 
 
 @dataclass

@@ -20,8 +20,8 @@ def model_dir(tmp_path_factory):
 
 def test_vesper_calibrate_refits_the_confidence_and_answer_rows_only(model_dir, tmp_path, capsys):
     out = tmp_path / "recalibrated"
-    assert cli.main(["calibrate", str(model_dir), "--examples", "400", "--out-dir", str(out),
-                     "--device", "cpu"]) == 0
+    assert cli.main(["calibrate", str(model_dir), "--examples", "400", "--answers", "400",
+                     "--out-dir", str(out), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "MetaHead confidence refit on" in text and "cross-validation" in text
     before = vs.VesperLM.from_pretrained(model_dir).state_dict()
@@ -140,3 +140,26 @@ def test_the_answer_row_is_fitted_from_scratch_not_on_top_of_itself(model_dir):
     unfitted[0, -1] = 1.0
     assert torch.equal(model.metahead.answer.weight, unfitted)
     assert model.metahead.answer.bias.item() == 0.0
+
+
+def test_a_refit_that_keeps_the_row_removes_an_earlier_answer_mlp(model_dir):
+    """The answer logit is refitted from scratch: an MLP from an earlier calibration goes
+    (config included) when this one keeps the row (here nothing to rank: every answer of
+    the random model is wrong)."""
+    from vesper_sdk.training.calibration import refit_answer, skills_questions
+
+    model = vs.VesperLM.from_pretrained(model_dir)
+    model.set_answer_mlp(8)
+    with torch.no_grad():
+        for p in model.metahead.answer_mlp.parameters():
+            p.normal_()
+    qs, groups = skills_questions(120, 0)
+    fit = refit_answer(model, vs.VesperTokenizer.from_file(model_dir), qs, groups)
+    assert fit is not None and fit["answer_fit_mlp"] == 0.0
+    assert model.metahead.answer_mlp is None and model.config.metahead_answer_hidden == 0
+
+
+def test_a_negative_answer_mlp_size_is_refused_before_any_work(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="answer_mlp must be 0"):
+        vs.calibrate(model_dir, out_dir=tmp_path / "out", answer_mlp=-4)
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_hidden_size=128, vocab_size=384,
               builtin_examples=1000, seq_len=32, max_steps=6, lr=3e-3, log_every=1,
               eval_every=3, eval_batches=4, checkpoint_every=3, progress=False,
-              calibration_examples=300)
+              calibration_examples=300, calibration_answers=300)
 
 
 def _cli_args(opts: dict) -> list[str]:

@@ -218,3 +218,25 @@ def test_import_is_lazy_about_transformers():
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_folder_with_an_answer_mlp_loads_through_the_auto_classes(make_tiny_model_dir,
+                                                                      tmp_path):
+    """Calibration may give the MetaHead an answer MLP: its config field and weights
+    load through AutoModelForCausalLM as through the SDK."""
+    folder = make_tiny_model_dir()
+    model = vs.VesperLM.from_pretrained(folder)
+    model.set_answer_mlp(8)
+    with torch.no_grad():
+        for p in model.metahead.answer_mlp.parameters():
+            p.normal_()
+    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": folder / "tokenizer.json"})
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert hf.config.metahead_answer_hidden == 8
+    ids = torch.randint(7, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).confidence, model.eval()(ids).confidence)
+    state = {k.split("model.", 1)[-1]: v for k, v in hf.state_dict().items()}
+    mlp = {k: v for k, v in state.items() if ".answer_mlp." in k}
+    assert len(mlp) == 4 and all(torch.equal(v, model.state_dict()[k.split("vesper.", 1)[-1]])
+                                 for k, v in mlp.items())

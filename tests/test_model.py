@@ -351,6 +351,47 @@ def test_answer_row_reads_every_block_output_and_pools_by_the_mean():
         assert vs.VesperLM(cfg).metahead.answer.weight.is_meta
 
 
+def test_an_answer_mlp_adds_to_the_row_and_saves_with_its_config(tmp_path):
+    """Calibration can give the answer logit an MLP over what the row reads: zeroed it
+    changes nothing, fitted it adds its output to the row's, no training step reaches
+    it, and the folder it is saved to builds it again (an older folder builds none)."""
+    torch.manual_seed(0)
+    cfg = vs.VesperConfig.from_preset("tiny", vocab_size=64, hidden_size=32, num_layers=2,
+                                      num_heads=2, ffn_hidden_size=64, max_seq_len=32)
+    model = vs.VesperLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    head = model.metahead
+    reads: list[torch.Tensor] = []
+    head.answer.register_forward_hook(lambda _m, inputs, _o: reads.append(inputs[0]))
+    with torch.no_grad():
+        head.answer.weight.normal_()
+        row_only = model(ids).answer
+        model.set_answer_mlp(16)
+        assert model.config.metahead_answer_hidden == 16
+        torch.testing.assert_close(model(ids).answer, row_only)  # zeroed: nothing added
+        for p in head.answer_mlp.parameters():
+            p.normal_()
+        out = model(ids)
+    torch.testing.assert_close(out.answer, row_only + head.answer_mlp(reads[-1])[..., 0])
+    assert not any(p.requires_grad for p in head.answer_mlp.parameters())
+    model.freeze_base()
+    assert not any(p.requires_grad for p in head.answer_mlp.parameters())
+    assert model.num_parameters() == model.config.num_parameters()
+    model.save_pretrained(tmp_path / "m")
+    loaded = vs.VesperLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.metahead_answer_hidden == 16
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).answer, out.answer)
+        model.set_answer_mlp(0)
+        assert model.metahead.answer_mlp is None
+        torch.testing.assert_close(model(ids).answer, row_only)
+    # A config.json written before the field: no MLP.
+    import json
+    data = json.loads((tmp_path / "m" / "config.json").read_text())
+    del data["metahead_answer_hidden"]
+    assert vs.VesperConfig.from_dict(data).metahead_answer_hidden == 0
+
+
 def test_a_training_step_skips_the_answer_row_and_keeps_loss_and_gradients():
     """No loss reads the answer row, so a training step (train mode, grad on) leaves it
     out; everything the losses read is what the full forward gives."""

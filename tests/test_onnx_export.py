@@ -364,15 +364,19 @@ def test_default_opset_follows_the_runtime_that_checks_the_export(exports):
 
 
 @pytest.mark.parametrize("in_place_kv", [False, True])
-def test_the_answer_row_travels_through_the_export(make_tiny_model_dir, tmp_path, in_place_kv):
-    """A fitted answer row gives the same answer logits in ONNX Runtime as in PyTorch, at
-    every decode step, plain or in-place KV."""
+def test_the_answer_row_and_mlp_travel_through_the_export(make_tiny_model_dir, tmp_path,
+                                                         in_place_kv):
+    """A fitted answer row and answer MLP give the same answer logits in ONNX Runtime as
+    in PyTorch, at every decode step, plain or in-place KV."""
     folder = make_tiny_model_dir()
     model = vs.VesperLM.from_pretrained(folder)
+    model.set_answer_mlp(8)
     with torch.no_grad():
         torch.manual_seed(1)
         model.metahead.answer.weight.normal_(0, 1.0)
         model.metahead.answer.bias.fill_(-0.5)
+        for p in model.metahead.answer_mlp.parameters():
+            p.normal_(0, 0.3)
     model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": folder / "tokenizer.json"})
     export_onnx(tmp_path / "m", tmp_path / "onnx", verbose=False, in_place_kv=in_place_kv)
     torch_lm, onnx_lm = vs.load(tmp_path / "m", device="cpu"), OnnxModel(tmp_path / "onnx")
@@ -385,6 +389,31 @@ def test_the_answer_row_travels_through_the_export(make_tiny_model_dir, tmp_path
     assert ours.std() > 0.02  # the fitted row, not a constant
     torch.testing.assert_close(torch.tensor([t.answer_logit for t in b]), ours,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_exports_keep_the_answer_mlp_in_fp32(make_tiny_model_dir, tmp_path, quantize):
+    """The answer MLP, like the rest of the MetaHead, is left out of quantization: its
+    weights are in the quantized graph as they are in the model."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder = make_tiny_model_dir()
+    model = vs.VesperLM.from_pretrained(folder)
+    model.set_answer_mlp(8)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        for p in model.metahead.answer_mlp.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": folder / "tokenizer.json"})
+    export_onnx(tmp_path / "m", tmp_path / "onnx", quantize=quantize, verbose=False)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer]
+    for layer in (model.metahead.answer_mlp[0], model.metahead.answer_mlp[2]):
+        w = layer.weight.detach().numpy()
+        assert any(a.dtype == np.float32 and a.shape in (w.shape, w.T.shape)
+                   and np.array_equal(a.reshape(-1), (w if a.shape == w.shape else w.T)
+                                      .reshape(-1)) for a in weights)
 
 
 def test_an_export_without_the_answer_output_reads_the_confidence_logit():

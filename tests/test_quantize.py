@@ -115,6 +115,27 @@ def test_quantized_folder_generates_through_load(model_dir, tmp_path, method):
     assert isinstance(reply, str)
 
 
+def test_the_answer_mlp_stays_full_precision_through_bitsandbytes(model_dir, tmp_path):
+    """Calibration may give the MetaHead an answer MLP: quantization leaves it out, as
+    the rest of the MetaHead, and the loaded folder builds it again."""
+    model = vs.VesperLM.from_pretrained(model_dir)
+    model.set_answer_mlp(8)
+    with torch.no_grad():
+        for p in model.metahead.answer_mlp.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "m", extra_files={
+        "tokenizer.json": model_dir / "tokenizer.json"})
+    out = quantize(tmp_path / "m", "int8", tmp_path / "q", verbose=False)
+    block = json.loads((out / "config.json").read_text())["quantization"]
+    assert not any("answer_mlp" in name for name in block["quantized"])
+    lm = vs.load(out, device="cpu")
+    mlp = lm.model.metahead.answer_mlp
+    for got, want in zip(mlp.parameters(), model.metahead.answer_mlp.parameters(),
+                         strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.half().float())  # fp16 on disk, as the rest
+
+
 def test_quantized_perplexity_is_close_to_fp32(model_dir, tmp_path):
     from vesper_sdk.inference import TorchBackend
 

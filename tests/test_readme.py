@@ -34,14 +34,16 @@ BIN = Path(sys.executable).parent
 TINY_TRAIN = ["--hidden-size", "64", "--num-layers", "1", "--num-heads", "2",
               "--ffn-hidden-size", "128", "--max-steps", "3", "--batch-size", "4",
               "--seq-len", "64", "--builtin-examples", "300", "--calibration-examples", "200",
-              "--vocab-size", "400", "--eval-every", "0", "--eval-batches", "1",
-              "--checkpoint-every", "0", "--no-progress"]
+              "--calibration-answers", "200", "--vocab-size", "400", "--eval-every", "0",
+              "--eval-batches", "1", "--checkpoint-every", "0", "--no-progress"]
 # A fine-tune keeps the model it starts from: only the run's length and batches shrink.
 TINY_FINETUNE = ["--max-steps", "3", "--batch-size", "4", "--seq-len", "64", "--eval-every", "0",
-                 "--eval-batches", "1", "--calibration-examples", "200", "--no-progress"]
+                 "--eval-batches", "1", "--calibration-examples", "200",
+                 "--calibration-answers", "200", "--no-progress"]
 TINY_API = ('max_steps=3, hidden_size=64, num_layers=1, num_heads=2, ffn_hidden_size=128, '
             'batch_size=4, seq_len=64, builtin_examples=300, calibration_examples=200, '
-            'vocab_size=400, eval_every=0, eval_batches=1, checkpoint_every=0, progress=False')
+            'calibration_answers=200, vocab_size=400, eval_every=0, eval_batches=1, '
+            'checkpoint_every=0, progress=False')
 REPORT = ["--max-tokens", "512", "--new-tokens", "8"]
 EVAL = ["--max-examples", "200", "--skills-questions", "10"]
 SERVERS = {"serve": "/health", "demo": "/"}

@@ -59,6 +59,9 @@ class VesperConfig:
     metahead_hidden_size: int = 128
     metahead_grad_to_trunk: bool = False
     metahead_logit_features: bool = True
+    # Hidden units of the answer MLP beside the answer row (0: none). `vesper calibrate`
+    # sets it: it keeps the MLP only where cross-validation on graded answers prefers it.
+    metahead_answer_hidden: int = 0
     gradient_checkpointing: bool = False
     # Special token ids, filled from the tokenizer.
     pad_token_id: int = 0
@@ -117,6 +120,8 @@ class VesperConfig:
                  f"moe_top_k ({self.moe_top_k}) must be between 1 and num_experts "
                  f"({self.num_experts})")
         need(self.metahead_hidden_size > 0, "metahead_hidden_size must be positive")
+        need(self.metahead_answer_hidden >= 0,
+             f"metahead_answer_hidden must be >= 0, got {self.metahead_answer_hidden}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             need(0 <= value < self.vocab_size,
@@ -188,7 +193,10 @@ class VesperConfig:
         m = self.metahead_hidden_size
         meta_in = d + (3 if self.metahead_logit_features else 0)  # model.N_LOGIT_FEATURES
         meta = meta_in * m + m + m * 5 + 5
-        meta += self.num_layers * d + meta_in - d + 1 + 1  # the answer row and its bias
+        reads = self.num_layers * d + meta_in - d + 1  # what the answer row reads
+        meta += reads + 1  # the answer row and its bias
+        a = self.metahead_answer_hidden
+        meta += reads * a + a + a + 1 if a else 0  # the answer MLP
         total = v * d + self.num_layers * block + d + meta
         if not self.tie_embeddings:
             total += v * d

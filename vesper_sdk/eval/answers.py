@@ -8,8 +8,9 @@ teacher-forced forward, which gives every signal on the same answer tokens (the 
 end-of-sequence token included: stopping is part of the answer):
 
 - ``metahead_answer``: *the* MetaHead answer confidence, the sigmoid of the mean of its
-  answer row over the answer's tokens (the row reads every block's output and is fitted
-  on graded answers to the calibration split: ``vesper calibrate``);
+  answer logit over the answer's tokens (its answer row, or the answer MLP that may
+  replace it, reads every block's output and is fitted on graded answers to the
+  calibration split: ``vesper calibrate``);
 - ``metahead_mean`` / ``metahead_min``: the MetaHead's token confidence, mean / minimum
   over the answer's tokens;
 - the white-box baselines of LM-Polygraph that cost nothing here: ``sequence_probability``

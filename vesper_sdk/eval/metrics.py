@@ -11,7 +11,7 @@ confidence row on held-out tokens).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,14 +376,10 @@ def fit_answer_row(features: Any, correct: Any, groups: Any, weight: Any, bias: 
         raise ValueError(f"features {x.shape}, correct {y.shape}, groups {group_of.shape} "
                          f"and weight {w0.shape} do not fit together")
     n_groups = int(group_of.max()) + 1 if y.size else 0
-    fold_of = np.random.default_rng(seed).permutation(max(n_groups, 1))[group_of] % folds
+    fold_of = question_folds(group_of, folds, seed)
 
     def fit(rows: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
-        mu, sd = x[rows].mean(0), x[rows].std(0) + 1e-6
-        design = np.column_stack([(x[rows] - mu) / sd, np.ones(rows.size)])
-        w = _fit_logistic(design, y[rows], np.r_[np.full(x.shape[1], l2), 1e-6],
-                          np.zeros(x.shape[1] + 1))
-        return w[:-1] / sd, float(w[-1] - (w[:-1] / sd) @ mu)
+        return fit_logistic_row(x[rows], y[rows], l2)
 
     cv: dict[float, float] = {}
     if n_groups >= folds and 0 < y.sum() < y.size:
@@ -409,6 +405,46 @@ def fit_answer_row(features: Any, correct: Any, groups: Any, weight: Any, bias: 
     else:
         row, b = w0, float(bias)
     return AnswerFit(row, b, float(chosen), cv, int(y.size), n_groups)
+
+
+def fit_logistic_row(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression on standardised ``x`` [n, d], returned as one row
+    over ``x`` itself: (weight [d], bias)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    design = np.column_stack([(x - mu) / sd, np.ones(len(x))])
+    w = _fit_logistic(design, y, np.r_[np.full(x.shape[1], l2), 1e-6], np.zeros(x.shape[1] + 1))
+    return w[:-1] / sd, float(w[-1] - (w[:-1] / sd) @ mu)
+
+
+def question_folds(groups: Any, folds: int, seed: int = 0) -> np.ndarray:
+    """Each item's fold, whole groups (group ids ``0..G-1``: questions) to a fold, the same
+    for a given seed: the same question in two folds would leak its answer."""
+    g = np.asarray(groups).reshape(-1)
+    return np.random.default_rng(seed).permutation(int(g.max()) + 1 if g.size else 1)[g] % folds
+
+
+def cv_auroc_once(fit_score: Callable[[np.ndarray, np.ndarray], np.ndarray], correct: Any,
+                  groups: Any, folds: int = 5, seed: int = 0) -> float:
+    """Grouped ``folds``-fold cross-validated AUROC, each distinct question counted once per
+    fold (its first answer), averaged over the folds.
+
+    ``fit_score(train, test)`` scores the ``test`` items (indices) from a fit on the
+    ``train`` ones. Counting each question once keeps one question drawn thousands of
+    times from deciding a fold (a greedy model answers it the same way every time).
+    """
+    y = np.asarray(_to_numpy(correct)).reshape(-1).astype(np.float64)
+    g = np.unique(np.asarray(_to_numpy(groups)).reshape(-1), return_inverse=True)[1]
+    fold = question_folds(g, folds, seed)
+    per = []
+    for f in range(folds):
+        test = np.flatnonzero(fold == f)
+        if not test.size:
+            continue
+        scores = np.asarray(fit_score(np.flatnonzero(fold != f), test))
+        once = np.unique(g[test], return_index=True)[1]
+        per.append(auroc(scores[once], y[test][once]))
+    per = [a for a in per if not math.isnan(a)]  # a fold of one class ranks nothing
+    return float(np.mean(per)) if per else float("nan")
 
 
 def mean(values: Sequence[float]) -> float:

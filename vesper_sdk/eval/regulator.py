@@ -16,7 +16,7 @@ prediction is right) and ``stop`` (probability that the answer ends here), in th
    satisfice_confidence``, the aspiration level; by default ``threshold``). An unsure
    answer is never cut short.
 
-With ``retries=N`` an answer whose answer confidence (the MetaHead's answer row pooled
+With ``retries=N`` an answer whose answer confidence (the MetaHead's answer logit pooled
 over its tokens, ``vesper_sdk.model.answer_confidence``) is under ``threshold`` is written
 again, up to N more times (at most ``max_iterations``), stopping at the first attempt
 that reaches the threshold (satisficing again) and keeping the attempt with the highest

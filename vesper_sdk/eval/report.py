@@ -351,7 +351,7 @@ def format_answers(ans: dict[str, Any]) -> list[str]:
                      f"{_fmt(m['selective_accuracy_80']):>9}"
                      f"{_fmt(m['selective_accuracy_90']):>9}")
     d = ans["metahead_minus_best_baseline"]
-    lines.append(f"MetaHead (answer row) - best baseline ({d['baseline']}): AUROC "
+    lines.append(f"MetaHead (answer confidence) - best baseline ({d['baseline']}): AUROC "
                  f"{_with_ci(d['auroc'], d['ci95'], 4, True)}, PRR "
                  f"{_with_ci(d['prr'], d['prr_ci95'], 4, True)}")
     lines.append(f"[...]: 95 % intervals from {ans['resamples']} paired bootstrap resamples of "

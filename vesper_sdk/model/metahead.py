@@ -112,7 +112,9 @@ class MetaHead(nn.Module):
     layers know whether an answer is right better than the final one says. An answer's
     confidence is the sigmoid of its tokens' mean answer logit (:func:`answer_confidence`),
     so the row is fitted on whole answers, graded (:mod:`vesper_sdk.training.calibration`);
-    until then it passes the confidence logit through.
+    until then it passes the confidence logit through. Where calibration finds that a
+    small MLP over the same inputs ranks answers better, the answer logit is the row plus
+    ``answer_mlp`` (``metahead_answer_hidden`` units; absent at 0), pooled the same way.
     """
 
     def __init__(self, cfg: VesperConfig) -> None:
@@ -128,15 +130,36 @@ class MetaHead(nn.Module):
         # Fitted on graded answers after training, never by the training loss (DDP needs
         # every trainable parameter to get a gradient).
         self.answer.requires_grad_(False)
+        self.register_module("answer_mlp", None)
+        self.set_answer_mlp(cfg.metahead_answer_hidden)
         self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
         self.reset_answer()
 
+    def set_answer_mlp(self, hidden: int) -> None:
+        """Give the answer logit an MLP term of ``hidden`` units (0 removes it), zeroed:
+        until fitted it adds nothing. Use ``VesperLM.set_answer_mlp``, which keeps the
+        config in step."""
+        if hidden <= 0:
+            self.answer_mlp = None
+            return
+        like = self.answer.weight
+        with torch.random.fork_rng(devices=[]):  # zeroed below: the draw is not used
+            mlp = nn.Sequential(nn.Linear(self.answer.in_features, hidden), nn.GELU(),
+                                nn.Linear(hidden, 1)).to(device=like.device, dtype=like.dtype)
+        mlp.requires_grad_(False)  # fitted by calibration, like the row
+        for p in mlp.parameters():
+            p.detach().zero_()
+        self.answer_mlp = mlp
+
     @torch.no_grad()
     def reset_answer(self) -> None:
-        """The unfitted answer row: the calibrated confidence logit, nothing else."""
+        """The unfitted answer row: the calibrated confidence logit, nothing else (the
+        answer MLP, where there is one, zeroed)."""
         self.answer.weight.zero_()
         self.answer.weight[0, -1] = 1.0
         self.answer.bias.zero_()
+        for p in self.answer_mlp.parameters() if self.answer_mlp is not None else ():
+            p.zero_()
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor,
                 block_outputs: list[torch.Tensor] | None,
@@ -158,7 +181,10 @@ class MetaHead(nn.Module):
         reads = [x.detach().to(h.dtype) for x in block_outputs]
         if features is not None:
             reads.append(features)
-        answer = self.answer(torch.cat([*reads, confidence_logit.to(h.dtype)], dim=-1))
+        x = torch.cat([*reads, confidence_logit.to(h.dtype)], dim=-1)
+        answer = self.answer(x)
+        if self.answer_mlp is not None:
+            answer = answer + self.answer_mlp(x)
         return torch.cat((token, answer.to(token.dtype)), dim=-1)
 
     def activations(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -244,8 +244,8 @@ class VesperLM(nn.Module):
         """GPT-2 style init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * layers)."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
-            if name.startswith("metahead.answer."):
-                continue  # not random: reset_answer below
+            if name.startswith("metahead.answer"):
+                continue  # the answer row and MLP are not random: reset_answer below
             if name.endswith("lora_B"):
                 p.zero_()  # LoRA convention: the branch starts as a no-op
             elif p.dim() >= 2:
@@ -294,7 +294,14 @@ class VesperLM(nn.Module):
         """Freeze everything but the FlyLoRA up-projections and the MetaHead."""
         for name, p in self.named_parameters():
             p.requires_grad_(name.endswith("lora_B") or (
-                name.startswith("metahead.") and not name.startswith("metahead.answer.")))
+                name.startswith("metahead.") and not name.startswith("metahead.answer")))
+
+    def set_answer_mlp(self, hidden: int) -> None:
+        """Give the MetaHead's answer logit an MLP of ``hidden`` units (0: none), zeroed
+        until fitted (:mod:`vesper_sdk.training.calibration` fits it); the config says so,
+        so the folder it is saved to builds the same model."""
+        self.config.metahead_answer_hidden = hidden
+        self.metahead.set_answer_mlp(hidden)
 
     def set_attention(self, impl: str) -> None:
         """Choose the attention variant every layer runs: a name in ``ATTENTION``

@@ -20,6 +20,7 @@ Nothing else in the model changes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -29,11 +30,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import skills
 from ..device import resolve_device
 from ..eval.answers import Question, greedy_answers, questions
-from ..eval.metrics import expected_calibration_error, fit_answer_row, fit_confidence
+from ..eval.metrics import (
+    AnswerFit,
+    cv_auroc_once,
+    expected_calibration_error,
+    fit_answer_row,
+    fit_confidence,
+    fit_logistic_row,
+)
 from ..eval.scorer import encode_examples, padded, windows
 from ..folder import ModelFolder
 from ..inference import LLM
@@ -41,6 +50,7 @@ from ..inference.decode_swaps import remove_decode_swaps
 from ..model import VesperLM
 from ..model.metahead import metahead_targets
 from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
+from .answer_mlp import DEFAULT_RECIPE, AnswerMLPRecipe, answer_logits, fit_answer_mlp
 from .data import DataSource
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -206,8 +216,9 @@ def skills_questions(examples: int, seed: int) -> tuple[list[Question], list[int
 
 def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Question],
                  groups: Sequence[int], warn: Callable[[str], None] | None = None,
-                 batch_size: int = 16) -> dict[str, float] | None:
-    """Fit the MetaHead's answer row (in place) on greedy answers to ``qs``, graded.
+                 batch_size: int = 16, mlp: AnswerMLPRecipe | None = DEFAULT_RECIPE,
+                 ) -> dict[str, float] | None:
+    """Fit the MetaHead's answer logit (in place) on greedy answers to ``qs``, graded.
 
     Each answer's row input (:class:`~vesper_sdk.model.MetaHead`: every block's output,
     the logit features, the confidence logit) is averaged over the positions that chose
@@ -216,8 +227,14 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
     logistic regression on those means, the penalty chosen by cross-validated AUROC over
     ``groups``. It starts from scratch each time: the unfitted row (the confidence logit
     passed through) is the candidate to beat, and is what the row becomes (Platt-scaled on
-    the answers) unless a fit ranks better. Returns the fit's figures, or None (the row
-    left as it was, why said through ``warn``) when there are too few answers.
+    the answers) unless a fit ranks better.
+
+    Then, unless ``mlp`` is None, an answer MLP (:mod:`.answer_mlp`, the same inputs at
+    every token) is fitted too, and it replaces the row where grouped cross-validation,
+    each distinct question counted once per fold, ranks its answers better than the row's
+    (:func:`~vesper_sdk.eval.metrics.cv_auroc_once`; otherwise the model has no MLP).
+    Returns the fit's figures, or None (the answer logit left as it was, why said through
+    ``warn``) when there are too few answers.
     """
     was_training = model.training
     model.eval()
@@ -233,40 +250,87 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
         why = (f"{len(keep)} answers to {n_groups} questions (a fit needs at least "
                f"{MIN_ANSWERS} answers to {MIN_GROUPS} questions)")
     else:
-        x = torch.stack([reads[i] for i in keep]).double()
-        y = torch.tensor([correct[i] for i in keep], dtype=torch.float64)
-        g = [groups[i] for i in keep]
-        row = model.metahead.answer
+        tokens = [reads[i] for i in keep]
+        x = torch.stack([t.mean(0) for t in tokens]).double().numpy()
+        y = np.array([correct[i] for i in keep], dtype=np.float64)
+        g = np.unique([groups[i] for i in keep], return_inverse=True)[1]
         # From scratch: the candidate to beat is the unfitted row (the confidence logit),
         # not the row as it is, which may have been fitted on these very answers.
-        unfitted = torch.zeros(x.shape[1], dtype=torch.float64)
+        unfitted = np.zeros(x.shape[1])
         unfitted[-1] = 1.0
-        fit = fit_answer_row(x.numpy(), y.numpy(), g, unfitted.numpy(), 0.0,
-                             l2_grid=ANSWER_L2_GRID)
+        fit = fit_answer_row(x, y, g, unfitted, 0.0, l2_grid=ANSWER_L2_GRID)
         if np.isfinite(fit.weight).all() and math.isfinite(fit.bias):
-            with torch.no_grad():
-                row.weight[0] = torch.from_numpy(fit.weight).to(row.weight)
-                row.bias[0] = fit.bias
-            return {"answer_fit_answers": float(len(keep)),
-                    "answer_fit_questions": float(n_groups),
-                    "answer_fit_accuracy": float(y.mean()), "answer_fit_l2": fit.l2,
-                    "answer_fit_cv_auroc": fit.cv_auroc.get(fit.l2, float("nan")),
-                    "answer_fit_cv_auroc_unfitted": fit.cv_auroc.get(math.inf,
-                                                                     float("nan"))}
+            figures = {"answer_fit_answers": float(len(keep)),
+                       "answer_fit_questions": float(n_groups),
+                       "answer_fit_accuracy": float(y.mean()), "answer_fit_l2": fit.l2,
+                       "answer_fit_cv_auroc": fit.cv_auroc.get(fit.l2, float("nan")),
+                       "answer_fit_cv_auroc_unfitted": fit.cv_auroc.get(math.inf,
+                                                                        float("nan")),
+                       "answer_fit_mlp": 0.0}
+            chosen = None
+            if mlp is not None and mlp.hidden > 0 and 0 < y.sum() < y.size:
+                chosen, row_once, mlp_once = _mlp_if_better(tokens, x, y, g, fit, unfitted,
+                                                            mlp)
+                figures.update(answer_fit_cv_auroc_once_row=row_once,
+                               answer_fit_cv_auroc_once_mlp=mlp_once,
+                               answer_fit_mlp=float(chosen is not None))
+            _set_answer(model, fit, chosen)
+            return figures
         why = f"{n} answers, but the fit came out non-finite"
     _say(f"MetaHead answer row not fitted, it stays as it was: {why}", warn)
     return None
 
 
+def _mlp_if_better(tokens: list[torch.Tensor], x: np.ndarray, y: np.ndarray, g: np.ndarray,
+                   fit: AnswerFit, unfitted: np.ndarray, recipe: AnswerMLPRecipe,
+                   ) -> tuple[torch.nn.Sequential | None, float, float]:
+    """(the answer MLP fitted on every answer, or None where the row ranks as well; the
+    row's and the MLP's count-once cross-validated AUROCs)."""
+    def row_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        if math.isinf(fit.l2):  # the unfitted row: nothing fitted (Platt keeps its ranking)
+            return x[test] @ unfitted
+        w, b = fit_logistic_row(x[train], y[train], fit.l2)
+        return x[test] @ w + b
+
+    def mlp_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        net = fit_answer_mlp([tokens[i] for i in train], y[train], recipe)
+        return answer_logits(net, [tokens[i] for i in test])
+
+    row_once = cv_auroc_once(row_scores, y, g)
+    mlp_once = cv_auroc_once(mlp_scores, y, g)
+    if not mlp_once > row_once:  # NaN (nothing to rank) keeps the row too
+        return None, row_once, mlp_once
+    return fit_answer_mlp(tokens, y, recipe), row_once, mlp_once
+
+
+@torch.no_grad()
+def _set_answer(model: VesperLM, fit: AnswerFit, mlp: torch.nn.Sequential | None) -> None:
+    """The answer logit becomes the fitted row, or the MLP alone (the row zeroed)."""
+    head = model.metahead
+    model.set_answer_mlp(0 if mlp is None else mlp[0].out_features)
+    if mlp is None:
+        head.answer.weight[0] = torch.from_numpy(fit.weight).to(head.answer.weight)
+        head.answer.bias[0] = fit.bias
+        return
+    head.answer.weight.zero_()
+    head.answer.bias.zero_()
+    head.answer_mlp.load_state_dict({k: v.to(head.answer.weight)
+                                     for k, v in mlp.state_dict().items()})
+
+
 @torch.no_grad()
 def _answer_reads(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Question],
                   batch_size: int) -> tuple[list[torch.Tensor | None], list[bool]]:
-    """Per question: the answer row's input averaged over its greedy answer (None for an
-    empty answer), and whether the answer is right."""
+    """Per question: the answer row's input at each position that chose a token of its
+    greedy answer, [T, R] (None for an empty answer), and whether the answer is right."""
     lm = LLM(model, tokenizer)
     try:
+        # A bar where a person watches (a terminal); none in logs and tests.
+        answers = tqdm(greedy_answers(lm, qs, batch_size=batch_size), total=len(qs),
+                       unit="answer", desc="answering held-out questions", leave=False,
+                       disable=None)
         answered = [(prompt, [t.id for t in toks], q.grade("".join(t.text for t in toks)))
-                    for q, prompt, toks in greedy_answers(lm, qs, batch_size=batch_size)]
+                    for q, prompt, toks in answers]
     finally:  # the decode backend's module swaps out again: the caller's model as it was
         remove_decode_swaps(model)
     seen: list[torch.Tensor] = []
@@ -282,7 +346,7 @@ def _answer_reads(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Ques
             model(x.to(model.device))
             inputs = seen[-1].float().cpu()
             for r, (p, a, _) in enumerate(chunk):
-                reads.append(inputs[r, len(p) - 1:len(p) + len(a) - 1].mean(0) if a else None)
+                reads.append(inputs[r, len(p) - 1:len(p) + len(a) - 1].clone() if a else None)
     finally:
         hook.remove()
     return reads, [ok for _, _, ok in answered]
@@ -311,27 +375,40 @@ def describe(fit: dict[str, float]) -> str:
                  f"cross-validation over questions (held-out AUROC "
                  f"{fit['answer_fit_cv_auroc']:.4f}; the confidence logit alone "
                  f"{fit['answer_fit_cv_auroc_unfitted']:.4f})")
+        if "answer_fit_cv_auroc_once_mlp" in fit:
+            verdict = ("the MLP replaces the row" if fit["answer_fit_mlp"]
+                       else "the row is kept")
+            text += (f"\nMetaHead answer MLP against the row, cross-validated over questions, "
+                     f"each counted once: AUROC {fit['answer_fit_cv_auroc_once_mlp']:.4f} "
+                     f"vs {fit['answer_fit_cv_auroc_once_row']:.4f}: {verdict}")
     return text
 
 
 def calibrate(model_dir: str | Path, data: str = "builtin:skills",
               out_dir: str | Path | None = None, examples: int = skills.CALIBRATION_CHATS,
               seed: int = 0, seq_len: int = 128, batch_size: int = 16, device: str = "auto",
-              answers: int = 4000) -> dict[str, float]:
+              answers: int = 4000, answer_mlp: int = DEFAULT_RECIPE.hidden,
+              ) -> dict[str, float]:
     """Refit the confidence of the model in ``model_dir`` on held-out ``data``; save it.
 
     ``data``: ``builtin:skills`` (its calibration split, ``examples`` chats drawn with
     ``seed``) or a .jsonl/.txt file or folder the model did not train on (its first
     ``examples`` documents; chats are scored on the assistant turns). Then the answer
-    row is fitted on greedy answers to up to ``answers`` of those questions (chats that
-    end with an assistant message, which is the reference; :func:`refit_answer`); with
-    too few, it keeps what it has (a :class:`CalibrationWarning` says so). The model is
+    row is fitted on greedy answers to up to ``answers`` questions (builtin:skills: drawn
+    from the calibration split; a file: its chats among those documents that end with an
+    assistant message, which is the reference; :func:`refit_answer`); with
+    too few, it keeps what it has (a :class:`CalibrationWarning` says so); an answer MLP
+    of ``answer_mlp`` hidden units (0: none) replaces the row where it ranks the
+    questions better in cross-validation. The model is
     written to ``out_dir`` (default: back into ``model_dir``, atomically). Returns the
     fits' figures. Raises ValueError, writing nothing, when the data is too little to
     fit the token confidence on (:func:`shortfall`).
     """
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir is not None else model_dir
+    if answer_mlp < 0:
+        raise ValueError(f"answer_mlp must be 0 (no answer MLP) or a number of hidden units, "
+                         f"got {answer_mlp}")
     if ModelFolder(model_dir).kind != "torch":
         raise ValueError(f"{model_dir} is an ONNX export or a quantized folder: calibrate "
                          "the full-precision model folder it came from, then export or "
@@ -342,7 +419,7 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
     seq_len = min(seq_len, model.config.max_seq_len - 1)
     if data == "builtin:skills":
         batches = skills_batches(tokenizer, examples, seed, seq_len, batch_size)
-        qs, groups = skills_questions(min(examples, answers), seed)
+        qs, groups = skills_questions(answers, seed)
     else:
         records = []
         for i, record in enumerate(DataSource(data).records()):
@@ -357,7 +434,9 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
     if fit is None:
         raise ValueError(f"{data} gave {reason}: pass more held-out data (more --examples, "
                          "or a bigger file); the model is left as it was")
-    fit.update(refit_answer(model, tokenizer, qs, groups, batch_size=batch_size) or {})
+    recipe = dataclasses.replace(DEFAULT_RECIPE, hidden=answer_mlp) if answer_mlp > 0 else None
+    fit.update(refit_answer(model, tokenizer, qs, groups, batch_size=batch_size,
+                            mlp=recipe) or {})
     model.save_pretrained(out, extra_files={TOKENIZER_NAME: model_dir / TOKENIZER_NAME})
     return fit
 
@@ -383,8 +462,12 @@ class CalibrateOptions:
                 "calibration split)"})
     answers: int = field(default=4000, metadata={
         "help": "questions answered greedily and graded to fit the answer-level "
-                "confidence (at most --examples; a .jsonl's chats that end with an "
-                "assistant message, the reference)"})
+                "confidence (builtin:skills: drawn from its calibration split; a file: "
+                "its chats among the first --examples that end with an assistant "
+                "message, the reference)"})
+    answer_mlp: int = field(default=DEFAULT_RECIPE.hidden, metadata={
+        "help": "hidden units of the answer MLP fitted beside the answer row, kept only "
+                "where cross-validation over the questions prefers it (0: the row alone)"})
     seed: int = field(default=0, metadata={"help": "seed of the builtin:skills draw"})
     seq_len: int = field(default=128, metadata={"help": "tokens per packed block"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -393,11 +476,12 @@ class CalibrateOptions:
 def cli(opts: CalibrateOptions) -> int:
     """``vesper calibrate``: refit, save, print what changed."""
     start = time.perf_counter()
-    print(f"refitting the MetaHead's confidence on {opts.data}, then its answer row on up to "
-          f"{min(opts.examples, opts.answers):,} greedy answers", flush=True)
+    most = opts.answers if opts.data == "builtin:skills" else min(opts.examples, opts.answers)
+    print(f"refitting the MetaHead's confidence on {opts.data}, then its answer confidence on "
+          f"up to {most:,} greedy answers", flush=True)
     fit = calibrate(opts.model_dir, opts.data, out_dir=opts.out_dir, examples=opts.examples,
                     seed=opts.seed, seq_len=opts.seq_len, device=opts.device,
-                    answers=opts.answers)
+                    answers=opts.answers, answer_mlp=opts.answer_mlp)
     print(describe(fit))
     print(f"saved to {opts.out_dir or opts.model_dir} in {time.perf_counter() - start:.1f}s")
     return 0

@@ -80,9 +80,10 @@ class TrainOptions:
                            "the validation blocks")
     calibration_examples: int = _opt(skills.CALIBRATION_CHATS, "builtin:skills: chats drawn "
                                      "from the calibration split for --calibrate")
-    calibration_answers: int = _opt(4000, "builtin:skills: of those, questions answered "
-                                    "greedily and graded, to fit the MetaHead's "
-                                    "answer-level confidence (0: not fitted)")
+    calibration_answers: int = _opt(4000, "builtin:skills: questions drawn from the "
+                                    "calibration split, answered greedily and graded, to "
+                                    "fit the MetaHead's answer-level confidence (0: not "
+                                    "fitted)")
     # --- optimisation
     optimizer: str = _opt("velvet", "optimizer", choices=["velvet", "adamw"])
     lr: float = _opt(5e-4, "peak learning rate")

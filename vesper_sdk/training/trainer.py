@@ -355,7 +355,7 @@ class Trainer:
         """
         fit = refit_confidence(self.raw_model, self._calibration_batches(),
                                self.tokenizer.eos_id, self._autocast, warn=self.log)
-        n = min(self.opts.calibration_examples, self.opts.calibration_answers)
+        n = self.opts.calibration_answers
         if fit is not None and self.opts.data == "builtin:skills" and n:
             # Graded questions: the answer row is fitted on greedy answers to them.
             self.log(f"answering {n:,} held-out questions greedily to fit the MetaHead's "
