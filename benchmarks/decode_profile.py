@@ -20,6 +20,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,6 +119,13 @@ def profile(args: argparse.Namespace, work: Path) -> int:
     t_first = first[0]
     t_loop = (whole[0] - t_first) / (n - 1)
     t_run_in_loop = (whole[1] - first[1]) / (n - 1)
+    if t_loop <= 0 or (runs is not None and t_run_in_loop <= 0):
+        # The one-token run took as long as the whole one: the per-step difference is
+        # the machine's noise, not a time.
+        print(f"error: a {n}-token decode was not slower than a one-token one on this "
+              f"machine's noise ({whole[0] * 1e3:.1f} vs {t_first * 1e3:.1f} ms): rerun "
+              "with more --new-tokens, on a quieter machine", file=sys.stderr)
+        return 1
     if args.onnx:
         threads = backend.session.get_session_options().intra_op_num_threads
         what = f"ONNX Runtime, {args.onnx} in-place export, {threads} threads"

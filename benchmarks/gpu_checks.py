@@ -26,6 +26,8 @@ Checks (``--checks``, comma-separated):
 
 * ``head_loss``: the chunked training head against the plain full-logits head: the
   step's loss and every gradient, eager and compiled, in bf16 autocast.
+* ``answer_mlp``: the MetaHead's answer MLP fitted on the device, as calibration fits it
+  there, on a rule no linear row can rank (AUROC above 0.9).
 
 ``--device cpu`` runs the same checks on the CPU (kernel through the interpreter, at
 small sizes) so the script itself is tested where no GPU is present.
@@ -505,9 +507,30 @@ def check_head_loss(device: str, small: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def check_answer_mlp(device: str, small: bool) -> list[dict[str, Any]]:
+    """The answer MLP fitted on the device (what calibration does on a GPU) learns a rule
+    no pooled linear row can: right when an answer's two features share a sign."""
+    from vesper_sdk.eval.metrics import auroc
+    from vesper_sdk.training.answer_mlp import answer_logits, fit_answer_mlp
+
+    gen = torch.Generator().manual_seed(1)
+    answers = [torch.randn(1, 2, generator=gen).repeat(1 + i % 3, 1) for i in range(1200)]
+    right = [float(a[0, 0] * a[0, 1] > 0) for a in answers]
+    row: dict[str, Any] = {"check": "answer_mlp"}
+    try:
+        t0 = time.perf_counter()
+        mlp = fit_answer_mlp(answers[:1000], right[:1000], device=device)
+        row["fit_s"] = time.perf_counter() - t0
+        row["auroc"] = auroc(answer_logits(mlp, answers[1000:]), right[1000:])
+        row["ok"] = row["auroc"] > 0.9
+    except Exception as exc:
+        _failed(row, exc)
+    return [row]
+
+
 CHECKS: dict[str, Callable[[str, bool], list[dict[str, Any]]]] = {
     "kernel": check_kernel, "optimizer": check_optimizer, "bnb": check_bnb,
-    "decode": check_decode, "head_loss": check_head_loss}
+    "decode": check_decode, "head_loss": check_head_loss, "answer_mlp": check_answer_mlp}
 
 
 def _environment(device: str) -> dict[str, Any]:

@@ -391,7 +391,8 @@ def test_gpu_checks_script_runs_its_checks_on_cpu(tmp_path):
     # On CPU the kernel goes through Triton's interpreter: same code path as on the GPU
     # but for the compilation, so the script cannot fail on a first GPU run for a bug here.
     out = tmp_path / "checks.json"
-    assert gpu_checks.main(["--device", "cpu", "--checks", "kernel,optimizer,decode,head_loss",
+    assert gpu_checks.main(["--device", "cpu", "--checks",
+                            "kernel,optimizer,decode,head_loss,answer_mlp",
                             "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["ok"] and report["checks"]["kernel"]["cases"] >= 12
@@ -404,14 +405,16 @@ def test_gpu_checks_script_runs_its_checks_on_cpu(tmp_path):
     assert [r["pair_ffn"] for r in decode[1:]] == [False, True, False]
     head = report["checks"]["head_loss"]["rows"]
     assert [r["case"] for r in head] == ["chunked, eager"] and head[0]["max_grad_rel"] < 1e-4
+    assert report["checks"]["answer_mlp"]["rows"][0]["auroc"] > 0.9
     assert gpu_checks.main(["--device", "cpu", "--checks", "nope"]) == 2
 
 
 def test_decode_profile_splits_an_onnx_step_into_the_runtimes_run_and_host_work(capsys):
     from vesper_sdk.benchmarks import decode_profile
 
+    # Enough tokens that the per-step time stands out of a busy machine's noise.
     assert decode_profile.main(["--onnx", "int4", "--preset", "tiny", "--vocab-size", "512",
-                                "--new-tokens", "4", "--threads", "1"]) == 0
+                                "--new-tokens", "24", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "ONNX Runtime, int4 in-place export, 1 threads" in out
     # The step inside the loop (what the host work is measured against) and run alone.

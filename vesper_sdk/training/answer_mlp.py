@@ -49,41 +49,47 @@ def stack(answers: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pool(values: torch.Tensor, answer_of: torch.Tensor, n: int) -> torch.Tensor:
     """The mean of per-token ``values`` over each of ``n`` answers."""
-    total = torch.zeros(n, dtype=values.dtype).index_add_(0, answer_of, values)
+    total = values.new_zeros(n).index_add_(0, answer_of, values)
     return total / torch.bincount(answer_of, minlength=n).clamp(min=1)
 
 
 def fit_answer_mlp(answers: Sequence[torch.Tensor], correct: np.ndarray | Sequence[float],
-                   recipe: AnswerMLPRecipe = DEFAULT_RECIPE) -> nn.Sequential:
+                   recipe: AnswerMLPRecipe = DEFAULT_RECIPE,
+                   device: torch.device | str = "cpu") -> nn.Sequential:
     """Fit an answer MLP on answers' per-token inputs (each ``[T_i, R]``, T_i >= 1) and
-    whether each answer is right. Returns ``Linear(R, hidden), GELU, Linear(hidden, 1)``
-    over the raw inputs (the standardisation folded into the first layer), fp32, on the
-    CPU, with no gradient; the caller's random state is left as it was."""
+    whether each answer is right, training on ``device`` (a GPU makes a wide model's fit
+    quick; the same recipe, not the same bits as on the CPU). Returns ``Linear(R, hidden),
+    GELU, Linear(hidden, 1)`` over the raw inputs (the standardisation folded into the
+    first layer), fp32, on the CPU, with no gradient; the caller's random state is left as
+    it was."""
     x, answer_of = stack([a.float().cpu() for a in answers])
     target = torch.as_tensor(np.asarray(correct), dtype=torch.float32).reshape(-1)
     if len(target) != len(answers):
         raise ValueError(f"{len(answers)} answers but {len(target)} right/wrong labels")
     n = len(target)
     mu, sd = x.mean(0), x.std(0) + 1e-4
-    x = (x - mu) / sd
-    with torch.random.fork_rng(devices=[]):
+    dev = torch.device(device)
+    x, answer_of, target = ((x - mu) / sd).to(dev), answer_of.to(dev), target.to(dev)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(recipe.seed)
         order = torch.Generator().manual_seed(recipe.seed)
         first, last = nn.Linear(x.shape[1], recipe.hidden), nn.Linear(recipe.hidden, 1)
-        net = nn.Sequential(nn.Dropout(recipe.input_dropout), first, nn.GELU(), last)
+        net = nn.Sequential(nn.Dropout(recipe.input_dropout), first, nn.GELU(), last).to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr,
                                 weight_decay=recipe.weight_decay)
         net.train()
         for _ in range(recipe.epochs):
-            for batch in torch.randperm(n, generator=order).split(recipe.batch_answers):
+            for batch in torch.randperm(n, generator=order).to(dev).split(
+                    recipe.batch_answers):
                 rows = torch.isin(answer_of, batch)
-                local = torch.full((n,), -1, dtype=torch.long)
-                local[batch] = torch.arange(len(batch))
+                local = torch.full((n,), -1, dtype=torch.long, device=dev)
+                local[batch] = torch.arange(len(batch), device=dev)
                 pooled = pool(net(x[rows]).squeeze(-1), local[answer_of[rows]], len(batch))
                 loss = F.binary_cross_entropy_with_logits(pooled, target[batch])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+    net.cpu()
     with torch.no_grad():  # first((x - mu) / sd) as one layer over x
         weight = first.weight / sd
         first.weight.copy_(weight)

@@ -270,7 +270,7 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
             chosen = None
             if mlp is not None and mlp.hidden > 0 and 0 < y.sum() < y.size:
                 chosen, row_once, mlp_once = _mlp_if_better(tokens, x, y, g, fit, unfitted,
-                                                            mlp)
+                                                            mlp, model.device)
                 figures.update(answer_fit_cv_auroc_once_row=row_once,
                                answer_fit_cv_auroc_once_mlp=mlp_once,
                                answer_fit_mlp=float(chosen is not None))
@@ -283,6 +283,7 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
 
 def _mlp_if_better(tokens: list[torch.Tensor], x: np.ndarray, y: np.ndarray, g: np.ndarray,
                    fit: AnswerFit, unfitted: np.ndarray, recipe: AnswerMLPRecipe,
+                   device: torch.device | str = "cpu",
                    ) -> tuple[torch.nn.Sequential | None, float, float]:
     """(the answer MLP fitted on every answer, or None where the row ranks as well; the
     row's and the MLP's count-once cross-validated AUROCs)."""
@@ -293,14 +294,14 @@ def _mlp_if_better(tokens: list[torch.Tensor], x: np.ndarray, y: np.ndarray, g: 
         return x[test] @ w + b
 
     def mlp_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
-        net = fit_answer_mlp([tokens[i] for i in train], y[train], recipe)
+        net = fit_answer_mlp([tokens[i] for i in train], y[train], recipe, device)
         return answer_logits(net, [tokens[i] for i in test])
 
     row_once = cv_auroc_once(row_scores, y, g)
     mlp_once = cv_auroc_once(mlp_scores, y, g)
     if not mlp_once > row_once:  # NaN (nothing to rank) keeps the row too
         return None, row_once, mlp_once
-    return fit_answer_mlp(tokens, y, recipe), row_once, mlp_once
+    return fit_answer_mlp(tokens, y, recipe, device), row_once, mlp_once
 
 
 @torch.no_grad()
