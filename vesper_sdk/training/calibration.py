@@ -13,8 +13,9 @@ questions (builtin:skills) or documents, so a recurring question never sits on b
 of a fold. The result is written into the confidence row of ``metahead.out``.
 
 Then the MetaHead's answer row (what an answer's confidence is read from) is fitted on
-greedy answers to held-out questions, each graded right or wrong (:func:`refit_answer`).
-Nothing else in the model changes.
+greedy answers to held-out questions, each graded right or wrong, and an answer MLP
+beside it replaces it where cross-validation over the questions prefers the MLP
+(:func:`refit_answer`). Nothing else in the model changes.
 """
 
 from __future__ import annotations
