@@ -52,11 +52,11 @@ import vesper_sdk as vs
 from vesper_sdk import skills
 from vesper_sdk.eval.answers import SIGNALS, Question, greedy_answers, prr, signals_of
 from vesper_sdk.eval.metrics import (
-    _fit_logistic,
     auroc,
     cv_auroc_once,
     fit_answer_row,
     fit_confidence,
+    fit_logistic_row,
     group_resamples,
     question_folds,
 )
@@ -100,14 +100,8 @@ def answer_features(lm, qs: list[Question], max_tokens: int = 24, batch: int = 1
 def fit_predict(x_fit: np.ndarray, y_fit: np.ndarray, x_eval: np.ndarray, l2: float,
                 ) -> np.ndarray:
     """Standardise on the fit set, fit L2 logistic regression, score the eval set."""
-    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
-
-    def design(x: np.ndarray) -> np.ndarray:
-        return np.c_[(x - mu) / sd, np.ones(len(x))]
-
-    penalty = np.r_[np.full(x_fit.shape[1], l2), 1e-6]
-    w = _fit_logistic(design(x_fit), y_fit, penalty, np.zeros(x_fit.shape[1] + 1))
-    return design(x_eval) @ w
+    weight, bias = fit_logistic_row(x_fit, y_fit, l2)
+    return x_eval @ weight + bias
 
 
 def pick_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
