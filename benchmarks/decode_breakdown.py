@@ -45,7 +45,8 @@ VARIANTS = {"vesper": (False, False, False), "no FlyLoRA": (True, False, False),
 
 
 def _zero_meta(self: MetaHead, h: torch.Tensor, logits: torch.Tensor,
-               block_outputs: list[torch.Tensor] | None) -> torch.Tensor:
+               block_outputs: list[torch.Tensor] | None,
+               statistics: torch.Tensor | None = None) -> torch.Tensor:
     return h[..., :6 if block_outputs is not None else 5] * 0.0
 
 

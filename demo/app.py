@@ -242,7 +242,8 @@ class ChatSession:
                                                float(tok.logprob), tok.regulated or None,
                                                bool(getattr(tok, "special", False)),
                                                _alternatives(llm.tokenizer, tok),
-                                               float(getattr(tok, "answer_logit", 0.0))))
+                                               float(getattr(tok, "answer_logit", 0.0)),
+                                               float(getattr(tok, "answer_confidence", 0.5))))
                 answer.text += tok.text
                 now = time.perf_counter()
                 if now - last > 0.05:  # repaint at most ~20 times a second

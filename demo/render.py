@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vesper_sdk.model import answer_confidence
-
 
 def confidence_colour(confidence: float) -> str:
     """Background colour for a token: red (0) through yellow (0.5) to green (1).
@@ -33,6 +31,7 @@ class TokenView:
     special: bool = False  # the end-of-sequence token: no text, shown only if regulated
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # top-5 (text, p)
     answer_logit: float = 0.0  # the MetaHead's answer logit at this token
+    answer_confidence: float = 0.5  # the answer's confidence up to this token (the engine's)
 
 
 @dataclass
@@ -85,7 +84,7 @@ def answer_stats(tokens: Sequence[TokenView], seconds: float, backend: str) -> d
     return {
         "tokens": len(visible),
         "tokens_per_s": len(tokens) / seconds if seconds > 0 else 0.0,
-        "answer_confidence": answer_confidence([t.answer_logit for t in tokens]),
+        "answer_confidence": tokens[-1].answer_confidence if tokens else 0.5,
         "mean_confidence": (sum(t.confidence for t in visible) / len(visible)
                             if visible else 0.0),
         "min_confidence": lowest.confidence if lowest else 0.0,

@@ -75,8 +75,11 @@ def test_calibration_keeps_the_mlp_only_where_it_ranks_questions_better():
         fit = fit_answer_row(x, labels, groups, passthrough, 0.0)
         return _mlp_if_better(tok, x, labels, groups, fit, passthrough, DEFAULT_RECIPE)
 
-    mlp, row_once, mlp_once = choose(tokens, y)
+    mlp, row_once, mlp_once, oof = choose(tokens, y)
     assert mlp is not None and mlp_once > row_once + 0.2
+    # The kept head's out-of-fold scores: the MLP's, from fits that never saw the answer.
+    assert oof.shape == y.shape and auroc(oof, y) > 0.9
     linear = np.array([float(t[0, 0] + 0.2 * t[0, 1] > 0) for t in tokens])
-    mlp, row_once, mlp_once = choose(tokens, linear)
+    mlp, row_once, mlp_once, oof = choose(tokens, linear)
     assert mlp is None and row_once >= mlp_once and row_once > 0.95
+    assert auroc(oof, linear) > 0.95

@@ -271,11 +271,13 @@ def test_runs_as_a_script_and_prints_its_url(model_dir: Path, tmp_path: Path) ->
 
 
 def test_a_token_shows_its_top_5_and_an_answer_its_confidence_badge() -> None:
-    # The badge is the MetaHead's answer confidence: the sigmoid of the mean answer logit
-    # over the answer's tokens (the end token too), not the mean token confidence.
+    # The badge is the MetaHead's answer confidence over the whole answer (the end token
+    # too), as the engine pooled it up to the last token: not the mean token confidence,
+    # nor the confidence of the answer's first tokens.
     tok = render.TokenView("4", 0.9, -0.1, alternatives=[("4", 0.9), ("5", 0.05)],
-                           answer_logit=math.log(0.8 / 0.2) - 1.0)
-    end = render.TokenView("", 0.5, 0.0, special=True, answer_logit=math.log(0.8 / 0.2) + 1.0)
+                           answer_logit=math.log(0.6 / 0.4), answer_confidence=0.6)
+    end = render.TokenView("", 0.5, 0.0, special=True, answer_logit=math.log(0.8 / 0.2),
+                           answer_confidence=0.8)
     stats = render.answer_stats([tok, end], 0.1, "PyTorch fp32")
     page = render.render_chat([render.Turn("assistant", "4", [tok, end], stats)])
     assert "top 5: &#x27;4&#x27; 0.90, &#x27;5&#x27; 0.05" in page

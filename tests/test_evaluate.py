@@ -49,7 +49,7 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
     out = tmp_path / "report"
     assert cli.main(["eval", str(model_dir), "--data", "builtin:skills", "--out-dir", str(out),
                      "--max-examples", "40", "--skills-questions", "6",
-                     "--max-answer-tokens", "4", "--device", "cpu",
+                     "--shifted-questions", "5", "--max-answer-tokens", "4", "--device", "cpu",
                      "--calibration-chats", "50", "--json", str(tmp_path / "full.json")]) == 0
     text = capsys.readouterr().out
     for needle in ("perplexity", "ECE (15 bins)", "AUROC", "MetaHead confidence",
@@ -88,6 +88,10 @@ def test_vesper_eval_builtin_skills_prints_and_writes(model_dir, tmp_path, capsy
     d = ans["metahead_minus_best_baseline"]
     assert d["baseline"] in ans["methods"] and not d["baseline"].startswith("metahead")
     assert 1 <= ans["questions"] <= 6 and set(ans["distinct"]["auroc"]) == set(ans["methods"])
+    # The same comparison on questions off the training distribution (the held shifts).
+    shifted = full["answers_shifted"]
+    assert shifted["n"] == 5 and set(shifted["methods"]) == set(ans["methods"])
+    assert "shifted questions (slots the training data never had)" in text
     assert "max_softmax_calibrated" in full and full["max_softmax_calibrated"]["n"] == \
         report["tokens"]
     # Platt-scaled on the split the MetaHead's confidence is refitted on, not on these tokens.

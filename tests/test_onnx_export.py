@@ -367,7 +367,8 @@ def test_default_opset_follows_the_runtime_that_checks_the_export(exports):
 def test_the_answer_row_and_mlp_travel_through_the_export(make_tiny_model_dir, tmp_path,
                                                          in_place_kv):
     """A fitted answer row and answer MLP give the same answer logits in ONNX Runtime as
-    in PyTorch, at every decode step, plain or in-place KV."""
+    in PyTorch, at every decode step, plain or in-place KV; the answer check travels in
+    the export's config, so the answers' confidences agree too."""
     folder = make_tiny_model_dir()
     model = vs.VesperLM.from_pretrained(folder)
     model.set_answer_mlp(8)
@@ -377,6 +378,7 @@ def test_the_answer_row_and_mlp_travel_through_the_export(make_tiny_model_dir, t
         model.metahead.answer.bias.fill_(-0.5)
         for p in model.metahead.answer_mlp.parameters():
             p.normal_(0, 0.3)
+    model.config.metahead_answer_check = [1.2, -0.5, 0.9, 0.1]
     model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": folder / "tokenizer.json"})
     export_onnx(tmp_path / "m", tmp_path / "onnx", verbose=False, in_place_kv=in_place_kv)
     torch_lm, onnx_lm = vs.load(tmp_path / "m", device="cpu"), OnnxModel(tmp_path / "onnx")
@@ -388,6 +390,10 @@ def test_the_answer_row_and_mlp_travel_through_the_export(make_tiny_model_dir, t
     ours = torch.tensor([t.answer_logit for t in a])
     assert ours.std() > 0.02  # the fitted row, not a constant
     torch.testing.assert_close(torch.tensor([t.answer_logit for t in b]), ours,
+                               rtol=1e-4, atol=1e-4)
+    assert onnx_lm.config.metahead_answer_check == [1.2, -0.5, 0.9, 0.1]
+    torch.testing.assert_close(torch.tensor([t.answer_confidence for t in b]),
+                               torch.tensor([t.answer_confidence for t in a]),
                                rtol=1e-4, atol=1e-4)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ class VesperConfig:
     # Hidden units of the answer MLP beside the answer row (0: none). `vesper calibrate`
     # sets it: it keeps the MLP only where cross-validation on graded answers prefers it.
     metahead_answer_hidden: int = 0
+    # The answer check (empty: none): four numbers `vesper calibrate` fits where its
+    # shifted questions show the token confidence catching what the answer head misses;
+    # an answer's confidence then needs both to agree (metahead.answer_confidence_from_sum).
+    metahead_answer_check: list[float] = field(default_factory=list)
     gradient_checkpointing: bool = False
     # Special token ids, filled from the tokenizer.
     pad_token_id: int = 0
@@ -122,6 +127,10 @@ class VesperConfig:
         need(self.metahead_hidden_size > 0, "metahead_hidden_size must be positive")
         need(self.metahead_answer_hidden >= 0,
              f"metahead_answer_hidden must be >= 0, got {self.metahead_answer_hidden}")
+        check = self.metahead_answer_check
+        need(isinstance(check, (list, tuple)) and len(check) in (0, 4)
+             and all(isinstance(v, (int, float)) and math.isfinite(v) for v in check),
+             f"metahead_answer_check must be empty or four finite numbers, got {check!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             need(0 <= value < self.vocab_size,

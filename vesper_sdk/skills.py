@@ -37,6 +37,12 @@ Calibration split: the next ``CALIBRATION_PERCENT`` buckets are in neither the t
 data nor the held-out evaluation; :func:`calibration` draws from them, so the MetaHead's
 calibration (fitted at the end of training) sees unseen problems as the evaluation does,
 without ever seeing the evaluation's own questions.
+
+Shifted questions (:func:`shifted`): the same templates and grading, with slots the
+generator never fills so (names of random letters, operands past its ranges, longer
+words): questions off the training distribution. Two disjoint sets of shifts: calibration
+reads one (whether the answer confidence needs the token confidence's agreement), ``vesper
+eval`` scores the other.
 """
 
 from __future__ import annotations
@@ -375,6 +381,52 @@ def held_out_tasks(n: int, seed: int = 0) -> list[tuple[str, list[dict[str, str]
     return [(t.name, _chat(q), a) for t, q, a in _examples(n, seed, "held")]
 
 
+# ----------------------------------------------------------------------------- shifted
+def _letters(rng: random.Random, shortest: int = 5, longest: int = 8) -> str:
+    return "".join(rng.choice(string.ascii_lowercase)
+                   for _ in range(rng.randint(shortest, longest)))
+
+
+# Questions in the corpus's own templates, graded by its own rules, with slots its
+# generator never fills this way: names of random letters (it makes names up from a few
+# syllables, countries ending in -ia, elements in -ium), operands past its ranges, longer
+# words. A confidence fitted on the corpus's questions has never seen these. Two sets of
+# shifts, kept apart: calibration may read the first; evaluation scores the second, shifts
+# nothing was fitted or chosen on.
+_SHIFTS: dict[str, tuple[Callable[[random.Random], str], ...]] = {
+    "calibration": (
+        lambda r: f"What is the capital of {_letters(r).capitalize()}?",
+        lambda r: f"What is the chemical symbol for {_letters(r)}?",
+        lambda r: f"What is {r.randint(100, 999)} plus {r.randint(10, 999)}?",
+        lambda r: f"How many letters are in the word '{_letters(r, 9, 12)}'?",
+    ),
+    "held": (
+        lambda r: f"How many legs does a {_letters(r)} have?",
+        lambda r: f"What is {_letters(r).capitalize()}'s phone number?",
+        lambda r: f"What is {r.randint(13, 30)} times {r.randint(13, 30)}?",
+        lambda r: f"What is {r.randint(200, 999)} minus {r.randint(100, 199)}?",
+        lambda r: (f"How many times does the letter '{r.choice('aeiou')}' appear in "
+                   f"'{_letters(r, 9, 12)}'?"),
+    ),
+}
+
+
+def shifted(n: int, seed: int = 0, split: str = "held",
+            ) -> list[tuple[str, list[dict[str, str]], str]]:
+    """``n`` shifted questions ``(task, [user message], expected answer)``, the shifts of
+    ``split`` ("held": for evaluation; "calibration": others) taken in turn."""
+    if split not in _SHIFTS:
+        raise ValueError(f"unknown shifted split {split!r}: use 'held' or 'calibration'")
+    rng = random.Random(f"vesper-skills/shifted/{seed}/{split}")
+    shifts, out = _SHIFTS[split], []
+    while len(out) < n:
+        question = shifts[len(out) % len(shifts)](rng)
+        expected, task = expected_answer(question), task_of(question)
+        if expected is not None and task is not None:
+            out.append((task, _chat(question), expected))
+    return out
+
+
 def expected_answer(question: str) -> str | None:
     """The right answer to a question in the corpus's templates, else None.
 
@@ -434,4 +486,4 @@ def is_correct(question: str, reply: str) -> bool:
 
 
 __all__ = ["IDK", "TASKS", "Task", "expected_answer", "facts", "generate", "held_out",
-           "held_out_tasks", "is_correct", "is_held_out", "split_key", "task_of"]
+           "held_out_tasks", "is_correct", "is_held_out", "shifted", "split_key", "task_of"]

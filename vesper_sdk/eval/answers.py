@@ -10,7 +10,8 @@ end-of-sequence token included: stopping is part of the answer):
 - ``metahead_answer``: *the* MetaHead answer confidence, the sigmoid of the mean of its
   answer logit over the answer's tokens (its answer row, or the answer MLP that may
   replace it, reads every block's output and is fitted on graded answers to the
-  calibration split: ``vesper calibrate``);
+  calibration split: ``vesper calibrate``), with the tokens' confidence beside it where
+  the model has an answer check (``vesper_sdk.model.answer_confidence``);
 - ``metahead_mean`` / ``metahead_min``: the MetaHead's token confidence, mean / minimum
   over the answer's tokens;
 - the white-box baselines of LM-Polygraph that cost nothing here: ``sequence_probability``
@@ -61,6 +62,14 @@ class Question:
         return normalise(reply) == normalise(self.reference)
 
 
+def shifted_questions(n: int, seed: int = 0, split: str = "held") -> list[Question]:
+    """``n`` of builtin:skills' shifted questions (:func:`vesper_sdk.skills.shifted`): its
+    templates with slots its generator never fills so; ``split`` "held" (what ``vesper
+    eval`` scores) or "calibration" (other shifts, which ``vesper calibrate`` reads)."""
+    return [Question(msgs, expected, task) for task, msgs, expected in
+            skills.shifted(n, seed, split)]
+
+
 def normalise(text: str) -> str:
     return " ".join(text.strip().rstrip(".").split()).lower()
 
@@ -81,16 +90,16 @@ def questions(records: Sequence[Any], data: str, n: int, seed: int) -> list[Ques
 
 
 def signals_of(logits: torch.Tensor, confidence: torch.Tensor, answer_logits: torch.Tensor,
-               answer: torch.Tensor) -> dict[str, float]:
+               answer: torch.Tensor, check: Sequence[float] = ()) -> dict[str, float]:
     """Every signal of one answer from the positions that predicted its tokens:
     ``logits`` [A,V], ``confidence`` and ``answer_logits`` [A] (the MetaHead's),
-    ``answer`` [A] token ids."""
+    ``answer`` [A] token ids; ``check``: the model's answer check, if any."""
     logp = logits.float().log_softmax(-1)
     lp = logp.gather(-1, answer[:, None])[:, 0]
     entropy = -(logp.exp() * logp).sum(-1)
     conf = confidence.float()
     return {
-        "metahead_answer": answer_confidence(answer_logits),
+        "metahead_answer": answer_confidence(answer_logits, conf, check),
         "metahead_mean": float(conf.mean()), "metahead_min": float(conf.min()),
         "sequence_probability": float(lp.sum().exp()),
         "mean_token_probability": float(lp.mean().exp()),
@@ -134,8 +143,9 @@ def _score(lm: Any, prompt: list[int], answer: list[int]) -> dict[str, float]:
         out = lm.backend.forward(x, torch.ones_like(x),
                                  torch.arange(x.shape[1], device=x.device)[None], None)
     pos = slice(len(prompt) - 1, len(prompt) + len(answer) - 1)
+    check = getattr(getattr(lm.backend, "config", None), "metahead_answer_check", ())
     return signals_of(out.logits[0, pos], out.confidence[0, pos], out.answer[0, pos],
-                      torch.tensor(answer, device=out.logits.device))
+                      torch.tensor(answer, device=out.logits.device), check or ())
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -27,7 +27,14 @@ import numpy as np
 from .. import skills
 from ..hf.card import record_eval
 from ..inference import LLM, load
-from .answers import METAHEAD, answer_questions, answer_report, plot_risk_coverage, questions
+from .answers import (
+    METAHEAD,
+    answer_questions,
+    answer_report,
+    plot_risk_coverage,
+    questions,
+    shifted_questions,
+)
 from .metrics import calibration_summary, fit_platt, paired_bootstrap, same_groups
 from .scorer import encode_examples, held_out_records, score_tokens
 
@@ -63,6 +70,11 @@ class EvalOptions:
         "help": "held-out questions answered greedily and graded, for accuracy and the "
                 "answer-level comparison of confidence signals (builtin:skills, or the "
                 "chats of a .jsonl whose last message is the assistant's reference answer)"})
+    shifted_questions: int = field(default=600, metadata={
+        "help": "builtin:skills: questions in its templates with slots its generator never "
+                "fills so (random-letter names, operands past its ranges), answered and "
+                "compared the same way: how the signals hold up off the training "
+                "distribution (0: none)"})
     max_answer_tokens: int = field(default=24, metadata={
         "help": "longest answer generated per skills question"})
     seed: int = field(default=0, metadata={"help": "seed of the built-in held-out split"})
@@ -129,7 +141,8 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
              max_tokens: int = 50_000, seq_len: int = 512, batch_size: int = 8,
              bins: int = 15, skills_questions: int = 200, max_answer_tokens: int = 24,
              seed: int = 0, device: str = "auto", json_path: str | Path | None = None,
-             calibration_chats: int = skills.CALIBRATION_CHATS) -> dict[str, Any]:
+             calibration_chats: int = skills.CALIBRATION_CHATS,
+             shifted: int = 600) -> dict[str, Any]:
     """Evaluate a model folder (or an ``LLM``) on ``data``; write JSON + PNG; return the report.
 
     The report has ``perplexity``, ``tokens``, ``token_accuracy``, ``metahead`` and
@@ -138,7 +151,9 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
     ``calibration_chats`` of builtin:skills' calibration split, or cross-fitted on the
     evaluated documents), ``metahead_minus_baseline`` and
     ``metahead_minus_calibrated_baseline`` (paired bootstrap intervals), ``skills`` and
-    ``answers`` (graded greedy answers) and the written ``files``.
+    ``answers`` (graded greedy answers), ``answers_shifted`` (builtin:skills: ``shifted``
+    of its shifted questions, :func:`vesper_sdk.skills.shifted`) and the written
+    ``files``.
     """
     lm = model if isinstance(model, LLM) else load(model, device=device)
     if out_dir is None:
@@ -209,6 +224,10 @@ def evaluate(model: str | Path | LLM, data: str = "builtin:skills", *,
         report["answers"] = answer_report(rows, seed=seed)
         if report["answers"]["n"]:
             plot_risk_coverage(rows, report["answers"], out_dir / "risk_coverage.png")
+    if data == "builtin:skills" and shifted > 0:
+        shifted_rows = answer_questions(lm, shifted_questions(shifted, seed), max_answer_tokens,
+                                        batch_size)
+        report["answers_shifted"] = answer_report(shifted_rows, seed=seed)
     png = out_dir / "reliability.png"
     plot_reliability(report, png)
     js = out_dir / "calibration.json"
@@ -336,6 +355,10 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"  {task:<24}{_fmt(v['accuracy'])}  (n={v['n']})")
     if "answers" in report:
         lines += ["", *format_answers(report["answers"])]
+    if "answers_shifted" in report:
+        sh = report["answers_shifted"]
+        lines += ["", f"shifted questions (slots the training data never had): accuracy "
+                      f"{_fmt(sh['accuracy'])} on {sh['n']} answers", *format_answers(sh)]
     if "files" in report:
         lines += ["", f"wrote {report['files']['json']} and {report['files']['png']}"]
     return "\n".join(lines)
@@ -374,7 +397,8 @@ def cli(opts: EvalOptions) -> int:
                       skills_questions=opts.skills_questions,
                       max_answer_tokens=opts.max_answer_tokens, seed=opts.seed,
                       device=opts.device, json_path=opts.json,
-                      calibration_chats=opts.calibration_chats)
+                      calibration_chats=opts.calibration_chats,
+                      shifted=opts.shifted_questions)
     print(format_report(report))
     record_eval(opts.model_dir, report)  # the model card's Evaluation section
     return 0

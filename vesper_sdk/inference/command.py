@@ -7,7 +7,6 @@ import sys
 from dataclasses import dataclass, field
 
 from ..eval.regulator import MetacognitiveRegulator
-from ..model.metahead import answer_confidence
 from .llm import RUNTIMES, load
 from .sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingParams
 from .types import Token
@@ -116,7 +115,7 @@ def cli(opts: GenerateOptions) -> int:
                   f"{tok.stop_prob:>6.3f}  {tok.regulated or ''}")
         if seen:
             mean = sum(t.confidence for t in seen) / len(seen)
-            answer = answer_confidence([t.answer_logit for t in seen])
+            answer = seen[-1].answer_confidence  # pooled by the engine, as it went
             print(f"{len(seen)} tokens, mean token confidence {mean:.3f}, answer confidence "
                   f"{answer:.3f}"
                   + (f", finish: {seen[-1].finish_reason}" if seen[-1].finish_reason else ""))

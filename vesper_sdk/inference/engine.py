@@ -17,7 +17,7 @@ import torch
 
 from ..eval.regulator import ABSTAINED, MetacognitiveRegulator, as_regulator, join_flags
 from ..eval.scorer import score_labels
-from ..model.metahead import answer_confidence_from_sum
+from ..model.metahead import answer_confidence_from_sum, confidence_logit
 from ..tokenizer import VesperTokenizer
 from .sampling import sample
 from .stops import StopScanner
@@ -29,7 +29,8 @@ class _Row:
 
     def __init__(self, index: int, request: GenerationRequest, prompt_ids: list[int],
                  temperature: float, seed: int | None,
-                 regulator: MetacognitiveRegulator | None, buffered: bool) -> None:
+                 regulator: MetacognitiveRegulator | None, buffered: bool,
+                 check: tuple[float, ...] = ()) -> None:
         self.index = index
         self.request = request
         self.prompt_ids = prompt_ids
@@ -41,6 +42,8 @@ class _Row:
         self.budget = request.params.max_new_tokens
         self.n = 0  # tokens generated
         self.answer_sum = 0.0  # of the tokens' MetaHead answer logits
+        self.check = check  # the model's answer check (config.metahead_answer_check)
+        self.confidence_sum = 0.0  # of the tokens' confidence logits, for the check
         self.ids: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.scanner = StopScanner(request.params.stops)
@@ -61,8 +64,8 @@ class _Row:
     @property
     def answer_confidence(self) -> float:
         """The MetaHead's answer confidence so far (``metahead.answer_confidence``)."""
-        return (answer_confidence_from_sum(self.answer_sum, self.n) if self.n
-                else float("-inf"))
+        return (answer_confidence_from_sum(self.answer_sum, self.n, self.confidence_sum,
+                                           self.check) if self.n else float("-inf"))
 
 
 
@@ -91,7 +94,7 @@ class Attempts:
         if len(done) < len(plan) and not reg.accepts(row.answer_confidence):
             nxt = plan[len(done)]
             return _Row(row.index, row.request, row.prompt_ids, nxt.temperature, nxt.seed,
-                        reg, True), []
+                        reg, True, row.check), []
         best = max(range(len(done)), key=lambda k: done[k].answer_confidence)
         flag = reg.retry_flag(best, len(done))
         tokens = done[best].buffer or []
@@ -120,6 +123,8 @@ class Engine:
         self.special = frozenset(tokenizer.special_ids)
         self._bytes: dict[int, bytes] = {}
         self.pipeline = backend.device.type == "cuda" if pipeline is None else pipeline
+        config = getattr(backend, "config", None)
+        self.answer_check = tuple(getattr(config, "metahead_answer_check", ()) or ())
 
     @property
     def max_seq_len(self) -> int:
@@ -182,7 +187,7 @@ class Engine:
             attempts.plans[index] = plan
             attempts.done[index] = []
         return _Row(index, request, ids, request.params.temperature, request.params.seed,
-                    reg, buffered)
+                    reg, buffered, self.answer_check)
 
     # --- the loop --------------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -202,7 +207,8 @@ class Engine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         c = min(max(confidence, 1e-9), 1 - 1e-9)  # the same answer confidence, pooled
         tokens = [Token(decoder.decode(self.token_bytes(t)), t, 0.0, confidence, 0.0,
-                        ABSTAINED, answer_logit=math.log(c / (1 - c))) for t in ids]
+                        ABSTAINED, answer_logit=math.log(c / (1 - c)),
+                        answer_confidence=confidence) for t in ids]
         tokens[-1].text += decoder.decode(b"", final=True)
         tokens[-1].finish_reason = "stop"
         return tokens
@@ -562,6 +568,8 @@ class _BatchState:
                answer: float, flag: str | None) -> Token:
         r.n += 1
         r.answer_sum += answer
+        if r.check:
+            r.confidence_sum += confidence_logit(conf)
         r.ids.append(tid)
         special = tid in self.special
         finish = None
@@ -580,7 +588,7 @@ class _BatchState:
         if finish is not None:
             r.finished = True
         return Token(text, tid, logprob, conf, stop, flag, finish, special,
-                     answer_logit=answer)
+                     answer_logit=answer, answer_confidence=r.answer_confidence)
 
 
 def _fill_bias(row: torch.Tensor, r: _Row) -> None:

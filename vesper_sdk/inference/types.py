@@ -48,6 +48,9 @@ class Token:
         top_logprobs: ``[(id, logprob), ...]`` most likely first, when asked for.
         answer_logit: the MetaHead's answer logit at that position; an answer's
             confidence is ``vesper_sdk.model.answer_confidence`` of its tokens'.
+        answer_confidence: that answer confidence over the row's tokens so far, this one
+            included (on a row's last token: the whole answer's), as the engine pools it
+            with the model's answer check, if it has one.
     """
 
     text: str
@@ -60,6 +63,7 @@ class Token:
     special: bool = False
     top_logprobs: list[tuple[int, float]] | None = None
     answer_logit: float = 0.0
+    answer_confidence: float = 0.5
 
 
 @dataclass

@@ -115,6 +115,9 @@ class MetaHead(nn.Module):
     until then it passes the confidence logit through. Where calibration finds that a
     small MLP over the same inputs ranks answers better, the answer logit is the row plus
     ``answer_mlp`` (``metahead_answer_hidden`` units; absent at 0), pooled the same way.
+    Where calibration also fits an answer check (``config.metahead_answer_check``), the
+    pooling reads the tokens' confidence beside the answer logit
+    (:func:`answer_confidence_from_sum`); the forward is the same.
     """
 
     def __init__(self, cfg: VesperConfig) -> None:
@@ -203,21 +206,71 @@ class MetaHead(nn.Module):
         return torch.sigmoid(meta[..., CONFIDENCE] * scale + bias)
 
 
-def answer_confidence(answer_logits: torch.Tensor | Sequence[float]) -> float:
+# A token's confidence read back as a logit is clamped here: fp32's sigmoid saturates
+# near 1 - 6e-8, and every path (the engine's running sums, evaluation, calibration's fit)
+# must read the same value from the same token.
+_CONFIDENCE_CLAMP = 1e-7
+
+
+def confidence_logit(confidence: float) -> float:
+    """A token's confidence (a probability) as the logit the answer check pools."""
+    p = min(max(float(confidence), _CONFIDENCE_CLAMP), 1.0 - _CONFIDENCE_CLAMP)
+    return math.log(p / (1.0 - p))
+
+
+def confidence_logits(confidence: torch.Tensor) -> torch.Tensor:
+    """:func:`confidence_logit` of each of a tensor's confidences (float64)."""
+    p = confidence.double().clamp(_CONFIDENCE_CLAMP, 1.0 - _CONFIDENCE_CLAMP)
+    return torch.log(p / (1.0 - p))
+
+
+def answer_confidence(answer_logits: torch.Tensor | Sequence[float],
+                      confidences: torch.Tensor | Sequence[float] | None = None,
+                      check: Sequence[float] = ()) -> float:
     """An answer's confidence (probability that it is right) from its tokens' answer
     logits (``meta[..., ANSWER]`` at the positions that chose them): the sigmoid of
     their mean. The mean keeps the row linear in pooled features, which is how it is
-    fitted; an empty answer has confidence 0.5."""
+    fitted; an empty answer has confidence 0.5.
+
+    With a ``check`` (``config.metahead_answer_check``, fitted by ``vesper calibrate``:
+    four numbers), the tokens' ``confidences`` (the MetaHead's token confidence) are
+    pooled too, and the answer is trusted only as far as both agree: see
+    :func:`answer_confidence_from_sum`.
+    """
     values = (answer_logits.tolist() if isinstance(answer_logits, torch.Tensor)
               else list(answer_logits))
-    return answer_confidence_from_sum(float(sum(values)), len(values))
+    total = 0.0
+    if check:
+        if confidences is None:
+            raise ValueError("this model's answer confidence checks the tokens' confidences: "
+                             "pass them (Token.confidence) beside the answer logits")
+        conf = confidences.tolist() if isinstance(confidences, torch.Tensor) else confidences
+        if len(conf) != len(values):
+            raise ValueError(f"{len(values)} answer logits but {len(conf)} confidences")
+        total = sum(confidence_logit(c) for c in conf)
+    return answer_confidence_from_sum(float(sum(values)), len(values), total, check)
 
 
-def answer_confidence_from_sum(total: float, n: int) -> float:
-    """:func:`answer_confidence` from the sum of ``n`` answer logits (a running sum)."""
+def answer_confidence_from_sum(total: float, n: int, confidence_total: float = 0.0,
+                               check: Sequence[float] = ()) -> float:
+    """:func:`answer_confidence` from the sum of ``n`` answer logits (a running sum) and,
+    with a ``check``, the sum of the same tokens' :func:`confidence_logit`.
+
+    The check ``(a, b, scale, shift)`` makes the answer's confidence
+    ``sigmoid(scale * softmin(A, a * C + b) + shift)``, where ``A`` is the mean answer
+    logit, ``C`` the tokens' mean confidence logit and ``softmin(x, y) = -log(e^-x +
+    e^-y)``: the odds of the answer being wrong are the sum of what each signal says they
+    are. The answer head reads the blocks' outputs and ranks familiar questions best; on
+    questions unlike those it was fitted on it can be sure of a wrong answer while the
+    token confidence is not, and the sum keeps the doubt of either.
+    """
     if n == 0:
         return 0.5
     z = total / n
+    if check:
+        a, b, scale, shift = check
+        c = a * confidence_total / n + b
+        z = scale * (min(z, c) - math.log1p(math.exp(-abs(z - c)))) + shift
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 

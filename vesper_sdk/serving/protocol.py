@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..eval.regulator import MetacognitiveRegulator
 from ..inference import DEFAULT_TEMPERATURE, PromptLogprobs, SamplingParams, Token
-from ..model import answer_confidence
 
 MAX_CHOICES = 16  # n (or prompts x n) per request: bounds what one client can enqueue
 MAX_STOP_SEQUENCES = 4  # as OpenAI
@@ -426,8 +425,9 @@ def vesper_fields(tokens: Sequence[Token], end_regulated: str | None = None,
     if end_regulated:
         fields["end_regulated"] = end_regulated
     if answer is not None:
-        fields["answer_confidence"] = round(answer_confidence(
-            [float(getattr(t, "answer_logit", 0.0)) for t in answer]), 6)
+        # The engine pools it as it goes (with the model's answer check): the last token's.
+        fields["answer_confidence"] = round(
+            float(getattr(answer[-1], "answer_confidence", 0.5)) if answer else 0.5, 6)
     return fields
 
 

@@ -15,7 +15,9 @@ of a fold. The result is written into the confidence row of ``metahead.out``.
 Then the MetaHead's answer row (what an answer's confidence is read from) is fitted on
 greedy answers to held-out questions, each graded right or wrong, and an answer MLP
 beside it replaces it where cross-validation over the questions prefers the MLP
-(:func:`refit_answer`). Nothing else in the model changes.
+(:func:`refit_answer`). Last, the answer check (:mod:`.answer_check`): whether an answer's
+confidence should need the token confidence to agree, decided with builtin:skills'
+shifted questions too. Nothing else in the model changes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import skills
 from ..device import resolve_device
-from ..eval.answers import Question, greedy_answers, questions
+from ..eval.answers import Question, greedy_answers, questions, shifted_questions
 from ..eval.metrics import (
     AnswerFit,
     cv_auroc_once,
@@ -43,6 +45,7 @@ from ..eval.metrics import (
     fit_answer_row,
     fit_confidence,
     fit_logistic_row,
+    question_folds,
 )
 from ..eval.scorer import encode_examples, padded, windows
 from ..folder import ModelFolder
@@ -51,6 +54,7 @@ from ..inference.decode_swaps import remove_decode_swaps
 from ..model import VesperLM
 from ..model.metahead import metahead_targets
 from ..tokenizer import TOKENIZER_NAME, VesperTokenizer
+from .answer_check import fit_check
 from .answer_mlp import DEFAULT_RECIPE, AnswerMLPRecipe, answer_logits, fit_answer_mlp
 from .data import DataSource
 
@@ -215,10 +219,17 @@ def skills_questions(examples: int, seed: int) -> tuple[list[Question], list[int
     return qs, groups
 
 
+def shifted_calibration_questions(answers: int, seed: int) -> list[Question]:
+    """builtin:skills' shifted questions for calibration (:func:`vesper_sdk.skills.shifted`,
+    not the shifts ``vesper eval`` scores): a quarter as many as ``answers``, 100 to
+    2,000."""
+    return shifted_questions(min(2000, max(MIN_ANSWERS, answers // 4)), seed, "calibration")
+
+
 def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Question],
                  groups: Sequence[int], warn: Callable[[str], None] | None = None,
                  batch_size: int = 16, mlp: AnswerMLPRecipe | None = DEFAULT_RECIPE,
-                 ) -> dict[str, float] | None:
+                 shifted: Sequence[Question] = ()) -> dict[str, float] | None:
     """Fit the MetaHead's answer logit (in place) on greedy answers to ``qs``, graded.
 
     Each answer's row input (:class:`~vesper_sdk.model.MetaHead`: every block's output,
@@ -234,15 +245,14 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
     every token) is fitted too, and it replaces the row where grouped cross-validation,
     each distinct question counted once per fold, ranks its answers better than the row's
     (:func:`~vesper_sdk.eval.metrics.cv_auroc_once`; otherwise the model has no MLP).
+
+    Last, the answer check (:func:`.answer_check.fit_check`): whether the answer's confidence should
+    also need the token confidence's agreement, decided on the answers to ``qs`` and to
+    the ``shifted`` questions (questions unlike those the head is fitted on).
     Returns the fit's figures, or None (the answer logit left as it was, why said through
     ``warn``) when there are too few answers.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        reads, correct = _answer_reads(model, tokenizer, qs, batch_size)
-    finally:
-        model.train(was_training)
+    reads, correct = answer_reads(model, tokenizer, qs, batch_size)
     n = len(correct)
     n_groups = len({g for g, r in zip(groups, reads, strict=True) if r is not None})
     keep = [i for i, r in enumerate(reads) if r is not None]
@@ -268,41 +278,89 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
                        "answer_fit_cv_auroc_unfitted": fit.cv_auroc.get(math.inf,
                                                                         float("nan")),
                        "answer_fit_mlp": 0.0}
-            chosen = None
+            chosen, oof = None, None
             if mlp is not None and mlp.hidden > 0 and 0 < y.sum() < y.size:
-                chosen, row_once, mlp_once = _mlp_if_better(tokens, x, y, g, fit, unfitted,
-                                                            mlp, model.device)
+                chosen, row_once, mlp_once, oof = _mlp_if_better(tokens, x, y, g, fit,
+                                                                 unfitted, mlp, model.device)
                 figures.update(answer_fit_cv_auroc_once_row=row_once,
                                answer_fit_cv_auroc_once_mlp=mlp_once,
                                answer_fit_mlp=float(chosen is not None))
             _set_answer(model, fit, chosen)
+            # A head that reads more than the confidence logit (the MLP, or a fitted row).
+            if (chosen is not None or not math.isinf(fit.l2)) and 0 < y.sum() < y.size:
+                if oof is None:
+                    oof = _out_of_fold(_row_scorer(x, y, fit, unfitted), y, g)
+                figures.update(fit_check(model, tokens, y, g, oof,
+                                         *_shifted_reads(model, tokenizer, shifted,
+                                                         batch_size)))
+            else:
+                model.config.metahead_answer_check = []
             return figures
         why = f"{n} answers, but the fit came out non-finite"
     _say(f"MetaHead answer row not fitted, it stays as it was: {why}", warn)
     return None
 
 
-def _mlp_if_better(tokens: list[torch.Tensor], x: np.ndarray, y: np.ndarray, g: np.ndarray,
-                   fit: AnswerFit, unfitted: np.ndarray, recipe: AnswerMLPRecipe,
-                   device: torch.device | str = "cpu",
-                   ) -> tuple[torch.nn.Sequential | None, float, float]:
-    """(the answer MLP fitted on every answer, or None where the row ranks as well; the
-    row's and the MLP's count-once cross-validated AUROCs)."""
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _row_scorer(x: np.ndarray, y: np.ndarray, fit: AnswerFit, unfitted: np.ndarray) -> Scorer:
+    """The answer row's scores of the ``test`` answers, fitted on the ``train`` ones."""
     def row_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
         if math.isinf(fit.l2):  # the unfitted row: nothing fitted (Platt keeps its ranking)
             return x[test] @ unfitted
         w, b = fit_logistic_row(x[train], y[train], fit.l2)
         return x[test] @ w + b
+    return row_scores
 
+
+def _recording(scorer: Scorer, into: np.ndarray) -> Scorer:
+    """``scorer``, writing each fold's scores into ``into`` as well (out-of-fold scores)."""
+    def scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        into[test] = out = scorer(train, test)
+        return out
+    return scores
+
+
+def _out_of_fold(scorer: Scorer, y: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Each answer's score from a fit on the folds without its question (the folds of
+    :func:`~vesper_sdk.eval.metrics.cv_auroc_once`)."""
+    fold, out = question_folds(g, 5), np.zeros(len(y))
+    for f in range(5):
+        test = np.flatnonzero(fold == f)
+        if test.size:
+            out[test] = scorer(np.flatnonzero(fold != f), test)
+    return out
+
+
+def _mlp_if_better(tokens: list[torch.Tensor], x: np.ndarray, y: np.ndarray, g: np.ndarray,
+                   fit: AnswerFit, unfitted: np.ndarray, recipe: AnswerMLPRecipe,
+                   device: torch.device | str = "cpu",
+                   ) -> tuple[torch.nn.Sequential | None, float, float, np.ndarray]:
+    """(the answer MLP fitted on every answer, or None where the row ranks as well; the
+    row's and the MLP's count-once cross-validated AUROCs; the kept head's out-of-fold
+    scores)."""
     def mlp_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
         net = fit_answer_mlp([tokens[i] for i in train], y[train], recipe, device)
         return answer_logits(net, [tokens[i] for i in test])
 
-    row_once = cv_auroc_once(row_scores, y, g)
-    mlp_once = cv_auroc_once(mlp_scores, y, g)
+    row_oof, mlp_oof = np.zeros(len(y)), np.zeros(len(y))
+    row_once = cv_auroc_once(_recording(_row_scorer(x, y, fit, unfitted), row_oof), y, g)
+    mlp_once = cv_auroc_once(_recording(mlp_scores, mlp_oof), y, g)
     if not mlp_once > row_once:  # NaN (nothing to rank) keeps the row too
-        return None, row_once, mlp_once
-    return fit_answer_mlp(tokens, y, recipe, device), row_once, mlp_once
+        return None, row_once, mlp_once, row_oof
+    return fit_answer_mlp(tokens, y, recipe, device), row_once, mlp_once, mlp_oof
+
+
+def _shifted_reads(model: VesperLM, tokenizer: VesperTokenizer, shifted: Sequence[Question],
+                   batch_size: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    """The answer reads of greedy answers to ``shifted`` (empty answers left out), and
+    whether each is right."""
+    if not shifted:
+        return [], np.zeros(0)
+    reads, correct = answer_reads(model, tokenizer, shifted, batch_size)
+    keep = [i for i, r in enumerate(reads) if r is not None]
+    return [reads[i] for i in keep], np.array([correct[i] for i in keep], dtype=np.float64)
 
 
 @torch.no_grad()
@@ -320,11 +378,22 @@ def _set_answer(model: VesperLM, fit: AnswerFit, mlp: torch.nn.Sequential | None
                                      for k, v in mlp.state_dict().items()})
 
 
+def answer_reads(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Question],
+                 batch_size: int) -> tuple[list[torch.Tensor | None], list[bool]]:
+    """Per question: the answer row's input at each position that chose a token of its
+    greedy answer, [T, R] (None for an empty answer), and whether the answer is right.
+    Read in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _answer_reads(model, tokenizer, qs, batch_size)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def _answer_reads(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Question],
                   batch_size: int) -> tuple[list[torch.Tensor | None], list[bool]]:
-    """Per question: the answer row's input at each position that chose a token of its
-    greedy answer, [T, R] (None for an empty answer), and whether the answer is right."""
     lm = LLM(model, tokenizer)
     try:
         # A bar where a person watches (a terminal); none in logs and tests.
@@ -383,6 +452,15 @@ def describe(fit: dict[str, float]) -> str:
             text += (f"\nMetaHead answer MLP against the row, cross-validated over questions, "
                      f"each counted once: AUROC {fit['answer_fit_cv_auroc_once_mlp']:.4f} "
                      f"vs {fit['answer_fit_cv_auroc_once_row']:.4f}: {verdict}")
+        if "answer_check" in fit:
+            verdict = ("kept: an answer's confidence needs the token confidence to agree"
+                       if fit["answer_check"] else "not kept")
+            text += (f"\nAnswer check (the pooled token confidence beside the answer head), "
+                     f"on the calibration answers out of fold and "
+                     f"{fit['answer_check_shifted_answers']:,.0f} answers to shifted "
+                     f"questions, each question once: AUROC "
+                     f"{fit['answer_check_auroc_once']:.4f} with it vs "
+                     f"{fit['answer_check_auroc_once_without']:.4f} without: {verdict}")
     return text
 
 
@@ -422,6 +500,7 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
     if data == "builtin:skills":
         batches = skills_batches(tokenizer, examples, seed, seq_len, batch_size)
         qs, groups = skills_questions(answers, seed)
+        shifted = shifted_calibration_questions(answers, seed)
     else:
         records = []
         for i, record in enumerate(DataSource(data).records()):
@@ -432,13 +511,14 @@ def calibrate(model_dir: str | Path, data: str = "builtin:skills",
         batches = pack(encoded, range(len(encoded)), seq_len, batch_size, tokenizer.pad_id)
         qs = questions(records, data, answers, seed)
         groups = list(range(len(qs)))
+        shifted = []
     fit, reason = _refit(model, batches, tokenizer.eos_id, contextlib.nullcontext)
     if fit is None:
         raise ValueError(f"{data} gave {reason}: pass more held-out data (more --examples, "
                          "or a bigger file); the model is left as it was")
     recipe = dataclasses.replace(DEFAULT_RECIPE, hidden=answer_mlp) if answer_mlp > 0 else None
     fit.update(refit_answer(model, tokenizer, qs, groups, batch_size=batch_size,
-                            mlp=recipe) or {})
+                            mlp=recipe, shifted=shifted) or {})
     model.save_pretrained(out, extra_files={TOKENIZER_NAME: model_dir / TOKENIZER_NAME})
     return fit
 
@@ -464,7 +544,8 @@ class CalibrateOptions:
                 "calibration split)"})
     answers: int = field(default=4000, metadata={
         "help": "questions answered greedily and graded to fit the answer-level "
-                "confidence (builtin:skills: drawn from its calibration split; a file: "
+                "confidence (builtin:skills: drawn from its calibration split, with a "
+                "quarter as many of its shifted questions for the answer check; a file: "
                 "its chats among the first --examples that end with an assistant "
                 "message, the reference)"})
     answer_mlp: int = field(default=DEFAULT_RECIPE.hidden, metadata={
@@ -489,6 +570,7 @@ def cli(opts: CalibrateOptions) -> int:
     return 0
 
 
-__all__ = ["CalibrateOptions", "CalibrationWarning", "calibrate", "cli", "describe", "pack",
-           "refit_answer", "refit_confidence", "shortfall", "skills_batches",
-           "skills_questions"]
+__all__ = ["CalibrateOptions", "CalibrationWarning", "answer_reads", "calibrate", "cli",
+           "describe", "pack",
+           "refit_answer", "refit_confidence", "shifted_calibration_questions", "shortfall",
+           "skills_batches", "skills_questions"]

@@ -33,6 +33,7 @@ from .calibration import (
     describe,
     refit_answer,
     refit_confidence,
+    shifted_calibration_questions,
     skills_batches,
     skills_questions,
 )
@@ -361,8 +362,9 @@ class Trainer:
             self.log(f"answering {n:,} held-out questions greedily to fit the MetaHead's "
                      "answer row")
             qs, groups = skills_questions(n, self.opts.seed)
-            fit.update(refit_answer(self.raw_model, self.tokenizer, qs, groups,
-                                    warn=self.log) or {})
+            fit.update(refit_answer(self.raw_model, self.tokenizer, qs, groups, warn=self.log,
+                                    shifted=shifted_calibration_questions(n, self.opts.seed))
+                       or {})
         if fit is not None:
             self.log(describe(fit))
         return fit
