@@ -79,6 +79,12 @@ def test_the_engine_pools_the_check_as_evaluation_and_the_server_do(model_dir, t
         answer_confidence([t.answer_logit for t in toks]), abs=1e-3)  # the check counted
     assert vesper_fields(toks, answer=toks)["answer_confidence"] == pytest.approx(
         toks[-1].answer_confidence, abs=1e-6)
+    # Read per request: a calibration in this process that drops the check is seen at once.
+    lm.config.metahead_answer_check = []
+    plain = lm.generate_tokens(["the cat"], max_new_tokens=6, temperature=0.0,
+                               ignore_eos=True)[0]
+    assert plain[-1].answer_confidence == pytest.approx(
+        answer_confidence([t.answer_logit for t in plain]), abs=1e-9)
 
 
 def _reads(model: vs.VesperLM, head: np.ndarray, conf: np.ndarray) -> list[torch.Tensor]:

@@ -31,12 +31,8 @@ class _Row:
                  temperature: float, seed: int | None,
                  regulator: MetacognitiveRegulator | None, buffered: bool,
                  check: tuple[float, ...] = ()) -> None:
-        self.index = index
-        self.request = request
-        self.prompt_ids = prompt_ids
-        self.temperature = temperature
-        self.seed = seed
-        self.regulator = regulator
+        self.index, self.request, self.prompt_ids = index, request, prompt_ids
+        self.temperature, self.seed, self.regulator = temperature, seed, regulator
         self.buffer: list[Token] | None = [] if buffered else None
         self.params = request.params
         self.budget = request.params.max_new_tokens
@@ -47,8 +43,7 @@ class _Row:
         self.ids: list[int] = []
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.scanner = StopScanner(request.params.stops)
-        self.finished = False
-        self.cancelled = False
+        self.finished = self.cancelled = False
         self._generator: torch.Generator | None = None
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -123,12 +118,16 @@ class Engine:
         self.special = frozenset(tokenizer.special_ids)
         self._bytes: dict[int, bytes] = {}
         self.pipeline = backend.device.type == "cuda" if pipeline is None else pipeline
-        config = getattr(backend, "config", None)
-        self.answer_check = tuple(getattr(config, "metahead_answer_check", ()) or ())
 
     @property
     def max_seq_len(self) -> int:
         return self.backend.max_seq_len
+
+    @property
+    def answer_check(self) -> tuple[float, ...]:
+        """``config.metahead_answer_check``, read per request (a calibration may change it)."""
+        config = getattr(self.backend, "config", None)
+        return tuple(getattr(config, "metahead_answer_check", ()) or ())
 
     @property
     def device(self) -> torch.device:

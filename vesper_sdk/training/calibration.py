@@ -246,9 +246,10 @@ def refit_answer(model: VesperLM, tokenizer: VesperTokenizer, qs: Sequence[Quest
     each distinct question counted once per fold, ranks its answers better than the row's
     (:func:`~vesper_sdk.eval.metrics.cv_auroc_once`; otherwise the model has no MLP).
 
-    Last, the answer check (:func:`.answer_check.fit_check`): whether the answer's confidence should
-    also need the token confidence's agreement, decided on the answers to ``qs`` and to
-    the ``shifted`` questions (questions unlike those the head is fitted on).
+    Last, the answer check (:func:`.answer_check.fit_check`): whether the answer's
+    confidence should also need the token confidence's agreement, decided on the answers
+    to ``qs`` and to the ``shifted`` questions (questions unlike those the head is fitted
+    on).
     Returns the fit's figures, or None (the answer logit left as it was, why said through
     ``warn``) when there are too few answers.
     """
