@@ -240,3 +240,31 @@ def test_a_folder_with_an_answer_mlp_loads_through_the_auto_classes(make_tiny_mo
     mlp = {k: v for k, v in state.items() if ".answer_mlp." in k}
     assert len(mlp) == 4 and all(torch.equal(v, model.state_dict()[k.split("vesper.", 1)[-1]])
                                  for k, v in mlp.items())
+
+
+def test_a_folder_older_than_a_config_field_loads_as_the_sdk_loads_it(make_tiny_model_dir,
+                                                                       tmp_path):
+    """A config.json written before ``metahead_logit_features`` existed (its MetaHead read
+    the hidden state alone) gets the SDK's reading of it through the Auto classes, not
+    today's default; the answer check travels in the config as any field."""
+    from vesper_sdk.atomic import write_manifest
+
+    folder = make_tiny_model_dir()
+    cfg = vs.VesperLM.from_pretrained(folder).config.to_dict()
+    cfg.update(metahead_logit_features=False, metahead_answer_check=[1.0, -0.5, 0.8, 0.1])
+    torch.manual_seed(0)
+    model = vs.VesperLM(vs.VesperConfig(**cfg))
+    model.save_pretrained(tmp_path / "m", extra_files={"tokenizer.json": folder / "tokenizer.json"})
+    path = tmp_path / "m" / "config.json"
+    data = json.loads(path.read_text())
+    del data["metahead_logit_features"]
+    path.write_text(json.dumps(data))
+    write_manifest(tmp_path / "m")
+    hf_cfg = AutoConfig.from_pretrained(tmp_path / "m")
+    assert hf_cfg.metahead_logit_features is False
+    assert hf_cfg.metahead_answer_check == [1.0, -0.5, 0.8, 0.1]
+    assert hf_cfg.to_vesper() == vs.VesperLM.from_pretrained(tmp_path / "m").config
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.randint(7, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).confidence, model.eval()(ids).confidence)

@@ -43,6 +43,15 @@ class VesperHFConfig(_Base):
         kwargs.setdefault("architectures", ["VesperForCausalLM"])
         super().__init__(**tokens, **kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        # A folder's config.json: fields it lacks are filled as the SDK fills them
+        # (VesperConfig.from_dict: a folder written before a field existed keeps what it
+        # was built with), not with today's defaults.
+        known = {k: v for k, v in config_dict.items() if k in _FIELDS}
+        return super().from_dict({**config_dict, **VesperConfig.from_dict(known).to_dict()},
+                                 **kwargs)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
