@@ -185,10 +185,13 @@ class MetaHead(nn.Module):
         if features is not None:
             reads.append(features)
         x = torch.cat([*reads, confidence_logit.to(h.dtype)], dim=-1)
-        answer = self.answer(x)
-        if self.answer_mlp is not None:
-            answer = answer + self.answer_mlp(x)
-        return torch.cat((token, answer.to(token.dtype)), dim=-1)
+        return torch.cat((token, self.answer_logit(x).to(token.dtype)), dim=-1)
+
+    def answer_logit(self, reads: torch.Tensor) -> torch.Tensor:
+        """The answer logit [..., 1] from what the answer row reads [..., R]: the row, plus
+        the answer MLP where there is one."""
+        answer = self.answer(reads)
+        return answer if self.answer_mlp is None else answer + self.answer_mlp(reads)
 
     def activations(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """What the output layer reads (the hidden layer), e.g. to refit the confidence

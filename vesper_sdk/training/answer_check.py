@@ -31,10 +31,7 @@ def pooled(model: VesperLM, reads: Sequence[torch.Tensor]) -> tuple[np.ndarray, 
     answer, conf = [], []
     with torch.no_grad():
         for t in reads:
-            x = t.to(head.answer.weight)
-            a = head.answer(x)[:, 0]
-            if head.answer_mlp is not None:
-                a = a + head.answer_mlp(x)[:, 0]
+            a = head.answer_logit(t.to(head.answer.weight))[:, 0]
             answer.append(float(a.double().mean()))
             conf.append(float(confidence_logits(torch.sigmoid(t[:, -1].float())).mean()))
     return np.array(answer), np.array(conf)
