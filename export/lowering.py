@@ -220,19 +220,24 @@ def _register_gqa_schema() -> None:
         attributes=attributes))
 
 
-def translation_table(opset: int) -> dict:
+def translation_table(opset: int, vocab_size: int = 0) -> dict:
     """torch op -> onnxscript function, for ``torch.onnx.export(custom_translation_table=)``.
 
     softplus, logsumexp, the MetaHead's logit features and the in-place attention (ONNX
     Runtime's GroupQueryAttention) at every supported opset (18+); the fused rotary and
-    attention operators from opset 23, where they exist.
+    attention operators from opset 23, where they exist. ``vocab_size``: the logits'
+    last axis, for the features' top two (:func:`~vesper_sdk.model.metahead.top_two`'s
+    blocks; 0: one TopK).
     """
     from onnx import TensorProto
     from onnxscript import FLOAT, INT64, values
     from onnxscript import opset18 as op18
 
+    from ..model.metahead import top_two_block
+
     _register_gqa_schema()
     msft = values.Opset("com.microsoft", 1)
+    block = top_two_block(vocab_size) if vocab_size else 0
 
     def softplus_onnx(x: FLOAT, beta: float = 1.0, threshold: float = 20.0) -> FLOAT:
         # relu(z) - log(sigmoid(|z|)) is softplus(z) with no overflow and no branch (its
@@ -251,14 +256,25 @@ def translation_table(opset: int) -> dict:
         return lse if keepdim else op18.Squeeze(lse, dim)
 
     def logit_features_onnx(z: FLOAT) -> FLOAT:
-        # One pass of Exp over the vocabulary, shifted by the top-1 from the TopK that the
-        # margin needs anyway: log(sum e) is lse - top1, and the entropy
-        # lse - sum(p z) is log(sum e) - sum(e (z - top1)) / sum e; the log-sum-exp
-        # itself (the 4th column) is one Add more. 14 nodes where the traced softmax,
-        # logsumexp and stack took 23.
+        # One pass of Exp over the vocabulary, shifted by the top-1 that the margin needs
+        # anyway: log(sum e) is lse - top1, and the entropy lse - sum(p z) is
+        # log(sum e) - sum(e (z - top1)) / sum e; the log-sum-exp itself (the 4th column)
+        # is one Add more. The top two from block maxima where the vocabulary splits
+        # (ONNX Runtime's TopK over a whole vocabulary is several times a ReduceMax).
         last = op18.Constant(value_ints=[-1])
-        top2, _ = op18.TopK(z, op18.Constant(value_ints=[2]), axis=-1)
-        first, second = op18.Split(top2, axis=-1, num_outputs=2)
+        two = op18.Constant(value_ints=[2])
+        if block:  # model.metahead.top_two: logits [B, S, V] as [B, S, V / block, block]
+            blocks = op18.Reshape(z, op18.Constant(value_ints=[0, 0, -1, block]))
+            top_blocks, where = op18.TopK(op18.ReduceMax(blocks, last, keepdims=0), two,
+                                          axis=-1)
+            first, block_second = op18.Split(top_blocks, axis=-1, num_outputs=2)
+            largest, _ = op18.Split(where, axis=-1, num_outputs=2)
+            inner, _ = op18.TopK(op18.GatherND(blocks, largest, batch_dims=2), two, axis=-1)
+            _, inner_second = op18.Split(inner, axis=-1, num_outputs=2)
+            second = op18.Max(block_second, inner_second)
+        else:
+            top2, _ = op18.TopK(z, two, axis=-1)
+            first, second = op18.Split(top2, axis=-1, num_outputs=2)
         shifted = op18.Sub(z, first)
         e = op18.Exp(shifted)
         total = op18.ReduceSum(e, last, keepdims=1)

@@ -174,7 +174,7 @@ def _torch_to_onnx(model: VesperLM, opset: int, use_cache: bool, in_place: bool 
                 wrapper, (ids, mask, pos, *past), input_names=in_names,
                 output_names=out_names, dynamic_shapes=shapes, opset_version=opset,
                 dynamo=True, external_data=False, verbose=False, optimize=True,
-                custom_translation_table=translation_table(opset))
+                custom_translation_table=translation_table(opset, cfg.vocab_size))
         except Exception as exc:  # torch.export raises many types; all mean the same here
             root = exc
             while root.__cause__ is not None:  # the exporter wraps the useful message

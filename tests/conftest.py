@@ -26,10 +26,10 @@ def _tiny_tokenizer() -> VesperTokenizer:
 def _write_tiny_model(root: Path, tok: VesperTokenizer, **overrides) -> Path:
     """A tiny random model whose FlyLoRA branch is live (B != 0), saved with ``tok``."""
     torch.manual_seed(0)
-    cfg = vs.VesperConfig.from_preset(
-        "tiny", hidden_size=64, num_layers=2, num_heads=2, ffn_hidden_size=128,
-        vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id, max_seq_len=256, **overrides)
+    cfg = vs.VesperConfig.from_preset("tiny", **{
+        "hidden_size": 64, "num_layers": 2, "num_heads": 2, "ffn_hidden_size": 128,
+        "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id, "max_seq_len": 256, **overrides})
     model = vs.VesperLM(cfg).eval()
     with torch.no_grad():
         for layer in model.flylora_layers():

@@ -22,6 +22,7 @@ from vesper_sdk.export.lowering import (
 from vesper_sdk.export.onnx_export import export_onnx
 from vesper_sdk.export.runner import make_session
 from vesper_sdk.model import Attention, MetaHead, RotaryEmbedding, logit_features
+from vesper_sdk.model.metahead import _logit_features, top_two, top_two_block
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +261,44 @@ def test_tied_int4_lookup_reads_the_head_table_only_when_the_layouts_match():
     flat = _int4_head_and_lookup([16])  # scales not one row per token: keep both tables
     assert not share_tied_int4_table(flat)
     assert "embed.weight_Q4" in {i.name for i in flat.graph.initializer}
+
+
+@pytest.mark.parametrize("vocab", [128, 96, 50])
+def test_logit_features_top_two_from_blocks_matches_topk_with_ties_in_and_across_blocks(
+        vocab, tmp_path):
+    # 128 splits into blocks of 64, 96 of 32, 50 into none (one TopK). Rows: the top tied
+    # within a block, tied across blocks, the runner-up in the top's block, in another.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, vocab, generator=gen)
+    x[0, 0, [3, 7]] = 30.0
+    x[0, 1, [3, vocab - 2]] = 30.0
+    x[0, 2, 5], x[0, 2, 6] = 40.0, 39.0
+    x[1, 0, 5], x[1, 0, vocab - 1] = 40.0, 39.0
+    first, second = top_two(x)
+    want = x.topk(2, dim=-1).values
+    assert torch.equal(first, want[..., 0]) and torch.equal(second, want[..., 1])
+    program = torch.onnx.export(_Features().eval(), (x,), dynamo=True, opset_version=18,
+                                custom_translation_table=translation_table(18, vocab),
+                                verbose=False)
+    path = tmp_path / "features.onnx"
+    program.save(str(path))
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["TopK"] == (2 if top_two_block(vocab) else 1)
+    got = make_session(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    want = _logit_features(x.reshape(-1, vocab)).view(2, 3, 4).numpy()
+    np.testing.assert_array_equal(got[..., 1], want[..., 1])  # the margins, exactly
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert got[0, 0, 1] == got[0, 1, 1] == 0.0 and got[0, 2, 1] == got[1, 0, 1] == 1.0
+
+
+def test_export_of_a_vocabulary_in_blocks_takes_its_top_two_from_blocks_and_matches_torch(
+        make_tiny_model_dir, tmp_path):
+    # A vocabulary of 384 (blocks of 64; the tokenizer's ids are a part of it): the
+    # MetaHead's top two take two TopK, besides one per FlyLoRA pair; export_onnx's own
+    # check against PyTorch must pass, the greedy tokens agree.
+    model_dir = make_tiny_model_dir(vocab_size=384)
+    out = export_onnx(model_dir, tmp_path / "blocks", verbose=False)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert ops["TopK"] == 2 + 2 and ops["GatherND"] == 1
+    info = json.loads((out / "config.json").read_text())["onnx"]["verification"]
+    assert info["max_abs"] <= 1e-4 and info["top1_agree"] == 1.0
