@@ -91,12 +91,13 @@ def top_two(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest and the second-largest value along the last axis, as ``z.topk(2)``
     gives them (a repeated maximum is its own runner-up).
 
-    From block maxima (:func:`top_two_block`): the runner-up is the second-largest
-    block's maximum or the second value in the largest one's block. One max-reduction
-    and two small top-k where one top-k went over the whole vocabulary, which on a CPU
-    takes several times as long (the ONNX export translates the same steps).
+    On a CPU, from block maxima (:func:`top_two_block`): the runner-up is the
+    second-largest block's maximum or the second value in the largest one's block. One
+    max-reduction and two small top-k where one top-k over the whole vocabulary takes
+    several times as long (the ONNX export translates the same steps). Elsewhere one
+    top-k (a GPU's was not measured against the blocks).
     """
-    block = top_two_block(z.shape[-1])
+    block = top_two_block(z.shape[-1]) if z.device.type == "cpu" else 0
     if not block:
         top = z.topk(2, dim=-1).values
         return top[..., 0], top[..., 1]
