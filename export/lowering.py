@@ -237,7 +237,7 @@ def translation_table(opset: int, vocab_size: int = 0) -> dict:
 
     _register_gqa_schema()
     msft = values.Opset("com.microsoft", 1)
-    block = top_two_block(vocab_size) if vocab_size else 0
+    block = top_two_block(vocab_size)
 
     def softplus_onnx(x: FLOAT, beta: float = 1.0, threshold: float = 20.0) -> FLOAT:
         # relu(z) - log(sigmoid(|z|)) is softplus(z) with no overflow and no branch (its
